@@ -1,0 +1,313 @@
+"""Configs: constructor arguments <-> ``config.json`` / ``scheduler_config.json``.
+
+A class that mixes in :class:`ConfigMixin` gets its ``__init__`` arguments recorded as its config,
+with the reference's JSON fields (``_class_name``, ``_diffusers_version``) so the reference reads our
+folders and we read its folders. The rules follow the reference's observable behaviour:
+
+- ``cls.from_config(config, **overrides)`` passes the config keys that ``cls.__init__`` takes, with
+  ``overrides`` winning; keys the class does not know are kept in the new config (a compatible class
+  may need them later) and reported once; keys that the source only had as defaults
+  (``_use_default_values``) are dropped so that the new class uses its own defaults.
+- ``config`` is a read-only mapping with attribute access (``scheduler.config.num_train_timesteps``).
+
+Legacy-config migrations live in this module and only here (see :func:`legacy_fix`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# The reference version whose format we write. The reference reads `_diffusers_version` to decide on
+# some legacy handling, so we write the version whose format we match, plus our own version key.
+FORMAT_VERSION = "0.42.1"
+OWN_VERSION_KEY = "_diffpipe_version"
+
+# Keys that describe a loaded object and never belong in a saved file.
+_NOT_SAVED = ("_use_default_values", "_ignore_files", "_name_or_path", "_pre_quantization_dtype")
+
+
+class Config(dict):
+    """A read-only ``dict`` with attribute access; what ``obj.config`` returns."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def _readonly(self, *args, **kwargs):
+        raise TypeError(
+            "a config is read-only; build a new object with `Class.from_config(obj.config, key=value)`"
+        )
+
+    __setattr__ = __setitem__ = __delitem__ = _readonly
+    pop = popitem = clear = update = setdefault = _readonly
+
+    def __reduce__(self):
+        return (Config, (dict(self),))
+
+
+# --------------------------------------------------------------------------------------------
+# Legacy-config fixes: class name -> functions that mend an old config dict in place and return a
+# list of human-readable notes on what they changed.
+_LEGACY_FIXES: dict[str, list[Callable[[dict], list[str]]]] = {}
+
+
+def legacy_fix(*class_names: str):
+    """Register a function that mends old configs of the named classes before they are used."""
+
+    def register(fn):
+        for name in class_names:
+            _LEGACY_FIXES.setdefault(name, []).append(fn)
+        return fn
+
+    return register
+
+
+def apply_legacy_fixes(class_name: str, config: dict) -> list[str]:
+    notes: list[str] = []
+    for fix in _LEGACY_FIXES.get(class_name, ()):
+        notes.extend(fix(config))
+    return notes
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _init_params(init) -> list[inspect.Parameter]:
+    """The named parameters of an ``__init__`` (without ``self``, ``*args``, ``**kwargs``)."""
+    params = list(inspect.signature(init).parameters.values())[1:]
+    return [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _recording_init(init):
+    """Wrap ``__init__`` so that the most-derived call records its arguments as the config."""
+
+    params = _init_params(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        if type(self).__init__ is wrapper:  # only the outermost __init__ records
+            ignore = set(type(self).ignore_for_config)
+            private = {k: v for k, v in kwargs.items() if k.startswith("_")}
+            public = {k: v for k, v in kwargs.items() if not k.startswith("_")}
+            recorded: dict[str, Any] = {}
+            named = [p for p in params if p.name not in ignore]
+            positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            for p, value in zip(positional, args):
+                if p.name not in ignore:
+                    recorded[p.name] = value
+            defaulted = []
+            for p in named:
+                if p.name in recorded:
+                    continue
+                if p.name in public:
+                    recorded[p.name] = public[p.name]
+                elif p.default is not inspect.Parameter.empty:
+                    recorded[p.name] = p.default
+                    defaulted.append(p.name)
+            if defaulted:
+                recorded["_use_default_values"] = defaulted
+            object.__setattr__(self, "_internal_dict", Config({**private, **recorded}))
+            kwargs = public
+        init(self, *args, **kwargs)
+
+    wrapper.__wrapped_config_init__ = True
+    return wrapper
+
+
+def _to_json_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _to_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json_value(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays, tensors
+        return value.tolist()
+    return value
+
+
+def read_json_file(path: Path, *, what: str) -> dict:
+    """Read a JSON object from ``path``; errors name the file and what it was for."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what}: {path} is not UTF-8 text ({e})") from e
+    except IsADirectoryError:
+        raise ConfigError(f"{what}: {path} is a folder, expected a JSON file") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what}: {path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: {path} holds a JSON {type(data).__name__}, expected an object")
+    return data
+
+
+class ConfigMixin:
+    """Mixin giving a class a config recorded from its constructor arguments.
+
+    Class attributes a subclass may set:
+    - ``config_name``: the file name (``config.json``, ``scheduler_config.json``);
+    - ``ignore_for_config``: constructor arguments that are not part of the config;
+    - ``_compatibles``: names of classes that can be built from this class's config.
+    """
+
+    config_name: str = "config.json"
+    ignore_for_config: tuple[str, ...] = ()
+    _compatibles: tuple[str, ...] = ()
+    _warned_unknown: set = set()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "__wrapped_config_init__", False):
+            cls.__init__ = _recording_init(init)
+
+    # ---------------------------------------------------------------- the config itself
+    @property
+    def config(self) -> Config:
+        return self.__dict__.get("_internal_dict", Config())
+
+    def register_to_config(self, **kwargs) -> None:
+        object.__setattr__(self, "_internal_dict", Config({**self.config, **kwargs}))
+
+    @classmethod
+    def init_keys(cls) -> set[str]:
+        return {p.name for p in _init_params(cls.__init__)} - set(cls.ignore_for_config)
+
+    @property
+    def compatibles(self) -> list[type]:
+        """Classes that can be built from this object's config (those diffpipe implements)."""
+        from .registry import find_class
+
+        names = dict.fromkeys((type(self).__name__, *self._compatibles))
+        return [c for c in (find_class(n) for n in names) if c is not None]
+
+    # ---------------------------------------------------------------- building from a config
+    @classmethod
+    def from_config(cls, config: dict | None = None, return_unused_kwargs: bool = False, **overrides):
+        """Build an instance from ``config`` (a dict or another object's ``.config``) and overrides."""
+        if config is None:
+            config = {}
+        elif isinstance(config, ConfigMixin):
+            config = config.config
+        elif not isinstance(config, dict):
+            raise TypeError(
+                f"{cls.__name__}.from_config expects a config dict (for example `other.config`), "
+                f"got {type(config).__name__}"
+            )
+        init_kwargs, kept = cls._split_config(config, overrides)
+        unknown_overrides = sorted(k for k in overrides if k not in init_kwargs)
+        if unknown_overrides:
+            raise TypeError(
+                f"{cls.__name__}.from_config got unknown argument(s) {unknown_overrides}; "
+                f"it accepts {sorted(cls.init_keys())}"
+            )
+        obj = cls(**init_kwargs)
+        if "_class_name" in kept:
+            kept["_class_name"] = cls.__name__
+        obj.register_to_config(**kept)
+        if return_unused_kwargs:
+            return obj, {k: v for k, v in kept.items() if not k.startswith("_")}
+        return obj
+
+    @classmethod
+    def _split_config(cls, config: dict, overrides: dict) -> tuple[dict, dict]:
+        """(constructor kwargs, other keys to keep in the new config)."""
+        defaulted = set(config.get("_use_default_values", ()))
+        source = {k: v for k, v in config.items() if k not in defaulted and k != "_use_default_values"}
+        source_class = source.get("_class_name", cls.__name__)
+        apply_legacy_fixes(cls.__name__, source)
+        expected = cls.init_keys()
+        init_kwargs = {k: v for k, v in source.items() if k in expected}
+        init_kwargs.update({k: v for k, v in overrides.items() if k in expected})
+        kept = {k: v for k, v in source.items() if k not in init_kwargs}
+        unknown = sorted(k for k in kept if not k.startswith("_"))
+        if unknown:
+            key = (cls.__name__, tuple(unknown))
+            if key not in ConfigMixin._warned_unknown:
+                ConfigMixin._warned_unknown.add(key)
+                logger.warning(
+                    "%s does not use config key(s) %s (from %s); they are kept in the config but have "
+                    "no effect",
+                    cls.__name__,
+                    unknown,
+                    source_class,
+                )
+        return init_kwargs, kept
+
+    # ---------------------------------------------------------------- files
+    @classmethod
+    def load_config(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+        return_unused_kwargs: bool = False,
+        **unused,
+    ) -> dict:
+        """Read ``[subfolder/]config_name`` from a local folder or a Hub repo (downloaded and cached)."""
+        from . import hub
+
+        name = cls.config_name
+        rel = hub.join_relative(subfolder, name)
+        root = hub.fetch(
+            pretrained_model_name_or_path,
+            lambda files: [rel] if rel in files else [],
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            what=f"{cls.__name__} config",
+        )
+        path = root / rel
+        if not path.is_file():
+            where = f"{pretrained_model_name_or_path}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+            raise ConfigError(
+                f"{cls.__name__}: no {name} in {where}; expected the file {rel}. "
+                "Check the path or repo id and the subfolder name."
+            )
+        data = read_json_file(path, what=f"{cls.__name__} config")
+        return (data, unused) if return_unused_kwargs else data
+
+    def to_json_string(self) -> str:
+        data = {k: v for k, v in self.config.items() if k not in _NOT_SAVED}
+        data["_class_name"] = type(self).__name__
+        data["_diffusers_version"] = FORMAT_VERSION
+        from . import __version__
+
+        data[OWN_VERSION_KEY] = __version__
+        return json.dumps(_to_json_value(data), indent=2, sort_keys=True) + "\n"
+
+    def save_config(self, save_directory: str | os.PathLike, **unused) -> Path:
+        """Write ``config_name`` into ``save_directory`` atomically; returns the file's path."""
+        from .io.atomic import atomic_write_text
+
+        save_directory = Path(save_directory)
+        if save_directory.is_file():
+            raise ConfigError(f"cannot save a config into {save_directory}: it is a file, expected a folder")
+        save_directory.mkdir(parents=True, exist_ok=True)
+        path = save_directory / self.config_name
+        atomic_write_text(path, self.to_json_string())
+        return path
+
+    def __repr__(self) -> str:  # the reference prints the class and its JSON config
+        return f"{type(self).__name__} {self.to_json_string()}"
