@@ -1,16 +1,43 @@
-"""Model base class: config + weights, loaded onto the meta device and assigned from mmap'd files."""
+"""Model base class: config + weights, built on the meta device and assigned from mmap'd files."""
 
 from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..config import ConfigMixin
+from .. import hub
+from ..config import ConfigMixin, read_json_file
+from ..errors import ConfigError
+from ..io.atomic import StagedFolder, folder_lock
+from ..io.files import (
+    PICKLE,
+    SAFETENSORS,
+    choose_weights,
+    check_plain_name,
+    index_file_name,
+    shard_file_name,
+    single_file_name,
+)
+from ..io.load_model import assign_weights, read_weights, resolve_dtype
+from ..io.state_dict import parse_size, plain_tensors, save_pickle, save_safetensors, split_shards
+
+logger = logging.getLogger(__name__)
+
+# Arguments the reference accepts that mean nothing here (we always load without a second copy).
+_ACCEPTED_NO_OPS = ("low_cpu_mem_usage", "force_download", "resume_download", "proxies", "mirror")
 
 
 class ModelMixin(nn.Module, ConfigMixin):
-    config_name = "config.json"
+    """Base of diffpipe's models: ``from_pretrained`` / ``save_pretrained`` in the diffusers format."""
 
+    config_name = "config.json"
+    weights_prefix = "diffusion_pytorch_model"
+
+    # ------------------------------------------------------------------ properties
     @property
     def dtype(self) -> torch.dtype:
         for p in self.parameters():
@@ -23,3 +50,145 @@ class ModelMixin(nn.Module, ConfigMixin):
         for p in self.parameters():
             return p.device
         return torch.device("cpu")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        variant: str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        use_safetensors: bool | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+        allow_missing_keys: bool = False,
+        **kwargs,
+    ):
+        """Load a model from a folder or Hub repo in the diffusers layout.
+
+        - ``subfolder``: the component folder inside the repo (``"unet"``).
+        - ``variant``: load ``diffusion_pytorch_model.<variant>.safetensors`` (and its shards).
+        - ``torch_dtype`` (alias ``dtype``): the dtype floating weights are converted to; the default
+          is torch's default dtype (fp32), ``"auto"`` keeps the checkpoint's dtype.
+        - ``use_safetensors``: ``True`` only safetensors, ``False`` only ``.bin``, ``None`` prefer
+          safetensors. ``.bin`` files are read with ``weights_only=True``.
+        - ``allow_missing_keys``: load even when the checkpoint lacks some parameters (they are
+          randomly initialised and listed in a warning); by default that is an error.
+        - other keyword arguments override config values (``in_channels=9``).
+        """
+        for name in _ACCEPTED_NO_OPS:
+            kwargs.pop(name, None)
+        target_dtype = resolve_dtype(torch_dtype, dtype, what=f"{cls.__name__}.from_pretrained")
+        source = os.fspath(pretrained_model_name_or_path)
+        config_rel = hub.join_relative(subfolder, cls.config_name)
+        prefix = config_rel[: -len(cls.config_name)]
+        where = f"{cls.__name__} from {source}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+        prefixes = {SAFETENSORS: cls.weights_prefix, PICKLE: cls.weights_prefix}
+
+        def component_files(files):
+            return {f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]}
+
+        def select(files):
+            if config_rel not in files:
+                raise ConfigError(
+                    f"{where}: no {cls.config_name}; expected the file {config_rel}. Check the path or "
+                    "repo id and the subfolder."
+                )
+            choice = choose_weights(component_files(files), prefixes=prefixes, variant=variant,
+                                    use_safetensors=use_safetensors, where=where)
+            return [config_rel, *(prefix + f for f in choice.all_files)]
+
+        root = hub.fetch(source, select, revision=revision, cache_dir=cache_dir,
+                         local_files_only=local_files_only, token=token, what=where)
+        folder = root / prefix if prefix else root
+        with folder_lock(folder, shared=True):
+            files = {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+            choice = choose_weights(files, prefixes=prefixes, variant=variant,
+                                    use_safetensors=use_safetensors, where=where)
+            config = read_json_file(root / config_rel, what=f"{where} config")
+            state, origin = read_weights(folder, choice)
+        model = cls._from_state(config, state, origin=origin, where=where, dtype=target_dtype,
+                                allow_missing=allow_missing_keys, overrides=kwargs)
+        model.register_to_config(_name_or_path=source)
+        model.loaded_from = [str(folder / f) for f in choice.all_files]
+        logger.debug("%s: loaded %s", where, ", ".join(choice.all_files))
+        return model
+
+    @classmethod
+    def _from_state(cls, config: dict, state: dict, *, origin: dict, where: str, dtype, allow_missing: bool,
+                    overrides: dict | None = None):
+        """Build from ``config`` on the meta device and assign ``state`` (after legacy key fixes)."""
+        convert = getattr(cls, "_convert_legacy_state_dict", None)
+        if convert is not None:
+            state = convert(dict(state))
+            files = ", ".join(sorted(set(origin.values())))
+            origin = {k: origin.get(k, files) for k in state}
+        with torch.device("meta"):
+            model = cls.from_config(config, **(overrides or {}))
+        assign_weights(model, state, source=origin, where=where, dtype=dtype, allow_missing=allow_missing)
+        model.eval()
+        return model
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        variant: str | None = None,
+        safe_serialization: bool = True,
+        max_shard_size: int | str = "10GB",
+        is_main_process: bool = True,
+        **unused,
+    ) -> None:
+        """Write ``config.json`` and the weights into ``save_directory``, atomically.
+
+        Files of the same variant left by an earlier save (say, shards where there is now one file)
+        are removed; other variants in the folder are kept.
+        """
+        if not is_main_process:
+            return
+        if variant is not None:
+            check_plain_name(variant, "variant")
+        with StagedFolder(save_directory) as stage:
+            self.write_files(stage, "", variant=variant, safe_serialization=safe_serialization,
+                             max_shard_size=max_shard_size)
+
+    def write_files(self, stage: StagedFolder, subfolder: str, *, variant: str | None,
+                    safe_serialization: bool = True, max_shard_size: int | str = "10GB") -> None:
+        """Stage this model's config and weights under ``subfolder`` of a :class:`StagedFolder`."""
+        sub = f"{subfolder}/" if subfolder else ""
+        stage.path(sub + self.config_name).write_text(self.to_json_string(), encoding="utf-8")
+        fmt = SAFETENSORS if safe_serialization else PICKLE
+        prefix = self.weights_prefix
+        tensors = plain_tensors(self.state_dict())
+        shards = split_shards(tensors, parse_size(max_shard_size))
+        write = save_safetensors if fmt == SAFETENSORS else save_pickle
+        if len(shards) == 1:
+            write(shards[0], stage.path(sub + single_file_name(prefix, fmt, variant)))
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = shard_file_name(prefix, fmt, variant, i, len(shards))
+                write(shard, stage.path(sub + name))
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            import json
+
+            stage.path(sub + index_file_name(prefix, fmt, variant)).write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
+                + "\n",
+                encoding="utf-8",
+            )
+        stale = [single_file_name(prefix, f, variant) for f in (SAFETENSORS, PICKLE)]
+        stale += [index_file_name(prefix, f, variant) for f in (SAFETENSORS, PICKLE)]
+        base = f"{prefix}.{variant}" if variant else prefix
+        stale += [f"{base}-?????-of-?????.{f}" for f in (SAFETENSORS, PICKLE)]
+        stage.remove_stale(subfolder, stale)

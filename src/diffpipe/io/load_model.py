@@ -1,0 +1,157 @@
+"""Config + weight files -> a module with every parameter assigned, or one error that says why not.
+
+The module is built on the meta device (no memory, no random init), the checkpoint's tensors are
+read as memory-mapped views, checked against the module's keys and shapes, cast once when a dtype
+is asked for, and assigned in place of the meta parameters. Nothing is left on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StateDictMismatchError, summarize
+from .files import SAFETENSORS, WeightChoice, check_plain_name
+from .state_dict import load_tensors
+
+logger = logging.getLogger(__name__)
+
+
+def read_index(folder: Path, choice: WeightChoice) -> dict[str, str]:
+    """The ``weight_map`` of a shard index, with every shard name checked to be a plain file name."""
+    path = folder / choice.index
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{path}: cannot read the shard index ({e})") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpointError(f"{path}: the shard index has no 'weight_map' object")
+    ext = "." + choice.format
+    for key, shard in weight_map.items():
+        check_plain_name(shard, f"shard file name in {path}")
+        if not shard.endswith(ext):
+            raise CorruptCheckpointError(f"{path}: shard {shard!r} for {key!r} is not a {ext} file")
+    return weight_map
+
+
+def read_weights(folder: Path, choice: WeightChoice) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, key -> file it came from) for the chosen files in ``folder``."""
+    if choice.index is None:
+        path = folder / choice.files[0]
+        tensors = load_tensors(path)
+        return tensors, dict.fromkeys(tensors, path.name)
+    weight_map = read_index(folder, choice)
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise CheckpointNotFoundError(
+            f"{folder / choice.index} names shard(s) that are not in {folder}: {summarize(missing)}; "
+            "the download is incomplete or the index is wrong"
+        )
+    state: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
+    for shard in shards:
+        tensors = load_tensors(folder / shard)
+        expected = {k for k, s in weight_map.items() if s == shard}
+        absent = sorted(expected - tensors.keys())
+        if absent:
+            raise CorruptCheckpointError(
+                f"{folder / shard}: the index {choice.index} places {summarize(absent)} in this shard but "
+                "the shard does not hold them"
+            )
+        for k, t in tensors.items():
+            state[k] = t
+            source[k] = shard
+    return state, source
+
+
+def resolve_dtype(torch_dtype, dtype, *, what: str) -> torch.dtype | str | None:
+    """One dtype from ``torch_dtype=`` / ``dtype=`` (the reference renamed the former to the latter)."""
+    if torch_dtype is not None and dtype is not None:
+        raise TypeError(f"{what}: pass either torch_dtype= or dtype= (they mean the same), not both")
+    value = dtype if dtype is not None else torch_dtype
+    if value is None or isinstance(value, torch.dtype) or value == "auto":
+        return value
+    if isinstance(value, str):
+        name = value.removeprefix("torch.")
+        candidate = getattr(torch, name, None)
+        if isinstance(candidate, torch.dtype):
+            return candidate
+    raise TypeError(f"{what}: torch_dtype must be a torch.dtype such as torch.float16 or 'auto', got {value!r}")
+
+
+def assign_weights(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    source: dict[str, str],
+    where: str,
+    dtype: torch.dtype | str | None,
+    allow_missing: bool = False,
+) -> torch.nn.Module:
+    """Assign ``state`` to ``model`` (built on the meta device) after checking keys and shapes."""
+    expected = model.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        (k, tuple(state[k].shape), tuple(expected[k].shape))
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    files = sorted(set(source.values()))
+    if wrong or (missing and not allow_missing):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {summarize(missing)}")
+        if wrong:
+            shown = "; ".join(f"{k!r} checkpoint {list(a)} vs model {list(b)}" for k, a, b in wrong[:5])
+            more = f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""
+            parts.append(f"{len(wrong)} shape mismatch(es): {shown}{more}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {summarize(unexpected)}")
+        hint = (
+            "Check that the config matches the weights (a different model size or variant?)"
+            if wrong
+            else "Pass allow_missing_keys=True to load anyway with those parameters randomly initialised"
+        )
+        raise StateDictMismatchError(
+            f"{where}: the weights in {', '.join(files)} do not fit {type(model).__name__}: "
+            + "; ".join(parts)
+            + f". {hint}."
+        )
+    if unexpected:
+        logger.warning(
+            "%s: ignoring %d key(s) in %s that %s does not have: %s",
+            where, len(unexpected), ", ".join(files), type(model).__name__, summarize(unexpected),
+        )
+    target = None if dtype == "auto" else (dtype or torch.get_default_dtype())
+    ready = {}
+    for k in expected:
+        if k not in state:
+            continue
+        t = state[k]
+        if target is not None and t.is_floating_point() and t.dtype != target:
+            t = t.to(target)
+        ready[k] = t
+    if missing:  # opted in: give the missing parameters real storage and their default init
+        _materialize(model, set(missing))
+        logger.warning("%s: %d key(s) were not in the checkpoint and are randomly initialised: %s",
+                       where, len(missing), summarize(missing))
+    model.load_state_dict(ready, strict=not missing, assign=True)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise StateDictMismatchError(f"{where}: parameters left without values after loading: {summarize(left)}")
+    return model
+
+
+def _materialize(model: torch.nn.Module, keys: set[str]) -> None:
+    for name, module in model.named_modules():
+        own = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+        if any((f"{name}.{n}" if name else n) in keys for n in own):
+            module.to_empty(device="cpu", recurse=False)
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
