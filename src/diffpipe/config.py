@@ -169,11 +169,14 @@ class ConfigMixin:
     config_name: str = "config.json"
     ignore_for_config: tuple[str, ...] = ()
     _compatibles: tuple[str, ...] = ()
+    _record_init: bool = True
     _warned_unknown: set = set()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
+        if not cls._record_init:  # pipelines register their components themselves
+            return
         if init is not None and not getattr(init, "__wrapped_config_init__", False):
             cls.__init__ = _recording_init(init)
 
@@ -271,7 +274,7 @@ class ConfigMixin:
         rel = hub.join_relative(subfolder, name)
         root = hub.fetch(
             pretrained_model_name_or_path,
-            lambda files: [rel] if rel in files else [],
+            lambda files, read: [rel] if rel in files else [],
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,

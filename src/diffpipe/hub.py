@@ -21,7 +21,9 @@ from .io.files import check_relative_path
 
 logger = logging.getLogger(__name__)
 
-Select = Callable[[set], Iterable[str]]
+# select(files, read) -> the files to fetch; read(rel) returns a small file's bytes (fetching it
+# first when it is remote), so a selection can depend on model_index.json.
+Select = Callable[[set, Callable[[str], bytes]], Iterable[str]]
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -75,13 +77,15 @@ def fetch(
 ) -> Path:
     """Return the local root folder of ``name_or_path`` holding the files ``select`` picks.
 
-    ``select`` receives the set of all file paths in the repo (relative, POSIX) and returns the
-    ones to fetch; it may raise to report that what it needs is absent. For a local folder nothing
+    ``select(files, read)`` receives the set of all file paths in the repo (relative, POSIX) and a
+    function that returns the bytes of one of them (a small file such as ``model_index.json``,
+    fetched on demand), and returns the files to fetch; it may raise to report that what it needs
+    is absent. For a local folder nothing
     is fetched and the folder itself is returned. The caller checks the files it then opens.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        select(list_local_files(path))
+        select(list_local_files(path), lambda rel: (path / rel).read_bytes())
         return path
     name = os.fspath(name_or_path)
     if path.exists():
@@ -120,7 +124,7 @@ def _from_cache(repo_id, select, *, revision, cache_dir, token, what, reason=Non
         ) from e
     files = list_local_files(root)
     try:
-        needed = list(select(files))
+        needed = list(select(files, lambda rel: (root / rel).read_bytes()))
     except CheckpointNotFoundError as e:
         raise CheckpointNotFoundError(f"{e} (looked in the cached snapshot {root}; {why})") from e
     missing = [f for f in needed if f not in files]
@@ -163,8 +167,16 @@ def _download(repo_id, select, *, revision, cache_dir, token, what) -> Path:
             reason=f"the Hub could not be reached ({type(e).__name__})",
         )
     files = {s.rfilename for s in (info.siblings or [])}
+
+    def read(rel: str) -> bytes:
+        from huggingface_hub import hf_hub_download
+
+        return Path(
+            hf_hub_download(repo_id, rel, revision=revision, cache_dir=cache_dir, token=token)
+        ).read_bytes()
+
     try:
-        needed = sorted(set(select(files)))
+        needed = sorted(set(select(files, read)))
     except CheckpointNotFoundError as e:
         raise CheckpointNotFoundError(f"{e} (in Hub repo {repo_id}, revision {info.sha})") from e
     root = snapshot_download(

@@ -104,6 +104,12 @@ class StagedFolder:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
+    def folder(self, relative: str) -> Path:
+        """A staging folder that will end up at ``target/relative`` (for writers that take a folder)."""
+        p = self.stage / relative
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
     def remove_stale(self, subfolder: str | None, patterns: list[str]) -> None:
         """After the commit, delete files in ``target/subfolder`` that match ``patterns`` and were not written."""
         self._stale.append((subfolder or "", patterns))

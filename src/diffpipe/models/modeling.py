@@ -96,7 +96,7 @@ class ModelMixin(nn.Module, ConfigMixin):
         def component_files(files):
             return {f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]}
 
-        def select(files):
+        def select(files, read):
             if config_rel not in files:
                 raise ConfigError(
                     f"{where}: no {cls.config_name}; expected the file {config_rel}. Check the path or "
