@@ -104,24 +104,39 @@ def fetch(
     return _download(name, select, revision=revision, cache_dir=cache_dir, token=token, what=what)
 
 
-def _from_cache(repo_id, select, *, revision, cache_dir, token, what, reason=None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+def cached_snapshot(repo_id: str, revision: str | None, cache_dir) -> Path | None:
+    """The cached snapshot folder of ``repo_id`` at ``revision`` (a branch, tag or commit), if any.
 
-    why = reason or "offline mode is on (local_files_only=True or HF_HUB_OFFLINE=1)"
+    Looked up in the cache's own layout (``models--owner--name/refs`` and ``snapshots``) rather than
+    with ``snapshot_download(local_files_only=True)``, which refuses snapshots that earlier calls
+    filled only partly (exactly what fetching only the needed files leaves).
+    """
+    from huggingface_hub import constants
+
+    cache = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    ref = revision or "main"
+    ref_file = repo_dir / "refs" / ref
     try:
-        root = Path(
-            snapshot_download(
-                repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True, token=token
-            )
-        )
-    except (LocalEntryNotFoundError, FileNotFoundError) as e:
+        commit = ref_file.read_text().strip() if ref_file.is_file() else ref
+    except OSError:
+        return None
+    snapshot = repo_dir / "snapshots" / commit
+    if re.fullmatch(r"[0-9a-f]{40}", commit) and snapshot.is_dir():
+        return snapshot
+    return None
+
+
+def _from_cache(repo_id, select, *, revision, cache_dir, token, what, reason=None) -> Path:
+    why = reason or "offline mode is on (local_files_only=True or HF_HUB_OFFLINE=1)"
+    root = cached_snapshot(repo_id, revision, cache_dir)
+    if root is None:
         raise CheckpointNotFoundError(
             f"{what}: {repo_id}"
             + (f" at revision {revision!r}" if revision else "")
             + f" is not in the local cache and {why}. Load it once with network access, "
             "or pass a local folder."
-        ) from e
+        )
     files = list_local_files(root)
     try:
         needed = list(select(files, lambda rel: (root / rel).read_bytes()))

@@ -187,8 +187,9 @@ class ModelMixin(nn.Module, ConfigMixin):
                 + "\n",
                 encoding="utf-8",
             )
-        stale = [single_file_name(prefix, f, variant) for f in (SAFETENSORS, PICKLE)]
-        stale += [index_file_name(prefix, f, variant) for f in (SAFETENSORS, PICKLE)]
+        # An earlier save of this variant and format may have been sharded differently; other
+        # variants and the other format stay (what a user had is not lost).
         base = f"{prefix}.{variant}" if variant else prefix
-        stale += [f"{base}-?????-of-?????.{f}" for f in (SAFETENSORS, PICKLE)]
+        stale = [single_file_name(prefix, fmt, variant), index_file_name(prefix, fmt, variant),
+                 f"{base}-?????-of-?????.{fmt}"]
         stage.remove_stale(subfolder, stale)
