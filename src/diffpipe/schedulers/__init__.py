@@ -1,4 +1,12 @@
-"""Schedulers: one algorithm per file, shared math in base.py, prediction.py and sigmas.py."""
+
+Nothing is imported here: ``diffpipe.registry`` reads the table below and imports a module only
+when its class is used (``from diffpipe import DDIMScheduler``).
+"""
 
 # Class name -> "module:attribute"; read by diffpipe.registry (the allow-list).
-SCHEDULERS: dict[str, str] = {}
+SCHEDULERS: dict[str, str] = {
+    "DDPMScheduler": "diffpipe.schedulers.ddpm:DDPMScheduler",
+    "DDIMScheduler": "diffpipe.schedulers.ddim:DDIMScheduler",
+    "PNDMScheduler": "diffpipe.schedulers.pndm:PNDMScheduler",
+    "EulerDiscreteScheduler": "diffpipe.schedulers.euler:EulerDiscreteScheduler",
+}

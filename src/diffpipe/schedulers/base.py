@@ -1,0 +1,595 @@
+"""What every scheduler shares: loading/saving, the output type, the training noise schedule,
+timestep spacing, dynamic thresholding, seeded noise and the step-index bookkeeping.
+
+The training noise schedule is the sequence ``beta_1 .. beta_T`` of the forward process
+``q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)`` (Ho et al. 2020). Everything else is
+derived from it: ``alpha_t = 1 - beta_t`` and ``alphabar_t = prod_{s<=t} alpha_s`` (``alphas_cumprod``),
+so that ``x_t = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps``.
+
+Numerics follow the reference exactly where it matters for reproducing its trajectories: schedules
+are built in float32 torch, spacings in numpy, and the same dtype at each stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ..config import ConfigMixin
+from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------
+# The step output
+
+
+@dataclass
+class SchedulerOutput:
+    """What ``step`` returns: ``prev_sample`` (x_{t-1}, the next model input) and, where the
+    algorithm has one, ``pred_original_sample`` (the model's current estimate of x_0).
+
+    Like the reference's output objects it can be read as a tuple of its non-``None`` fields:
+    ``out[0]`` is ``prev_sample``, ``out.to_tuple()`` is what ``return_dict=False`` returns; string
+    keys (``out["prev_sample"]``) work too.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+    def __len__(self) -> int:
+        return len(self.to_tuple())
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation helpers: one message shape for every bad config value
+
+
+def check_choice(owner: str, key: str, value: Any, allowed: Iterable[Any]) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``allowed``."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        raise ConfigError(f"{owner}: `{key}` must be one of {choices}; got {value!r}")
+
+
+def check_num_inference_steps(owner: str, num_inference_steps: Any, num_train_timesteps: int) -> int:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise ValueError(
+            f"{owner}.set_timesteps: `num_inference_steps` must be a positive int; got {num_inference_steps!r}"
+        )
+    if num_inference_steps < 1:
+        raise ValueError(f"{owner}.set_timesteps: `num_inference_steps` must be >= 1; got {num_inference_steps}")
+    if num_inference_steps > num_train_timesteps:
+        raise ValueError(
+            f"{owner}.set_timesteps: `num_inference_steps` ({num_inference_steps}) cannot be larger than "
+            f"`num_train_timesteps` ({num_train_timesteps}): the model was trained on {num_train_timesteps} "
+            "timesteps only"
+        )
+    return int(num_inference_steps)
+
+
+def check_descending(owner: str, timesteps: Sequence, num_train_timesteps: int) -> None:
+    """Custom timesteps must be strictly decreasing and start below ``num_train_timesteps``."""
+    values = [float(t) for t in timesteps]
+    if not values:
+        raise ValueError(f"{owner}.set_timesteps: `timesteps` is empty")
+    for i in range(1, len(values)):
+        if values[i] >= values[i - 1]:
+            raise ValueError(
+                f"{owner}.set_timesteps: custom `timesteps` must be in strictly descending order; "
+                f"position {i} has {values[i]} after {values[i - 1]}"
+            )
+    if values[0] >= num_train_timesteps:
+        raise ValueError(
+            f"{owner}.set_timesteps: custom `timesteps` must start below num_train_timesteps "
+            f"({num_train_timesteps}); got {values[0]}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# The training noise schedule (betas)
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def _alpha_bar(kind: str) -> Callable[[float], float]:
+    """alphabar as a function of t in [0, 1] for the schedules defined through it."""
+    if kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17 with s = 0.008
+        s = 0.008
+        return lambda t: math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    if kind == "exp":
+        return lambda t: math.exp(-12.0 * t)
+    if kind == "laplace":  # log-SNR following a Laplace distribution, centred at t = 0.5
+
+        def laplace(t: float) -> float:
+            log_snr = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
+            snr = math.exp(log_snr)
+            return math.sqrt(snr / (1 + snr))
+
+        return laplace
+    raise ConfigError(f"unknown alpha-bar transform {kind!r}; expected 'cosine', 'exp' or 'laplace'")
+
+
+def betas_from_alpha_bar(num_train_timesteps: int, kind: str = "cosine", max_beta: float = 0.999) -> torch.Tensor:
+    """beta_i = 1 - alphabar((i+1)/T) / alphabar(i/T), capped at ``max_beta`` (float32)."""
+    alpha_bar = _alpha_bar(kind)
+    n = num_train_timesteps
+    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alphabar) so the last step has SNR 0."""
+    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    alphas_bar = sqrt_ab**2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def make_betas(
+    owner: str,
+    *,
+    num_train_timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    beta_schedule: str,
+    trained_betas=None,
+    extra_schedules: Sequence[str] = (),
+) -> torch.Tensor:
+    """The float32 betas of a config (``trained_betas`` wins over ``beta_schedule``)."""
+    if trained_betas is not None:
+        betas = torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
+        if betas.ndim != 1 or len(betas) == 0:
+            raise ConfigError(f"{owner}: `trained_betas` must be a non-empty 1-d list; got shape {tuple(betas.shape)}")
+        return betas
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+        raise ConfigError(f"{owner}: `num_train_timesteps` must be a positive int; got {num_train_timesteps!r}")
+    check_choice(owner, "beta_schedule", beta_schedule, (*BETA_SCHEDULES, *extra_schedules))
+    n = num_train_timesteps
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":  # linear in sqrt(beta): the Stable Diffusion schedule
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return betas_from_alpha_bar(n, "cosine")
+    if beta_schedule == "exp":
+        return betas_from_alpha_bar(n, "exp")
+    if beta_schedule == "laplace":
+        return betas_from_alpha_bar(n, "laplace")
+    if beta_schedule == "sigmoid":
+        return torch.sigmoid(torch.linspace(-6, 6, n)) * (beta_end - beta_start) + beta_start
+    raise AssertionError(beta_schedule)  # check_choice covers every name
+
+
+# ------------------------------------------------------------------------------------------------
+# Timestep spacing (Lin et al. 2023, Table 2: "linspace", "leading", "trailing")
+
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+
+
+def spaced_timesteps(
+    spacing: str,
+    num_train_timesteps: int,
+    num_inference_steps: int,
+    *,
+    steps_offset: int = 0,
+    integer: bool = True,
+) -> np.ndarray:
+    """``num_inference_steps`` training timesteps in descending order.
+
+    ``integer=True`` gives int64 values (linspace rounded); ``integer=False`` gives float32 values
+    and leaves linspace unrounded, as the sigma-based (Karras-style) schedulers use them.
+    """
+    T, n = num_train_timesteps, num_inference_steps
+    if spacing == "linspace":
+        values = np.linspace(0, T - 1, n)
+        values = values.round().astype(np.int64) if integer else values.astype(np.float32)
+        return values[::-1].copy()
+    if spacing == "leading":
+        values = (np.arange(0, n) * (T // n))[::-1].copy()
+        values = values.astype(np.int64 if integer else np.float32)
+        return values + np.asarray(steps_offset, dtype=values.dtype)
+    if spacing == "trailing":
+        values = np.round(np.arange(T, 0, -T / n)).astype(np.int64 if integer else np.float32)
+        return values - np.asarray(1, dtype=values.dtype)
+    raise ConfigError(f"`timestep_spacing` must be one of {', '.join(map(repr, TIMESTEP_SPACINGS))}; got {spacing!r}")
+
+
+def spaced_timesteps_one_extra(
+    spacing: str,
+    num_train_timesteps: int,
+    num_inference_steps: int,
+    *,
+    steps_offset: int = 0,
+    last_timestep: int | None = None,
+) -> np.ndarray:
+    """The multistep solvers' spacing: ``n + 1`` points over ``[0, last_timestep)`` with the lowest
+    dropped (int64, descending). ``last_timestep`` below ``num_train_timesteps`` clips the noisiest end."""
+    T, n = num_train_timesteps, num_inference_steps
+    last = T if last_timestep is None else last_timestep
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if spacing == "leading":
+        values = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1].copy().astype(np.int64)
+        return values + steps_offset
+    if spacing == "trailing":
+        return np.arange(last, 0, -T / n).round().copy().astype(np.int64) - 1
+    raise ConfigError(f"`timestep_spacing` must be one of {', '.join(map(repr, TIMESTEP_SPACINGS))}; got {spacing!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Dynamic thresholding (Saharia et al. 2022, Imagen, section 2.3)
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Per batch item: s = the ``ratio`` quantile of |x0|, clamped to [1, max_value]; then clip x0
+    to [-s, s] and divide by s."""
+    dtype = x0.dtype
+    batch, channels, *rest = x0.shape
+    flat = x0 if dtype in (torch.float32, torch.float64) else x0.float()
+    flat = flat.reshape(batch, channels * int(np.prod(rest)))
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    flat = torch.clamp(flat, -s, s) / s
+    return flat.reshape(batch, channels, *rest).to(dtype)
+
+
+def clip_or_threshold(x0: torch.Tensor, config) -> torch.Tensor:
+    """The x0 post-processing of the DDPM-family configs: thresholding wins over clip_sample."""
+    if config.get("thresholding", False):
+        return dynamic_threshold(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
+    if config.get("clip_sample", False):
+        return x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+    return x0
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeded noise
+
+
+def randn(
+    shape: Sequence[int],
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Standard normal noise that a seed reproduces the way the reference draws it.
+
+    A list of generators draws one batch item from each (in order); a single-item list is the same
+    as that generator alone. A CPU generator with a non-CPU target draws on the CPU and moves the
+    result, so the same seed gives the same numbers on any device.
+    """
+    shape = tuple(shape)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    draw_on = device
+    if isinstance(generator, (list, tuple)):
+        if len(generator) == 0:
+            raise ValueError("randn: got an empty list of generators")
+        if len(generator) == 1:
+            generator = generator[0]
+        elif len(generator) != shape[0]:
+            raise ValueError(
+                f"randn: got {len(generator)} generators for a batch of {shape[0]}; pass one per batch item"
+            )
+    if generator is not None:
+        gen_type = (generator[0] if isinstance(generator, (list, tuple)) else generator).device.type
+        if gen_type != device.type:
+            if gen_type == "cpu":
+                draw_on = torch.device("cpu")
+            else:
+                raise ValueError(f"randn: cannot draw a {device.type} tensor with a {gen_type} generator")
+    if isinstance(generator, (list, tuple)):
+        one = (1, *shape[1:])
+        parts = [torch.randn(one, generator=g, device=draw_on, dtype=dtype) for g in generator]
+        return torch.cat(parts, dim=0).to(device)
+    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedulers
+
+
+def _broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    values = values.flatten()
+    return values.reshape(values.shape + (1,) * (like.ndim - 1))
+
+
+def _as_python_int(timestep) -> int:
+    if isinstance(timestep, torch.Tensor):
+        return int(timestep.item())
+    return int(timestep)
+
+
+# The reference's KarrasDiffusionSchedulers: the schedulers that can stand in for one another in
+# the Stable Diffusion family of pipelines (only those diffpipe implements resolve in `compatibles`).
+KARRAS_COMPATIBLES = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "DPMSolverSDEScheduler",
+    "EDMEulerScheduler",
+)
+
+_HUB_ONLY_KWARGS = ("force_download", "resume_download", "proxies", "output_loading_info", "user_agent", "mirror")
+
+
+class SchedulerMixin(ConfigMixin):
+    """Base of every scheduler: config file I/O and the shared bookkeeping.
+
+    Subclasses set ``_compatibles`` (the reference's class names) and ``order`` (how many model
+    evaluations one step of the pipeline loop spends per ``timesteps`` entry group).
+    """
+
+    config_name = "scheduler_config.json"
+    _compatibles: tuple[str, ...] = ()
+    order = 1
+
+    # ---------------------------------------------------------------- files
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        return_unused_kwargs: bool = False,
+        **kwargs,
+    ):
+        """Build from ``[subfolder/]scheduler_config.json`` in a local folder or a Hub repo.
+
+        ``revision``, ``cache_dir``, ``local_files_only`` and ``token`` go to the download; other
+        keyword arguments override config values.
+        """
+        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+        for k in _HUB_ONLY_KWARGS:
+            kwargs.pop(k, None)
+        config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write ``scheduler_config.json`` into ``save_directory`` (created if missing)."""
+        if kwargs.get("push_to_hub"):
+            raise NotImplementedError("diffpipe does not upload; save locally and push with huggingface_hub")
+        self.save_config(save_directory)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    # ---------------------------------------------------------------- shared set-up
+    def _init_betas(self, *, rescale_betas_zero_snr: bool = False, extra_schedules: Sequence[str] = ()) -> None:
+        """Set ``betas``, ``alphas`` and ``alphas_cumprod`` from this scheduler's config."""
+        c = self.config
+        betas = make_betas(
+            type(self).__name__,
+            num_train_timesteps=c.num_train_timesteps,
+            beta_start=c.beta_start,
+            beta_end=c.beta_end,
+            beta_schedule=c.beta_schedule,
+            trained_betas=c.trained_betas,
+            extra_schedules=extra_schedules,
+        )
+        if rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+
+    def _check_options(self, **choices: Iterable[Any]) -> None:
+        """Check config values against the choices this scheduler implements."""
+        for key, allowed in choices.items():
+            check_choice(type(self).__name__, key, self.config.get(key), allowed)
+
+    def _require_timesteps(self) -> None:
+        if self.num_inference_steps is None:
+            raise ValueError(
+                f"{type(self).__name__}.step was called before set_timesteps: call "
+                "`scheduler.set_timesteps(num_inference_steps)` first"
+            )
+
+    def _check_train_timestep(self, timestep) -> int:
+        t = _as_python_int(timestep)
+        T = len(self.alphas_cumprod)
+        if not 0 <= t < T:
+            raise ValueError(
+                f"{type(self).__name__}.step: timestep {t} is outside the training range [0, {T - 1}]"
+            )
+        return t
+
+    # ---------------------------------------------------------------- q(x_t | x_0)
+    def _add_noise_alphas_cumprod(self, original_samples, noise, timesteps) -> torch.Tensor:
+        """x_t = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps, timesteps indexing alphas_cumprod."""
+        self.alphas_cumprod = self.alphas_cumprod.to(device=original_samples.device)
+        alphas_cumprod = self.alphas_cumprod.to(dtype=original_samples.dtype)
+        timesteps = timesteps.to(original_samples.device)
+        signal = _broadcast_to(alphas_cumprod[timesteps] ** 0.5, original_samples)
+        noise_scale = _broadcast_to((1 - alphas_cumprod[timesteps]) ** 0.5, original_samples)
+        return signal * original_samples + noise_scale * noise
+
+    def _velocity_alphas_cumprod(self, sample, noise, timesteps) -> torch.Tensor:
+        """v = sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) x_0 (Salimans & Ho 2022)."""
+        self.alphas_cumprod = self.alphas_cumprod.to(device=sample.device)
+        alphas_cumprod = self.alphas_cumprod.to(dtype=sample.dtype)
+        timesteps = timesteps.to(sample.device)
+        signal = _broadcast_to(alphas_cumprod[timesteps] ** 0.5, sample)
+        noise_scale = _broadcast_to((1 - alphas_cumprod[timesteps]) ** 0.5, sample)
+        return signal * noise - noise_scale * sample
+
+
+def index_in_schedule(owner: str, schedule: torch.Tensor, timestep) -> int:
+    """Position of ``timestep`` in ``schedule``. Where it occurs more than once (second-order
+    schedulers repeat timesteps), the second occurrence is taken, as the reference does, so that a
+    run starting mid-schedule (image-to-image) does not skip a sigma."""
+    if isinstance(timestep, torch.Tensor):
+        timestep = timestep.to(schedule.device)
+    matches = (schedule == timestep).nonzero()
+    if len(matches) == 0:
+        shown = schedule.tolist()
+        if len(shown) > 12:
+            shown = shown[:6] + ["..."] + shown[-6:]
+        value = timestep.item() if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 else timestep
+        raise ValueError(
+            f"{owner}: timestep {value!r} is not in the current schedule {shown}; pass one of "
+            "`scheduler.timesteps` (after `set_timesteps`), or call `set_begin_index` to start mid-schedule"
+        )
+    return int(matches[1 if len(matches) > 1 else 0].item())
+
+
+class StepIndexMixin:
+    """Schedulers that walk ``timesteps``/``sigmas`` by position: ``step_index`` counts the steps
+    taken, ``begin_index`` (set by pipelines through ``set_begin_index``) says where a run starts."""
+
+    _step_index: int | None = None
+    _begin_index: int | None = None
+
+    @property
+    def step_index(self) -> int | None:
+        """The position of the current timestep; advances by one after each ``step``."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The first position of the run; ``None`` means it is found from the first timestep."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Set where the run starts (pipelines call this before the loop, e.g. for image-to-image)."""
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        return index_in_schedule(type(self).__name__, schedule, timestep)
+
+    def _init_step_index(self, timestep) -> None:
+        if self._begin_index is None:
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def _reset_step_index(self) -> None:
+        self._step_index = None
+        self._begin_index = None
+
+    def _noise_step_indices(self, timesteps: torch.Tensor, device) -> list[int]:
+        """Positions used by ``add_noise``: looked up from ``timesteps`` unless a begin index was set
+        (then the current step, or the begin index before the first step)."""
+        if self._begin_index is None:
+            schedule = self.timesteps.to(device)
+            return [self.index_for_timestep(t, schedule) for t in timesteps.to(device).flatten()]
+        start = self._step_index if self._step_index is not None else self._begin_index
+        return [start] * timesteps.shape[0]
+
+
+def reject_integer_timestep(owner: str, timestep) -> None:
+    """Sigma-based schedulers take a value from ``scheduler.timesteps``, not a loop counter."""
+    if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool) or (
+        isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()
+    ):
+        raise ValueError(
+            f"{owner}.step got an integer timestep ({timestep!r}); passing loop indices (e.g. from "
+            "`enumerate(timesteps)`) is not supported. Pass one of `scheduler.timesteps` instead."
+        )
+
+
+class SigmaScheduleMixin(StepIndexMixin):
+    """Schedulers that run on a VE sigma schedule ``sigmas`` (one per position in ``timesteps``,
+    plus the final one): the Euler/Heun/LMS/KDPM2 family and, in VP form, DPM-Solver and UniPC."""
+
+    def _sigma_respacing(self) -> str | None:
+        """Which of the Karras / exponential / beta sigma schedules the config asks for, if any."""
+        c = self.config
+        chosen = [
+            kind
+            for kind, key in (
+                ("karras", "use_karras_sigmas"),
+                ("exponential", "use_exponential_sigmas"),
+                ("beta", "use_beta_sigmas"),
+            )
+            if c.get(key)
+        ]
+        if len(chosen) > 1:
+            raise ConfigError(
+                f"{type(self).__name__}: only one of `use_karras_sigmas`, `use_exponential_sigmas` and "
+                f"`use_beta_sigmas` can be true; got {chosen}"
+            )
+        return chosen[0] if chosen else None
+
+    def _train_sigmas(self) -> np.ndarray:
+        """The float32 VE sigmas of the training steps, ascending in t."""
+        from .sigmas import vp_to_ve_sigmas
+
+        return np.array(vp_to_ve_sigmas(self.alphas_cumprod))
+
+    def _indexed_sigmas(self, original_samples: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        indices = self._noise_step_indices(timesteps, original_samples.device)
+        return _broadcast_to(sigmas[indices], original_samples)
+
+
+class KarrasSigmaMixin(SigmaScheduleMixin):
+    """The VE schedulers (Karras et al. 2022): x = x_0 + sigma eps; the model sees x / sqrt(sigma^2 + 1)."""
+
+    is_scale_input_called = False
+
+    @property
+    def init_noise_sigma(self):
+        """The standard deviation of the initial noise: sigma_max (or sqrt(sigma_max^2 + 1) for the
+        leading spacing, whose first timestep is below the last training step)."""
+        max_sigma = self.sigmas.max()
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return max_sigma
+        return (max_sigma**2 + 1) ** 0.5
+
+    def _model_input_sigma(self):
+        return self.sigmas[self._step_index]
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
+        """The model's input: x / sqrt(sigma^2 + 1), the VP-scaled sample (c_in of Karras et al.)."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        sigma = self._model_input_sigma()
+        self.is_scale_input_called = True
+        return sample / ((sigma**2 + 1) ** 0.5)
+
+    def _warn_if_unscaled(self) -> None:
+        if not self.is_scale_input_called:
+            logger.warning(
+                "%s.step was called without scale_model_input; call `scheduler.scale_model_input(sample, t)` on "
+                "the model input first",
+                type(self).__name__,
+            )
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x = x_0 + sigma eps at the sigma of each timestep."""
+        return original_samples + noise * self._indexed_sigmas(original_samples, timesteps)
