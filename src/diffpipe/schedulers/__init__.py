@@ -1,3 +1,4 @@
+"""Schedulers: one algorithm per file, shared math in base.py, prediction.py and sigmas.py.
 
 Nothing is imported here: ``diffpipe.registry`` reads the table below and imports a module only
 when its class is used (``from diffpipe import DDIMScheduler``).
