@@ -314,3 +314,30 @@ class ConfigMixin:
 
     def __repr__(self) -> str:  # the reference prints the class and its JSON config
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def fix_scheduler_for_sd(scheduler):
+    """Old Stable Diffusion scheduler configs: ``steps_offset`` must be 1 and ``clip_sample`` off.
+
+    Checkpoints from before these keys settled (SD 1.x repos) carry ``steps_offset: 0`` or
+    ``clip_sample: true``, which shift or clip the schedule the UNet was trained on. Returns a fixed
+    copy (with a warning) or the scheduler itself when it is fine.
+    """
+    config = getattr(scheduler, "config", None)
+    if config is None:
+        return scheduler
+    changes = {}
+    if "steps_offset" in config and config["steps_offset"] != 1:
+        changes["steps_offset"] = 1
+    if config.get("clip_sample") is True:
+        changes["clip_sample"] = False
+    if not changes:
+        return scheduler
+    logger.warning(
+        "%s config has %s from an old Stable Diffusion checkpoint; using %s instead (update the "
+        "checkpoint's scheduler_config.json to silence this)",
+        type(scheduler).__name__,
+        ", ".join(f"{k}={config[k]!r}" for k in changes),
+        ", ".join(f"{k}={v!r}" for k, v in changes.items()),
+    )
+    return type(scheduler).from_config(config, **changes)

@@ -1,4 +1,9 @@
 """Pipelines: thin task files over shared stages."""
 
 # Class name -> "module:attribute"; read by diffpipe.registry (the allow-list).
-PIPELINES: dict[str, str] = {}
+PIPELINES: dict[str, str] = {
+    "DiffusionPipeline": "diffpipe.pipelines.pipeline:DiffusionPipeline",
+    "StableDiffusionPipeline": "diffpipe.pipelines.stable_diffusion:StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline": "diffpipe.pipelines.sd_img2img:StableDiffusionImg2ImgPipeline",
+    "StableDiffusionSafetyChecker": "diffpipe.pipelines.safety_checker:StableDiffusionSafetyChecker",
+}

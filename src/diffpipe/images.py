@@ -1,0 +1,159 @@
+"""Images in and out: load_image, PIL <-> numpy <-> tensor, GIF/video export.
+
+Tensors handed to models are ``(B, C, H, W)`` in ``[-1, 1]``; numpy images are ``(B, H, W, C)`` in
+``[0, 1]``; PIL images are RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .errors import DiffpipeError
+
+ImageInput = "PIL.Image.Image | np.ndarray | torch.Tensor | list"
+
+
+class ImageLoadError(DiffpipeError, ValueError):
+    """An image path, URL or object that cannot be turned into an RGB image."""
+
+
+def load_image(image, *, timeout: float = 30.0, convert_method=None) -> PIL.Image.Image:
+    """An RGB ``PIL.Image`` from a path, an http(s) URL, or a PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        text = os.fspath(image)
+        if text.startswith(("http://", "https://")):
+            import httpx
+
+            try:
+                response = httpx.get(text, timeout=timeout, follow_redirects=True)
+                response.raise_for_status()
+            except httpx.HTTPError as e:
+                raise ImageLoadError(f"could not download the image {text}: {e}") from e
+            data = io.BytesIO(response.content)
+            source = text
+        else:
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise ImageLoadError(f"no image file at {path} (expected a path, an http(s) URL or a PIL image)")
+            data = path
+            source = str(path)
+        try:
+            loaded = PIL.Image.open(data)
+            loaded = PIL.ImageOps.exif_transpose(loaded)
+        except (PIL.UnidentifiedImageError, OSError) as e:
+            raise ImageLoadError(f"{source} is not an image PIL can read: {e}") from e
+        image = loaded
+    elif not isinstance(image, PIL.Image.Image):
+        raise ImageLoadError(
+            f"load_image expects a path, an http(s) URL or a PIL.Image, got {type(image).__name__}"
+        )
+    if convert_method is not None:
+        return convert_method(image)
+    return image.convert("RGB")
+
+
+import PIL.ImageOps  # noqa: E402  (exif_transpose)
+
+
+def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
+    """``(B, H, W, C)`` floats in ``[0, 1]`` -> PIL images (rounded to the nearest 8-bit value)."""
+    if images.ndim == 3:
+        images = images[None]
+    images = (images * 255).round().astype("uint8")
+    if images.shape[-1] == 1:
+        return [PIL.Image.fromarray(im.squeeze(-1), mode="L") for im in images]
+    return [PIL.Image.fromarray(im) for im in images]
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+
+
+def postprocess(images: torch.Tensor, output_type: str = "pil", do_denormalize: Sequence[bool] | None = None):
+    """Decoded ``(B, C, H, W)`` in ``[-1, 1]`` -> ``output_type`` (``pil``, ``np``, ``pt``, ``latent``)."""
+    check_output_type(output_type)
+    if output_type == "latent":
+        return images
+    if do_denormalize is None:
+        do_denormalize = [True] * images.shape[0]
+    images = torch.stack(
+        [(im * 0.5 + 0.5).clamp(0, 1) if d else im for im, d in zip(images, do_denormalize)]
+    )
+    if output_type == "pt":
+        return images
+    array = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    return array if output_type == "np" else numpy_to_pil(array)
+
+
+def default_size(image, height: int | None, width: int | None, multiple: int) -> tuple[int, int]:
+    """The image's size rounded down to ``multiple``, unless height/width are given."""
+    if isinstance(image, PIL.Image.Image):
+        h, w = image.height, image.width
+    elif isinstance(image, torch.Tensor):
+        h, w = image.shape[-2:]
+    else:
+        h, w = image.shape[-3:-1] if image.ndim >= 3 and image.shape[-1] in (1, 3, 4) else image.shape[-2:]
+    height = height if height is not None else h
+    width = width if width is not None else w
+    return height - height % multiple, width - width % multiple
+
+
+def preprocess(image, *, height: int | None = None, width: int | None = None, multiple: int = 8,
+               resample: str = "lanczos", normalize: bool = True, what: str = "image") -> torch.Tensor:
+    """PIL / numpy / tensor image(s) -> ``(B, C, H, W)`` float tensor in ``[-1, 1]`` (or ``[0, 1]``)."""
+    images = image if isinstance(image, list) else [image]
+    if not images:
+        raise ValueError(f"{what}: got an empty list")
+    first = images[0]
+    if isinstance(first, PIL.Image.Image):
+        if not all(isinstance(i, PIL.Image.Image) for i in images):
+            raise TypeError(f"{what}: a list must hold images of one type")
+        height, width = default_size(first, height, width, multiple)
+        filt = {"lanczos": PIL.Image.LANCZOS, "bilinear": PIL.Image.BILINEAR, "bicubic": PIL.Image.BICUBIC,
+                "nearest": PIL.Image.NEAREST}[resample]
+        arrays = [np.asarray(i.convert("RGB").resize((width, height), resample=filt)).astype(np.float32) / 255.0
+                  for i in images]
+        tensor = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2))
+    elif isinstance(first, np.ndarray):
+        array = np.concatenate([i[None] if i.ndim == 3 else i for i in images], axis=0).astype(np.float32)
+        if array.max() > 1.0 + 1e-6:
+            array = array / 255.0
+        tensor = torch.from_numpy(array.transpose(0, 3, 1, 2))
+        tensor = _resize_tensor(tensor, height, width, multiple)
+    elif isinstance(first, torch.Tensor):
+        tensor = torch.cat([i[None] if i.ndim == 3 else i for i in images], dim=0)
+        if tensor.min() < 0:  # already in [-1, 1]
+            normalize = False
+        tensor = _resize_tensor(tensor.float(), height, width, multiple)
+    else:
+        raise TypeError(
+            f"{what} must be a PIL.Image, a numpy array, a torch.Tensor or a list of them, "
+            f"got {type(first).__name__}"
+        )
+    return 2.0 * tensor - 1.0 if normalize else tensor
+
+
+def _resize_tensor(tensor: torch.Tensor, height, width, multiple) -> torch.Tensor:
+    h, w = default_size(tensor, height, width, multiple)
+    if (h, w) != tuple(tensor.shape[-2:]):
+        tensor = torch.nn.functional.interpolate(tensor, size=(h, w), mode="bilinear", align_corners=False)
+    return tensor
+
+
+def export_to_gif(frames: list, path: str | os.PathLike, fps: int = 10) -> str:
+    """Write PIL frames as a looping GIF; returns the path."""
+    frames = [f if isinstance(f, PIL.Image.Image) else numpy_to_pil(np.asarray(f))[0] for f in frames]
+    frames[0].save(path, save_all=True, append_images=frames[1:], optimize=False,
+                   duration=int(1000 / fps), loop=0)
+    return os.fspath(path)

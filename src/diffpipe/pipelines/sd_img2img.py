@@ -1,0 +1,114 @@
+"""Stable Diffusion image-to-image: start from the encoded image, noised to ``strength``."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import images as imgs
+from ..schedulers.base import randn
+from . import stages
+from .stable_diffusion import StableDiffusionBase
+
+
+def strength_schedule(scheduler, num_inference_steps: int, strength: float):
+    """Skip the first ``1 - strength`` of the schedule: (timesteps left, steps left)."""
+    kept = min(int(num_inference_steps * strength), num_inference_steps)
+    start = max(num_inference_steps - kept, 0)
+    order = getattr(scheduler, "order", 1)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * order)
+    return scheduler.timesteps[start * order :], num_inference_steps - start
+
+
+def check_strength(strength: float) -> None:
+    if not (0.0 <= strength <= 1.0):
+        raise ValueError(f"strength must be between 0 and 1, got {strength}")
+
+
+def tile_to_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """Repeat a batch of images/latents (whole-batch tiling, as the reference does) up to ``batch``."""
+    if x.shape[0] == batch:
+        return x
+    if batch % x.shape[0]:
+        raise ValueError(f"cannot spread {x.shape[0]} {what} over {batch} outputs; pass 1 or {batch} of them")
+    return torch.cat([x] * (batch // x.shape[0]), dim=0)
+
+
+def noised_image_latents(pipeline, image: torch.Tensor, timestep, *, batch: int, generator, device, dtype):
+    """Encode ``image`` (already a (B, C, H, W) tensor) and noise it to ``timestep``."""
+    image = image.to(device=device, dtype=dtype)
+    if image.shape[1] == pipeline.unet.config.in_channels and image.shape[1] != 3:
+        latents = image  # already latents
+    else:
+        if isinstance(generator, list):
+            image = tile_to_batch(image, batch, "images")
+        latents = stages.encode_image_latents(pipeline.vae, image, generator).to(dtype)
+    latents = tile_to_batch(latents, batch, "images")
+    noise = randn(latents.shape, generator=generator, device=device, dtype=dtype)
+    return pipeline.scheduler.add_noise(latents, noise, timestep.repeat(batch))
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
+    """Image to image with Stable Diffusion 1.x / 2.x."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image=None,
+        strength: float = 0.8,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        height: int | None = None,
+        width: int | None = None,
+    ):
+        if image is None:
+            raise ValueError("StableDiffusionImg2ImgPipeline needs image= (a PIL image, array or tensor)")
+        check_strength(strength)
+        batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                   callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
+                                   guidance_scale)
+        imgs.check_output_type(output_type)
+        pixels = imgs.preprocess(image, height=height, width=width, multiple=self.vae_scale_factor, what="image")
+        device = self._execution_device
+        guidance = self._guidance(guidance_scale, 0.0)
+        embeds, negative = self.encode_prompt(prompt, device, num_images_per_prompt, guidance.active,
+                                              negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+        condition = torch.cat([negative, embeds]) if guidance.active else embeds
+        stages.set_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        if timesteps is not None or sigmas is not None:
+            num_inference_steps = len(self.scheduler.timesteps)
+        steps, num_inference_steps = strength_schedule(self.scheduler, num_inference_steps, strength)
+        if len(steps) == 0:
+            raise ValueError(
+                f"strength={strength} with {num_inference_steps} steps leaves no denoising step; raise strength "
+                "or num_inference_steps"
+            )
+        total = batch * num_images_per_prompt
+        latents = noised_image_latents(self, pixels, steps[:1], batch=total, generator=generator, device=device,
+                                       dtype=embeds.dtype)
+        timestep_cond = self._guidance_embedding(guidance_scale, total, device, latents.dtype)
+        latents = stages.denoise(
+            self, latents=latents, timesteps=steps, num_inference_steps=num_inference_steps,
+            predict=self._unet_predictor(cross_attention_kwargs, timestep_cond),
+            guidance=guidance, step_kwargs={"eta": eta, "generator": generator},
+            callback_on_step_end=callback_on_step_end,
+            callback_tensors={"prompt_embeds": condition, "negative_prompt_embeds": negative},
+            callback_tensor_names=callback_on_step_end_tensor_inputs,
+        )
+        return self._finish(latents, output_type=output_type, return_dict=return_dict, device=device,
+                            dtype=embeds.dtype, generator=generator)

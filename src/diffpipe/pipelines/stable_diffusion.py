@@ -1,0 +1,224 @@
+"""Stable Diffusion text-to-image, and the parts every Stable Diffusion task shares."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import images as imgs
+from ..config import fix_scheduler_for_sd
+from . import stages
+from .pipeline import DiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+SAFETY_CHECKER_DISABLED = (
+    "You have disabled the safety checker for {cls} by passing `safety_checker=None`. Ensure that you abide "
+    "by the conditions of the Stable Diffusion license and do not expose unfiltered results in services or "
+    "applications open to the public. Both the diffusers team and Hugging Face strongly recommend keeping the "
+    "safety filter enabled in all public-facing circumstances, disabling it only for use cases that involve "
+    "analyzing network behavior or auditing its results."
+)
+
+
+@dataclass
+class StableDiffusionPipelineOutput:
+    images: Any
+    nsfw_content_detected: list[bool] | None = None
+
+    def __getitem__(self, i):
+        return (self.images, self.nsfw_content_detected)[i]
+
+    def __iter__(self):
+        return iter((self.images, self.nsfw_content_detected))
+
+
+class StableDiffusionBase(DiffusionPipeline):
+    """Components, prompt encoding, the safety checker and output handling shared by SD tasks."""
+
+    _config_keys = ("requires_safety_checker",)
+    _optional_components = ("safety_checker", "feature_extractor", "image_encoder")
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
+                 feature_extractor=None, image_encoder=None, requires_safety_checker: bool = True):
+        super().__init__()
+        if safety_checker is None and requires_safety_checker:
+            logger.warning(SAFETY_CHECKER_DISABLED.format(cls=type(self).__name__))
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError(
+                f"{type(self).__name__}: a safety_checker needs its feature_extractor (a CLIPImageProcessor); "
+                "pass feature_extractor= or safety_checker=None"
+            )
+        scheduler = fix_scheduler_for_sd(scheduler)
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                              scheduler=scheduler, safety_checker=safety_checker,
+                              feature_extractor=feature_extractor, image_encoder=image_encoder)
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def vae_scale_factor(self) -> int:
+        vae = getattr(self, "vae", None)
+        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+
+    @property
+    def _execution_device(self) -> torch.device:
+        device = getattr(self, "_offload_device", None)
+        return device if device is not None else self.unet.device
+
+    def _default_size(self) -> tuple[int, int]:
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    @property
+    def num_timesteps(self) -> int:
+        return getattr(self, "_num_timesteps", 0)
+
+    def _prompt_dtype(self) -> torch.dtype:
+        if self.text_encoder is not None:
+            return self.text_encoder.dtype
+        return self.unet.dtype
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, clip_skip=None,
+                      **unused):
+        """(prompt embeddings, negative embeddings) as the reference's ``encode_prompt`` returns them."""
+        return stages.encode_prompt(
+            self.tokenizer, self.text_encoder, prompt, num_images_per_prompt=num_images_per_prompt,
+            do_cfg=do_classifier_free_guidance, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip, dtype=self._prompt_dtype(),
+            device=device,
+        )
+
+    def _check_common(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                      callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
+                      guidance_scale) -> int:
+        stages.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        stages.check_callback_inputs(callback_on_step_end_tensor_inputs, self.callback_tensor_inputs)
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        batch = stages.batch_size_of(prompt, prompt_embeds)
+        stages.check_generators(generator, batch * num_images_per_prompt)
+        if guidance_scale > 1 and prompt_embeds is not None and negative_prompt_embeds is None \
+                and negative_prompt is not None:
+            raise ValueError("with prompt_embeds=, pass the negative side as negative_prompt_embeds=")
+        return batch
+
+    def _guidance(self, guidance_scale: float, guidance_rescale: float) -> stages.Guidance:
+        if self.unet.config.get("time_cond_proj_dim") is not None:
+            return stages.Guidance(scale=1.0)  # guidance-distilled UNets take the scale as an embedding
+        return stages.Guidance(scale=guidance_scale, rescale=guidance_rescale)
+
+    def _unet_predictor(self, cross_attention_kwargs, timestep_cond=None, added_cond_kwargs=None):
+        """The UNet call of the loop; the (guidance-batched) condition is ``tensors["prompt_embeds"]``."""
+        unet = self.unet
+
+        def predict(model_input, t, i, tensors):
+            return unet(model_input, t, encoder_hidden_states=tensors["prompt_embeds"], timestep_cond=timestep_cond,
+                        cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
+                        return_dict=False)[0]
+
+        return predict
+
+    def _guidance_embedding(self, guidance_scale: float, batch: int, device, dtype):
+        dim = self.unet.config.get("time_cond_proj_dim")
+        if dim is None:
+            return None
+        w = torch.full((batch,), guidance_scale - 1.0) * 1000.0
+        half = dim // 2
+        freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+        emb = w[:, None] * freqs[None, :]
+        emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+        if dim % 2 == 1:
+            emb = torch.nn.functional.pad(emb, (0, 1))
+        return emb.to(device=device, dtype=dtype)
+
+    def run_safety_checker(self, image: torch.Tensor, device, dtype):
+        if self.safety_checker is None:
+            return image, None
+        pil = imgs.postprocess(image, output_type="pil")
+        inputs = self.feature_extractor(pil, return_tensors="pt")
+        pixels = inputs["pixel_values"].to(device=device, dtype=dtype)
+        return self.safety_checker(images=image, clip_input=pixels)
+
+    def _finish(self, latents, *, output_type: str, return_dict: bool, device, dtype, generator=None):
+        if output_type == "latent":
+            image, nsfw = latents, None
+        else:
+            image = stages.decode_latents(self.vae, latents, generator)
+            image, nsfw = self.run_safety_checker(image, device, dtype)
+        denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
+        image = imgs.postprocess(image, output_type=output_type, do_denormalize=denormalize)
+        if not return_dict:
+            return image, nsfw
+        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+
+class StableDiffusionPipeline(StableDiffusionBase):
+    """Text to image with Stable Diffusion 1.x / 2.x."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        default_h, default_w = self._default_size()
+        height, width = height or default_h, width or default_w
+        stages.check_size(height, width, self.vae_scale_factor)
+        batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                   callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
+                                   guidance_scale)
+        imgs.check_output_type(output_type)
+        device = self._execution_device
+        guidance = self._guidance(guidance_scale, guidance_rescale)
+        embeds, negative = self.encode_prompt(prompt, device, num_images_per_prompt, guidance.active,
+                                              negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+        condition = torch.cat([negative, embeds]) if guidance.active else embeds
+        steps, num_inference_steps = stages.set_timesteps(self.scheduler, num_inference_steps, device,
+                                                          timesteps, sigmas)
+        total = batch * num_images_per_prompt
+        shape = (total, self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        latents = stages.initial_latents(shape, generator=generator, device=device, dtype=embeds.dtype,
+                                         latents=latents, init_noise_sigma=self.scheduler.init_noise_sigma)
+        timestep_cond = self._guidance_embedding(guidance_scale, total, device, latents.dtype)
+        latents = stages.denoise(
+            self, latents=latents, timesteps=steps, num_inference_steps=num_inference_steps,
+            predict=self._unet_predictor(cross_attention_kwargs, timestep_cond),
+            guidance=guidance, step_kwargs={"eta": eta, "generator": generator},
+            callback_on_step_end=callback_on_step_end,
+            callback_tensors={"prompt_embeds": condition, "negative_prompt_embeds": negative},
+            callback_tensor_names=callback_on_step_end_tensor_inputs,
+        )
+        return self._finish(latents, output_type=output_type, return_dict=return_dict, device=device,
+                            dtype=embeds.dtype, generator=generator)

@@ -1,0 +1,287 @@
+"""The stages every text-conditioned pipeline shares, written once and imported.
+
+encode prompt -> timesteps -> latents -> denoising loop (scheduler + guidance) -> decode -> images.
+A pipeline file only says what is special about its task.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..schedulers.base import randn
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def batch_size_of(prompt, prompt_embeds) -> int:
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    return prompt_embeds.shape[0]
+
+
+def check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> None:
+    """The prompt arguments' rules, checked before any model runs."""
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("pass either prompt= or prompt_embeds=, not both")
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("pass prompt= (a string or a list of strings) or prompt_embeds=")
+    if prompt is not None and not (isinstance(prompt, str) or
+                                   (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))):
+        raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+    if isinstance(prompt, list) and not prompt:
+        raise ValueError("prompt is an empty list")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("pass either negative_prompt= or negative_prompt_embeds=, not both")
+    if negative_prompt is not None and prompt is not None and not isinstance(negative_prompt, str):
+        if not isinstance(negative_prompt, list) or type(prompt) is not list:
+            raise TypeError(
+                f"negative_prompt must be the same type as prompt ({type(prompt).__name__}), "
+                f"got {type(negative_prompt).__name__}"
+            )
+        if len(negative_prompt) != len(prompt):
+            raise ValueError(
+                f"negative_prompt has {len(negative_prompt)} entries but prompt has {len(prompt)}; pass one per prompt"
+            )
+    if prompt_embeds is not None and negative_prompt_embeds is not None:
+        if prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(
+                f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
+            )
+
+
+def check_size(height: int, width: int, multiple: int) -> None:
+    if height % multiple or width % multiple:
+        raise ValueError(
+            f"height and width must be divisible by {multiple}, got {height}x{width}; try "
+            f"{height - height % multiple or multiple}x{width - width % multiple or multiple}"
+        )
+
+
+def check_callback_inputs(names, allowed) -> None:
+    if names is None:
+        return
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise ValueError(f"callback_on_step_end_tensor_inputs may only name {list(allowed)}, got {bad}")
+
+
+def check_generators(generator, batch: int) -> None:
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(
+            f"got a list of {len(generator)} generators for {batch} images; pass one per image "
+            "(batch size x num_images_per_prompt) or a single generator"
+        )
+
+
+# ------------------------------------------------------------------------------------------ prompt
+def _tokenize(tokenizer, texts, max_length):
+    return tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+
+
+def _text_hidden_states(text_encoder, tokens, *, all_layers: bool):
+    """The text encoder's last hidden state, or the tuple of every layer's."""
+    device = next(text_encoder.parameters()).device
+    mask = tokens.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    if not all_layers:
+        return text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+    return text_encoder(tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True).hidden_states
+
+
+def encode_text(tokenizer, text_encoder, texts: list[str], *, clip_skip: int | None, max_length: int | None = None):
+    """(B, seq, dim) embeddings of ``texts`` the way Stable Diffusion conditions on them."""
+    max_length = max_length or tokenizer.model_max_length
+    tokens = _tokenize(tokenizer, texts, max_length)
+    longest = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+    if longest.shape[-1] >= tokens.input_ids.shape[-1] and not torch.equal(tokens.input_ids, longest):
+        removed = tokenizer.batch_decode(longest[:, max_length - 1 : -1])
+        logger.warning("this part of the prompt was cut off (CLIP reads at most %d tokens): %s", max_length, removed)
+    if clip_skip is None:
+        return _text_hidden_states(text_encoder, tokens, all_layers=False)
+    hidden = _text_hidden_states(text_encoder, tokens, all_layers=True)
+    # clip_skip=1 takes the layer before the last; the final layer norm still applies
+    return text_encoder.text_model.final_layer_norm(hidden[-(clip_skip + 1)])
+
+
+def encode_prompt(
+    tokenizer,
+    text_encoder,
+    prompt,
+    *,
+    num_images_per_prompt: int,
+    do_cfg: bool,
+    negative_prompt=None,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    clip_skip: int | None = None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt embeddings, negative embeddings or None), repeated ``num_images_per_prompt`` times."""
+    batch = batch_size_of(prompt, prompt_embeds)
+    if prompt_embeds is None:
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        prompt_embeds = encode_text(tokenizer, text_encoder, texts, clip_skip=clip_skip)
+    prompt_embeds = repeat_per_image(prompt_embeds.to(dtype=dtype, device=device), num_images_per_prompt)
+    if not do_cfg:
+        return prompt_embeds, None
+    if negative_prompt_embeds is None:
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * batch
+        else:
+            negatives = negative_prompt
+        tokens = _tokenize(tokenizer, negatives, prompt_embeds.shape[1])
+        negative_prompt_embeds = _text_hidden_states(text_encoder, tokens, all_layers=False)
+    negative_prompt_embeds = repeat_per_image(negative_prompt_embeds.to(dtype=dtype, device=device),
+                                              num_images_per_prompt)
+    return prompt_embeds, negative_prompt_embeds
+
+
+def repeat_per_image(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``[a, b]`` -> ``[a, a, b, b]`` along the batch (each prompt's images side by side)."""
+    return x if n == 1 else x.repeat_interleave(n, dim=0)
+
+
+# ------------------------------------------------------------------------------------------ schedule
+def set_timesteps(scheduler, num_inference_steps: int | None, device, timesteps=None, sigmas=None):
+    """(timesteps, number of steps) after ``scheduler.set_timesteps`` with steps, timesteps or sigmas."""
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("pass either timesteps= or sigmas=, not both")
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=timesteps, device=device)
+    elif sigmas is not None:
+        scheduler.set_timesteps(sigmas=sigmas, device=device)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    steps = scheduler.timesteps
+    return steps, (len(steps) if timesteps is not None or sigmas is not None else num_inference_steps)
+
+
+def initial_latents(shape, *, generator, device, dtype, latents: torch.Tensor | None, init_noise_sigma: float):
+    """Pure noise scaled by the scheduler's ``init_noise_sigma`` (or the given latents, scaled)."""
+    if latents is None:
+        latents = randn(shape, generator=generator, device=device, dtype=dtype)
+    else:
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
+        latents = latents.to(device=device, dtype=dtype)
+    return latents * init_noise_sigma
+
+
+# ------------------------------------------------------------------------------------------ loop
+def rescale_guidance(noise_cfg: torch.Tensor, noise_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """Rescale classifier-free guidance toward the text branch's std (Lin et al. 2023, sec. 3.4)."""
+    dims = list(range(1, noise_text.ndim))
+    std_text = noise_text.std(dim=dims, keepdim=True)
+    std_cfg = noise_cfg.std(dim=dims, keepdim=True)
+    rescaled = noise_cfg * (std_text / std_cfg)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance: ``uncond + scale * (cond - uncond)``, optionally rescaled."""
+
+    scale: float
+    rescale: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.scale > 1.0
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x]) if self.active else x
+
+    def combine(self, noise_pred: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return noise_pred
+        uncond, cond = noise_pred.chunk(2)
+        guided = uncond + self.scale * (cond - uncond)
+        if self.rescale > 0.0:
+            guided = rescale_guidance(guided, cond, self.rescale)
+        return guided
+
+
+def denoise(
+    pipeline,
+    *,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    num_inference_steps: int,
+    predict: Callable[[torch.Tensor, Any, int, dict], torch.Tensor],
+    guidance: Guidance,
+    step_kwargs: dict,
+    callback_on_step_end=None,
+    callback_tensors: dict | None = None,
+    callback_tensor_names=("latents",),
+    after_step: Callable[[torch.Tensor, int, Any], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The denoising loop: every pipeline's, once.
+
+    ``predict(model_input, t, i, tensors)`` runs the model on the (guidance-batched, scheduler-scaled)
+    input; ``tensors`` holds the conditioning tensors a callback may replace (``prompt_embeds``);
+    ``after_step(latents, i, t)`` lets a task adjust latents after each step (inpainting's blend).
+    ``callback_on_step_end(pipeline, i, t, tensors)`` may return replacements for the named tensors.
+    """
+    scheduler = pipeline.scheduler
+    tensors = dict(callback_tensors or {})
+    order = getattr(scheduler, "order", 1)
+    warmup = len(timesteps) - num_inference_steps * order
+    pipeline._num_timesteps = len(timesteps)
+    pipeline._interrupt = False
+    with pipeline.progress_bar(total=num_inference_steps) as bar:
+        for i, t in enumerate(timesteps):
+            if pipeline._interrupt:
+                continue
+            model_input = scheduler.scale_model_input(guidance.batch(latents), t)
+            noise_pred = guidance.combine(predict(model_input, t, i, tensors))
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if after_step is not None:
+                latents = after_step(latents, i, t)
+            if callback_on_step_end is not None:
+                tensors["latents"] = latents
+                wanted = {k: tensors[k] for k in callback_tensor_names if k in tensors}
+                replaced = callback_on_step_end(pipeline, i, t, wanted) or {}
+                latents = replaced.pop("latents", latents)
+                tensors.update(replaced)
+            if i == len(timesteps) - 1 or ((i + 1) > warmup and (i + 1) % order == 0):
+                bar.update()
+    return latents
+
+
+# ------------------------------------------------------------------------------------------ decode
+def decode_latents(vae, latents: torch.Tensor, generator=None) -> torch.Tensor:
+    """Latents -> images in ``[-1, 1]``, undoing the VAE's scaling (and shift) factor."""
+    config = vae.config
+    latents = latents / config.scaling_factor
+    if config.get("shift_factor") is not None:
+        latents = latents + config.shift_factor
+    return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+
+
+def encode_image_latents(vae, image: torch.Tensor, generator, *, sample_mode: str = "sample") -> torch.Tensor:
+    """Image in ``[-1, 1]`` -> scaled latents; a list of generators encodes one image with each."""
+    image = image.to(device=vae.device, dtype=vae.dtype)
+    if isinstance(generator, list):
+        if len(generator) != image.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {image.shape[0]} images")
+        parts = [_latent_of(vae.encode(image[i : i + 1]), generator[i], sample_mode) for i in range(image.shape[0])]
+        latents = torch.cat(parts, dim=0)
+    else:
+        latents = _latent_of(vae.encode(image), generator, sample_mode)
+    config = vae.config
+    if config.get("shift_factor") is not None:
+        latents = latents - config.shift_factor
+    return latents * config.scaling_factor
+
+
+def _latent_of(encoded, generator, sample_mode):
+    dist = encoded.latent_dist if hasattr(encoded, "latent_dist") else encoded[0]
+    return dist.sample(generator) if sample_mode == "sample" else dist.mode()
