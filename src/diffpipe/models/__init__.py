@@ -1,4 +1,7 @@
 """Models (nn.Modules whose parameter names are the checkpoint keys)."""
 
 # Class name -> "module:attribute"; read by diffpipe.registry (the allow-list).
-MODELS: dict[str, str] = {}
+MODELS: dict[str, str] = {
+    "UNet2DConditionModel": "diffpipe.models.unet_2d_condition:UNet2DConditionModel",
+    "AutoencoderKL": "diffpipe.models.autoencoder_kl:AutoencoderKL",
+}
