@@ -10,4 +10,13 @@ SCHEDULERS: dict[str, str] = {
     "DDIMScheduler": "diffpipe.schedulers.ddim:DDIMScheduler",
     "PNDMScheduler": "diffpipe.schedulers.pndm:PNDMScheduler",
     "EulerDiscreteScheduler": "diffpipe.schedulers.euler:EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler": "diffpipe.schedulers.euler_ancestral:EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler": "diffpipe.schedulers.heun:HeunDiscreteScheduler",
+    "LMSDiscreteScheduler": "diffpipe.schedulers.lms:LMSDiscreteScheduler",
+    "DPMSolverMultistepScheduler": "diffpipe.schedulers.dpm_solver:DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler": "diffpipe.schedulers.dpm_solver_singlestep:DPMSolverSinglestepScheduler",
+    "KDPM2DiscreteScheduler": "diffpipe.schedulers.kdpm2:KDPM2DiscreteScheduler",
+    "UniPCMultistepScheduler": "diffpipe.schedulers.unipc:UniPCMultistepScheduler",
+    "LCMScheduler": "diffpipe.schedulers.lcm:LCMScheduler",
+    "TCDScheduler": "diffpipe.schedulers.tcd:TCDScheduler",
 }

@@ -30,18 +30,13 @@ logger = logging.getLogger(__name__)
 # The step output
 
 
-@dataclass
-class SchedulerOutput:
-    """What ``step`` returns: ``prev_sample`` (x_{t-1}, the next model input) and, where the
-    algorithm has one, ``pred_original_sample`` (the model's current estimate of x_0).
+class BaseOutput:
+    """Tuple-like access for the step outputs (dataclasses that subclass this).
 
-    Like the reference's output objects it can be read as a tuple of its non-``None`` fields:
-    ``out[0]`` is ``prev_sample``, ``out.to_tuple()`` is what ``return_dict=False`` returns; string
-    keys (``out["prev_sample"]``) work too.
+    Like the reference's output objects, an output reads as the tuple of its non-``None`` fields:
+    ``out[0]`` is ``prev_sample`` and ``out.to_tuple()`` is what ``return_dict=False`` returns;
+    string keys (``out["prev_sample"]``) work too.
     """
-
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor | None = None
 
     def to_tuple(self) -> tuple:
         return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
@@ -61,6 +56,15 @@ class SchedulerOutput:
 
     def __len__(self) -> int:
         return len(self.to_tuple())
+
+
+@dataclass
+class SchedulerOutput(BaseOutput):
+    """What ``step`` returns: ``prev_sample`` (x_{t-1}, the next model input) and, where the
+    algorithm has one, ``pred_original_sample`` (the model's current estimate of x_0)."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,9 +426,7 @@ class SchedulerMixin(ConfigMixin):
         t = _as_python_int(timestep)
         T = len(self.alphas_cumprod)
         if not 0 <= t < T:
-            raise ValueError(
-                f"{type(self).__name__}.step: timestep {t} is outside the training range [0, {T - 1}]"
-            )
+            raise ValueError(f"{type(self).__name__}.step: timestep {t} is outside the training range [0, {T - 1}]")
         return t
 
     # ---------------------------------------------------------------- q(x_t | x_0)
@@ -513,8 +515,10 @@ class StepIndexMixin:
 
 def reject_integer_timestep(owner: str, timestep) -> None:
     """Sigma-based schedulers take a value from ``scheduler.timesteps``, not a loop counter."""
-    if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool) or (
-        isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()
+    if (
+        isinstance(timestep, (int, np.integer))
+        and not isinstance(timestep, bool)
+        or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point())
     ):
         raise ValueError(
             f"{owner}.step got an integer timestep ({timestep!r}); passing loop indices (e.g. from "

@@ -120,9 +120,7 @@ class DDIMScheduler(SchedulerMixin):
         # 9. the random noise sigma_t z (eq. 12, third term)
         if eta > 0:
             if variance_noise is not None and generator is not None:
-                raise ValueError(
-                    "DDIMScheduler.step: pass either `generator` or `variance_noise`, not both"
-                )
+                raise ValueError("DDIMScheduler.step: pass either `generator` or `variance_noise`, not both")
             if variance_noise is None:
                 variance_noise = randn(
                     model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
@@ -133,7 +131,9 @@ class DDIMScheduler(SchedulerMixin):
             return (prev_sample, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor
+    ) -> torch.Tensor:
         """Sample q(x_t | x_0) = N(sqrt(alphabar_t) x_0, (1 - alphabar_t) I) with the given noise."""
         return self._add_noise_alphas_cumprod(original_samples, noise, timesteps)
 

@@ -180,7 +180,9 @@ class DDPMScheduler(SchedulerMixin):
             return (prev_sample, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor
+    ) -> torch.Tensor:
         """Sample q(x_t | x_0) = N(sqrt(alphabar_t) x_0, (1 - alphabar_t) I) with the given noise."""
         return self._add_noise_alphas_cumprod(original_samples, noise, timesteps)
 

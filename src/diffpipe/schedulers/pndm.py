@@ -113,7 +113,10 @@ class PNDMScheduler(SchedulerMixin):
         **unused,
     ) -> SchedulerOutput | tuple:
         """One model call's worth of progress: a PRK stage during warm-up, else a PLMS step."""
-        if self.counter < len(self.prk_timesteps if self.prk_timesteps is not None else ()) and not self.config.skip_prk_steps:
+        if (
+            self.counter < len(self.prk_timesteps if self.prk_timesteps is not None else ())
+            and not self.config.skip_prk_steps
+        ):
             return self.step_prk(model_output, timestep, sample, return_dict=return_dict)
         return self.step_plms(model_output, timestep, sample, return_dict=return_dict)
 
@@ -200,6 +203,8 @@ class PNDMScheduler(SchedulerMixin):
         denom = alpha_prod_t * beta_prod_t_prev**0.5 + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev) ** 0.5
         return sample_coeff * sample - (alpha_prod_t_prev - alpha_prod_t) * eps / denom
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor
+    ) -> torch.Tensor:
         """Sample q(x_t | x_0) = N(sqrt(alphabar_t) x_0, (1 - alphabar_t) I) with the given noise."""
         return self._add_noise_alphas_cumprod(original_samples, noise, timesteps)

@@ -26,9 +26,7 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
 def _unknown(prediction_type: str, allowed=PREDICTION_TYPES) -> ConfigError:
-    return ConfigError(
-        f"`prediction_type` must be one of {', '.join(map(repr, allowed))}; got {prediction_type!r}"
-    )
+    return ConfigError(f"`prediction_type` must be one of {', '.join(map(repr, allowed))}; got {prediction_type!r}")
 
 
 def vp_x0(model_output: torch.Tensor, sample: torch.Tensor, alpha_t, sigma_t, prediction_type: str) -> torch.Tensor:

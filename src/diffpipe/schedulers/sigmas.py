@@ -55,7 +55,8 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray, *, float32_index: boo
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    """Karras et al. 2022, eq. 5:
+    sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
     ramp = np.linspace(0, 1, num_steps)
     max_inv_rho = sigma_max ** (1 / rho)
     min_inv_rho = sigma_min ** (1 / rho)
@@ -73,8 +74,10 @@ def lu_log_sigmas(log_sigma_min: float, log_sigma_max: float, num_steps: int) ->
     return log_sigma_max + ramp * (log_sigma_min - log_sigma_max)
 
 
-def beta_sigmas(sigma_min: float, sigma_max: float, num_steps: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
-    """"Beta Sampling is All You Need" (Lee et al. 2024): sigma_min + ppf(1 - i/(N-1)) (sigma_max - sigma_min),
+def beta_sigmas(
+    sigma_min: float, sigma_max: float, num_steps: int, alpha: float = 0.6, beta: float = 0.6
+) -> np.ndarray:
+    """ "Beta Sampling is All You Need" (Lee et al. 2024): sigma_min + ppf(1 - i/(N-1)) (sigma_max - sigma_min),
     ppf being the quantile function of the Beta(alpha, beta) distribution."""
     q = 1 - np.linspace(0, 1, num_steps)
     ppf = beta_ppf(q, alpha, beta)
