@@ -151,6 +151,11 @@ def make_legacy(folder: Path) -> None:
                     break
             renamed[k] = v.contiguous()
         save_file(renamed, path, metadata={"format": "pt"})
+    # text encoder: keys under `text_model.` as transformers 4 wrote them
+    for path in (folder / "text_encoder").glob("model*.safetensors"):
+        state = load_file(path)
+        save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}, path,
+                  metadata={"format": "pt"})
     # configs without keys newer releases added
     for sub, keys in (("vae", ("force_upcast", "latents_mean", "latents_std", "shift_factor", "use_quant_conv",
                                "use_post_quant_conv", "mid_block_add_attention")),

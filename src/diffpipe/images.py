@@ -157,3 +157,48 @@ def export_to_gif(frames: list, path: str | os.PathLike, fps: int = 10) -> str:
     frames[0].save(path, save_all=True, append_images=frames[1:], optimize=False,
                    duration=int(1000 / fps), loop=0)
     return os.fspath(path)
+
+
+def preprocess_mask(mask, *, height: int, width: int, multiple: int = 8, resample: str = "lanczos") -> torch.Tensor:
+    """Mask image(s) -> ``(B, 1, H, W)`` float tensor of 0 (keep) and 1 (repaint).
+
+    PIL masks are read as luminance; arrays and tensors may be ``(H, W)``, ``(B, H, W)``,
+    ``(H, W, 1)`` / ``(B, H, W, 1)`` (numpy) or ``(B, 1, H, W)`` (torch) in ``[0, 1]``.
+    """
+    masks = mask if isinstance(mask, list) else [mask]
+    if not masks:
+        raise ValueError("mask_image: got an empty list")
+    first = masks[0]
+    if isinstance(first, PIL.Image.Image):
+        filt = {"lanczos": PIL.Image.LANCZOS, "bilinear": PIL.Image.BILINEAR, "nearest": PIL.Image.NEAREST}[resample]
+        arrays = [np.asarray(m.convert("L").resize((width, height), resample=filt)).astype(np.float32) / 255.0
+                  for m in masks]
+        tensor = torch.from_numpy(np.stack(arrays))[:, None]
+    elif isinstance(first, np.ndarray):
+        parts = []
+        for m in masks:
+            m = m.astype(np.float32)
+            if m.ndim == 3 and m.shape[-1] == 1:
+                m = m[..., 0]
+            if m.ndim == 2:
+                m = m[None]
+            if m.ndim == 4 and m.shape[-1] == 1:
+                m = m[..., 0]
+            parts.append(m)
+        tensor = torch.from_numpy(np.concatenate(parts))[:, None]
+        tensor = _resize_tensor(tensor, height, width, multiple)
+    elif isinstance(first, torch.Tensor):
+        parts = []
+        for m in masks:
+            m = m.float()
+            if m.ndim == 2:
+                m = m[None, None]
+            elif m.ndim == 3:
+                m = m[:, None] if m.shape[0] != 1 else m[None]
+            parts.append(m)
+        tensor = _resize_tensor(torch.cat(parts), height, width, multiple)
+    else:
+        raise TypeError(
+            f"mask_image must be a PIL.Image, a numpy array, a torch.Tensor or a list of them, got {type(first).__name__}"
+        )
+    return (tensor >= 0.5).to(torch.float32)

@@ -5,5 +5,6 @@ PIPELINES: dict[str, str] = {
     "DiffusionPipeline": "diffpipe.pipelines.pipeline:DiffusionPipeline",
     "StableDiffusionPipeline": "diffpipe.pipelines.stable_diffusion:StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline": "diffpipe.pipelines.sd_img2img:StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline": "diffpipe.pipelines.sd_inpaint:StableDiffusionInpaintPipeline",
     "StableDiffusionSafetyChecker": "diffpipe.pipelines.safety_checker:StableDiffusionSafetyChecker",
 }

@@ -106,8 +106,10 @@ def encode_text(tokenizer, text_encoder, texts: list[str], *, clip_skip: int | N
     if clip_skip is None:
         return _text_hidden_states(text_encoder, tokens, all_layers=False)
     hidden = _text_hidden_states(text_encoder, tokens, all_layers=True)
-    # clip_skip=1 takes the layer before the last; the final layer norm still applies
-    return text_encoder.text_model.final_layer_norm(hidden[-(clip_skip + 1)])
+    # clip_skip=1 takes the layer before the last; the final layer norm still applies. transformers 5
+    # flattened CLIPTextModel (no `.text_model`), older releases nest it.
+    body = getattr(text_encoder, "text_model", text_encoder)
+    return body.final_layer_norm(hidden[-(clip_skip + 1)])
 
 
 def encode_prompt(

@@ -1,0 +1,198 @@
+"""Stable Diffusion pipelines against the reference, on tiny pipelines the reference saved.
+
+Every expected image is computed by the reference at test time from the same folder and seed;
+the bound is the issue's: max abs difference <= 2/255 with output_type="np".
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import diffpipe
+from sd_factory import save_reference_pipeline
+
+TOL = 2 / 255
+SIZE = dict(height=32, width=32)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd-parity")
+    return {
+        "sd": save_reference_pipeline(root / "sd"),
+        "flagged": save_reference_pipeline(root / "flagged", flag_everything=True, seed=1),
+        "nosafety": save_reference_pipeline(root / "nosafety", safety_checker=False, seed=2),
+        "inpaint9": save_reference_pipeline(root / "inpaint9", task="StableDiffusionInpaintPipeline",
+                                            in_channels=9, safety_checker=False, seed=3),
+        "legacy": save_reference_pipeline(root / "legacy", legacy=True, seed=4),
+    }
+
+
+def load_both(folder, task: str, scheduler: str | None = None):
+    import diffusers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = getattr(diffusers, task).from_pretrained(folder)
+        ours = getattr(diffpipe, task).from_pretrained(folder)
+    if scheduler is not None:
+        ref.scheduler = getattr(diffusers, scheduler).from_config(ref.scheduler.config)
+        ours.scheduler = getattr(diffpipe, scheduler).from_config(ours.scheduler.config)
+    for p in (ref, ours):
+        p.set_progress_bar_config(disable=True)
+    return ref, ours
+
+
+def run_both(ref, ours, seed=0, generator_list=False, **kwargs):
+    def gen():
+        if generator_list:
+            n = kwargs.get("num_images_per_prompt", 1) * (len(kwargs["prompt"]) if isinstance(kwargs.get("prompt"), list) else 1)
+            return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+        return torch.Generator().manual_seed(seed)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = ref(generator=gen(), output_type="np", **kwargs)
+    got = ours(generator=gen(), output_type="np", **kwargs)
+    return expected, got
+
+
+def assert_close(expected, got):
+    assert got.images.shape == expected.images.shape
+    diff = np.abs(got.images - expected.images).max()
+    assert diff <= TOL, f"max abs difference {diff:.5f} > 2/255"
+    assert got.nsfw_content_detected == expected.nsfw_content_detected
+
+
+def an_image():
+    rng = np.random.default_rng(0)
+    return PIL.Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+
+
+def a_mask():
+    m = np.zeros((40, 48), dtype=np.uint8)
+    m[8:30, 10:40] = 255
+    return PIL.Image.fromarray(m)
+
+
+SCHEDULERS = [None, "DDIMScheduler", "EulerAncestralDiscreteScheduler"]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("kind", ["sd", "flagged", "nosafety"])
+def test_text_to_image(folders, kind, scheduler):
+    ref, ours = load_both(folders[kind], "StableDiffusionPipeline", scheduler)
+    expected, got = run_both(ref, ours, prompt="a photo of a cat", num_inference_steps=3, **SIZE)
+    assert_close(expected, got)
+    if kind == "flagged":
+        assert got.nsfw_content_detected == [True] and got.images.max() == 0
+    if kind == "nosafety":
+        assert got.nsfw_content_detected is None
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("kind", ["sd", "nosafety"])
+def test_image_to_image(folders, kind, scheduler):
+    ref, ours = load_both(folders[kind], "StableDiffusionImg2ImgPipeline", scheduler)
+    expected, got = run_both(ref, ours, prompt="a red dog", image=an_image(), strength=0.7,
+                             num_inference_steps=4)
+    assert_close(expected, got)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("kind", ["inpaint9", "sd"])
+def test_inpainting(folders, kind, scheduler):
+    ref, ours = load_both(folders[kind], "StableDiffusionInpaintPipeline", scheduler)
+    for strength in (1.0, 0.75):
+        expected, got = run_both(ref, ours, prompt="a blue cat", image=an_image(), mask_image=a_mask(),
+                                 strength=strength, num_inference_steps=4, **SIZE)
+        assert_close(expected, got)
+
+
+def test_batch_options(folders):
+    ref, ours = load_both(folders["nosafety"], "StableDiffusionPipeline", "DDIMScheduler")
+    expected, got = run_both(
+        ref, ours, prompt=["a photo of a cat", "a red dog"], negative_prompt=["blue", "jungle"],
+        num_images_per_prompt=2, num_inference_steps=3, guidance_scale=5.0, guidance_rescale=0.7,
+        eta=0.5, generator_list=True, **SIZE,
+    )
+    assert_close(expected, got)
+
+
+def test_clip_skip_uses_an_earlier_layer_through_the_final_norm(folders):
+    # The reference's clip_skip reads `text_encoder.text_model`, which transformers 5 removed, so the
+    # oracle here is transformers itself: hidden state -(clip_skip + 1), then the final layer norm.
+    pipe = diffpipe.StableDiffusionPipeline.from_pretrained(folders["nosafety"])
+    tokens = pipe.tokenizer(["a red dog"], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = pipe.text_encoder(tokens.input_ids, output_hidden_states=True).hidden_states
+        body = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)
+        expected = body.final_layer_norm(hidden[-2])
+        got, _ = pipe.encode_prompt("a red dog", torch.device("cpu"), 1, False, clip_skip=1)
+        plain, _ = pipe.encode_prompt("a red dog", torch.device("cpu"), 1, False)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got, plain, atol=1e-3)
+
+
+def test_guidance_off_and_given_embeddings_and_latents(folders):
+    ref, ours = load_both(folders["nosafety"], "StableDiffusionPipeline")
+    expected, got = run_both(ref, ours, prompt="a bear", guidance_scale=1.0, num_inference_steps=2, **SIZE)
+    assert_close(expected, got)
+    embeds = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(5))
+    negative = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(6))
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    expected, got = run_both(ref, ours, prompt_embeds=embeds, negative_prompt_embeds=negative, latents=latents,
+                             num_inference_steps=2, **SIZE)
+    assert_close(expected, got)
+
+
+def test_img2img_with_generator_list_and_several_images(folders):
+    ref, ours = load_both(folders["nosafety"], "StableDiffusionImg2ImgPipeline", "DDIMScheduler")
+    expected, got = run_both(ref, ours, prompt="a jungle", image=an_image(), num_images_per_prompt=2,
+                             strength=0.5, num_inference_steps=4, generator_list=True)
+    assert_close(expected, got)
+
+
+def test_legacy_layout_loads_and_matches(folders):
+    ref, ours = load_both(folders["legacy"], "StableDiffusionPipeline")
+    expected, got = run_both(ref, ours, prompt="a photo of a dog", num_inference_steps=3, **SIZE)
+    assert_close(expected, got)
+
+
+@pytest.mark.parametrize("output_type", ["pil", "pt", "latent"])
+def test_output_types(folders, output_type):
+    ref, ours = load_both(folders["nosafety"], "StableDiffusionPipeline")
+    kwargs = dict(prompt="a cat", num_inference_steps=2, output_type=output_type, **SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = ref(generator=torch.Generator().manual_seed(0), **kwargs).images
+    got = ours(generator=torch.Generator().manual_seed(0), **kwargs).images
+    if output_type == "pil":
+        assert all(isinstance(i, PIL.Image.Image) for i in got)
+        diff = np.abs(np.asarray(got[0], dtype=int) - np.asarray(expected[0], dtype=int)).max()
+        assert diff <= 2
+    else:
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max() <= TOL
+
+
+def test_callback_on_step_end_can_replace_latents(folders):
+    ref, ours = load_both(folders["nosafety"], "StableDiffusionPipeline")
+    seen = []
+
+    def halve(pipe, i, t, tensors):
+        seen.append((i, sorted(tensors)))
+        return {"latents": tensors["latents"] * 0.5}
+
+    kwargs = dict(prompt="a cat", num_inference_steps=3, callback_on_step_end=halve,
+                  callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], **SIZE)
+    expected, got = run_both(ref, ours, **kwargs)
+    assert_close(expected, got)
+    half = len(seen) // 2  # the reference's calls, then ours: the same steps with the same tensors
+    assert half >= 3 and seen[:half] == seen[half:]
+    assert seen[half:][0] == (0, ["latents", "prompt_embeds"])
