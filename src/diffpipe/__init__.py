@@ -22,6 +22,9 @@ from .errors import (  # noqa: E402  (light: no torch)
 _EXTRA = {
     "ConfigMixin": "diffpipe.config:ConfigMixin",
     "ModelMixin": "diffpipe.models.modeling:ModelMixin",
+    "SchedulerMixin": "diffpipe.schedulers.base:SchedulerMixin",
+    "load_image": "diffpipe.images:load_image",
+    "export_to_gif": "diffpipe.images:export_to_gif",
 }
 
 

@@ -29,14 +29,14 @@ def load_image(image, *, timeout: float = 30.0, convert_method=None) -> PIL.Imag
     if isinstance(image, (str, os.PathLike)):
         text = os.fspath(image)
         if text.startswith(("http://", "https://")):
-            import httpx
+            import urllib.error
+            import urllib.request
 
             try:
-                response = httpx.get(text, timeout=timeout, follow_redirects=True)
-                response.raise_for_status()
-            except httpx.HTTPError as e:
+                with urllib.request.urlopen(text, timeout=timeout) as response:  # follows redirects
+                    data = io.BytesIO(response.read())
+            except (urllib.error.URLError, OSError, ValueError) as e:
                 raise ImageLoadError(f"could not download the image {text}: {e}") from e
-            data = io.BytesIO(response.content)
             source = text
         else:
             path = Path(text).expanduser()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -167,6 +168,27 @@ class StableDiffusionBase(DiffusionPipeline):
 class StableDiffusionPipeline(StableDiffusionBase):
     """Text to image with Stable Diffusion 1.x / 2.x."""
 
+    def _other_task(self, **kwargs):
+        """Run the image-to-image or inpainting task on these components (``image=`` was given)."""
+        from .auto import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+        own = inspect.signature(StableDiffusionPipeline.__call__).parameters
+        task_only = {"image", "mask_image", "strength", "masked_image_latents"}
+        unknown = sorted(set(kwargs) - set(own) - task_only)
+        if unknown or "image" not in kwargs:
+            raise TypeError(f"{type(self).__name__}() got unexpected argument(s) {unknown or sorted(kwargs)}")
+        auto = AutoPipelineForInpainting if "mask_image" in kwargs else AutoPipelineForImage2Image
+        task = auto.from_pipe(self)
+        accepted = inspect.signature(task.__call__).parameters
+        for name in list(kwargs):
+            if name in accepted:
+                continue
+            default = own[name].default if name in own else inspect.Parameter.empty
+            value = kwargs.pop(name)
+            if value is not default and not (not torch.is_tensor(value) and value == default):
+                raise TypeError(f"{name}= has no meaning for {type(task).__name__}, which this call runs")
+        return task(**kwargs)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -191,7 +213,21 @@ class StableDiffusionPipeline(StableDiffusionBase):
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        **task_inputs,
     ):
+        """Generate images from text. Given ``image=`` (and ``mask_image=``), the same components run
+        the image-to-image (inpainting) task instead, as the spec's loading guide promises."""
+        if task_inputs:
+            return self._other_task(prompt=prompt, height=height, width=width,
+                                    num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
+                                    guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                                    num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator,
+                                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                    output_type=output_type, return_dict=return_dict,
+                                    cross_attention_kwargs=cross_attention_kwargs, clip_skip=clip_skip,
+                                    callback_on_step_end=callback_on_step_end,
+                                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                                    latents=latents, guidance_rescale=guidance_rescale, **task_inputs)
         default_h, default_w = self._default_size()
         height, width = height or default_h, width or default_w
         stages.check_size(height, width, self.vae_scale_factor)
