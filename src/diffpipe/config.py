@@ -320,8 +320,9 @@ def fix_scheduler_for_sd(scheduler):
     """Old Stable Diffusion scheduler configs: ``steps_offset`` must be 1 and ``clip_sample`` off.
 
     Checkpoints from before these keys settled (SD 1.x repos) carry ``steps_offset: 0`` or
-    ``clip_sample: true``, which shift or clip the schedule the UNet was trained on. Returns a fixed
-    copy (with a warning) or the scheduler itself when it is fine.
+    ``clip_sample: true``, which shift or clip the schedule the UNet was trained on. The scheduler's
+    config is mended in place (with a warning), as the reference does, so every pipeline sharing
+    the object sees the same schedule.
     """
     config = getattr(scheduler, "config", None)
     if config is None:
@@ -340,4 +341,6 @@ def fix_scheduler_for_sd(scheduler):
         ", ".join(f"{k}={config[k]!r}" for k in changes),
         ", ".join(f"{k}={v!r}" for k, v in changes.items()),
     )
-    return type(scheduler).from_config(config, **changes)
+    defaulted = [k for k in config.get("_use_default_values", ()) if k not in changes]
+    scheduler.register_to_config(**changes, _use_default_values=defaulted)  # now explicit values
+    return scheduler
