@@ -116,6 +116,20 @@ TINY = {
         num_class_embeds=10,
         sample_size=16,
     ),
+    # No mid block; an unCLIP-style projected class embedding.
+    "no_mid_projection": dict(
+        block_out_channels=(32, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type=None,
+        cross_attention_dim=24,
+        attention_head_dim=2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=6,
+        sample_size=16,
+    ),
 }
 
 
@@ -136,6 +150,8 @@ def _inputs(name: str, cfg: dict, batch: int = 2, size=(16, 16), seed: int = 1) 
         kwargs["class_labels"] = torch.tensor([3.0, 250.0][:batch])
     if cfg.get("num_class_embeds"):
         kwargs["class_labels"] = torch.tensor([1, 7][:batch])
+    if cfg.get("class_embed_type") == "projection":
+        kwargs["class_labels"] = torch.randn(batch, cfg["projection_class_embeddings_input_dim"], generator=g)
     return (sample, torch.tensor(501), states), kwargs
 
 
@@ -298,7 +314,7 @@ def test_meta_construction_then_assign_matches():
 
 
 # ------------------------------------------------------------------------------------ processors
-def test_attn_processor_keys_and_replacement(family):
+def test_attn_processor_keys_match_reference(family):
     name, cfg, ref, ours = family
     assert list(ours.attn_processors) == list(ref.attn_processors)
     assert len(ours.attn_processors) > 0
@@ -341,6 +357,44 @@ def test_set_attn_processor_changes_outputs_and_math_processor_agrees():
         _close(ours(*args, **kwargs).sample, base)
         ours.set_default_attn_processor()
         _close(ours(*args, **kwargs).sample, base)
+
+
+def test_processor_with_weights_becomes_a_submodule():
+    """Processors that are nn.Modules (image-prompt adapters) carry weights under `...processor.*`."""
+    _, ours = _pair(TINY["inpaint"])
+    key = next(iter(ours.attn_processors))
+
+    class Weighted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+            return AttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask) * self.gain
+
+    before = set(ours.state_dict())
+    ours.set_attn_processor({k: (Weighted() if k == key else AttnProcessor()) for k in ours.attn_processors})
+    assert set(ours.state_dict()) - before == {f"{key}.gain"}
+    args, _ = _inputs("inpaint", TINY["inpaint"])
+    with torch.no_grad():
+        ours(*args)
+    ours.set_default_attn_processor()
+    assert set(ours.state_dict()) == before
+
+
+def test_num_attention_heads_overrides_attention_head_dim():
+    """`attention_head_dim` is the head count unless `num_attention_heads` is given (then it wins).
+
+    The reference rejects `num_attention_heads` for this class; diffpipe accepts it with that meaning.
+    """
+    cfg = TINY["inpaint"]
+    ref, _ = _pair({**cfg, "attention_head_dim": 4})
+    ours = UNet2DConditionModel(**{**cfg, "attention_head_dim": 8, "num_attention_heads": 4}).eval()
+    ours.load_state_dict(ref.state_dict())
+    assert {m.heads for m in ours.modules() if hasattr(m, "heads")} == {4}
+    args, _ = _inputs("inpaint", cfg)
+    with torch.no_grad():
+        _close(ours(*args).sample, ref(*args).sample)
 
 
 def test_cross_attention_kwargs_reach_processors():
