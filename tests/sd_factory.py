@@ -15,50 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-TOKENS = ["a", "photo", "of", "cat", "dog", "red", "blue", "astronaut", "jungle", "bear", "pizza"]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte -> printable character table of byte-level BPE (a published fact of the CLIP tokenizer)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
-
-
 def write_tokenizer(folder: Path) -> int:
     """A tiny CLIP tokenizer in the legacy layout (vocab.json + merges.txt); returns its vocab size."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = []
-    for word in TOKENS:  # merge each word left to right into one token
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            parts = [parts[0] + parts[1]] + parts[2:]
-            vocab.setdefault(parts[0], len(vocab))
-    merges = list(dict.fromkeys(merges))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>"}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({**special, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer",
-                    "do_lower_case": True}), encoding="utf-8")
-    return len(vocab)
+    from diffpipe.demo import write_tiny_tokenizer
+
+    return write_tiny_tokenizer(folder)
 
 
 def reference_components(seed: int = 0, *, safety_checker: bool = True, flag_everything: bool = False,

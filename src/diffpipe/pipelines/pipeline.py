@@ -100,6 +100,10 @@ class DiffusionPipeline(ConfigMixin):
             module.to(*args, **kwargs)
         return self
 
+    def memory_footprint(self) -> dict:
+        """Bytes per component and dtype (see :func:`memory_footprint` for several pipelines)."""
+        return memory_footprint(self)
+
     # ------------------------------------------------------------------ progress bars
     def set_progress_bar_config(self, **kwargs) -> None:
         self._progress_bar_config = dict(kwargs)
@@ -378,3 +382,32 @@ def _expected_base(spec: ComponentSpec | None):
         if issubclass(spec.cls, base):
             return base
     return None
+
+
+def memory_footprint(*pipelines: DiffusionPipeline) -> dict:
+    """Bytes of parameters and buffers per component and dtype, each tensor counted once.
+
+    With several pipelines (say one made by ``from_pipe``), shared components and tensors are
+    counted once, so the total is what the process actually holds for them.
+    """
+    seen: set = set()
+    components: dict[str, dict] = {}
+    by_dtype: dict[str, int] = {}
+    for pipe in pipelines:
+        for name, component in pipe.components.items():
+            if not isinstance(component, torch.nn.Module):
+                continue
+            entry = components.setdefault(name, {"bytes": 0, "parameters": 0, "dtypes": {}})
+            for t in list(component.parameters()) + list(component.buffers()):
+                key = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+                if key in seen or t.is_meta:
+                    continue
+                seen.add(key)
+                n = t.numel() * t.element_size()
+                dtype = str(t.dtype).removeprefix("torch.")
+                entry["bytes"] += n
+                entry["parameters"] += t.numel()
+                entry["dtypes"][dtype] = entry["dtypes"].get(dtype, 0) + n
+                by_dtype[dtype] = by_dtype.get(dtype, 0) + n
+    components = {k: v for k, v in components.items() if v["bytes"]}
+    return {"components": components, "by_dtype": by_dtype, "total": sum(by_dtype.values())}
