@@ -187,10 +187,10 @@ class DiffusionPipeline(ConfigMixin):
                     spec, root, variant=None if fell_back else variant, dtype=_dtype_for(dtypes, name),
                     use_safetensors=use_safetensors, where=where, allow_missing_keys=allow_missing_keys,
                 )
-                report.files[name] = [str(f) for f in getattr(components[name], "loaded_from", [])]
         pipeline = pipeline_cls(**components, **plan["settings"])
         pipeline.register_to_config(_name_or_path=source)
         object.__setattr__(pipeline, "loading_report", report)
+        object.__setattr__(pipeline, "snapshot_folder", root)  # where the files are on disk
         return pipeline
 
     @classmethod
@@ -266,6 +266,7 @@ class DiffusionPipeline(ConfigMixin):
             needed += [f"{name}/{f}" for f in loading.non_weight_files(in_folder)]
             if choice is not None:
                 needed += [f"{name}/{f}" for f in choice.all_files]
+                report.files[name] = [f"{name}/{f}" for f in choice.all_files]
                 with_weights.append(name)
                 if fell_back:
                     fell_back_names.append(name)
