@@ -74,6 +74,7 @@ def fetch(
     local_files_only: bool | None = None,
     token: str | bool | None = None,
     what: str = "checkpoint",
+    hashes: dict[str, str] | None = None,
 ) -> Path:
     """Return the local root folder of ``name_or_path`` holding the files ``select`` picks.
 
@@ -82,6 +83,9 @@ def fetch(
     fetched on demand), and returns the files to fetch; it may raise to report that what it needs
     is absent. For a local folder nothing
     is fetched and the folder itself is returned. The caller checks the files it then opens.
+
+    ``hashes``: a dict to fill with ``{repo path: sha256}`` from the Hub's LFS metadata (for
+    ``verify=True``); it stays empty for a local folder and when the Hub is not asked (offline).
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -100,8 +104,11 @@ def fetch(
         )
     offline = bool(local_files_only) or offline_mode()
     if offline:
+        if hashes is not None:
+            logger.warning("%s: offline, so file hashes cannot be checked against the Hub", what)
         return _from_cache(name, select, revision=revision, cache_dir=cache_dir, token=token, what=what)
-    return _download(name, select, revision=revision, cache_dir=cache_dir, token=token, what=what)
+    return _download(name, select, revision=revision, cache_dir=cache_dir, token=token, what=what,
+                     hashes=hashes)
 
 
 def cached_snapshot(repo_id: str, revision: str | None, cache_dir) -> Path | None:
@@ -152,7 +159,7 @@ def _from_cache(repo_id, select, *, revision, cache_dir, token, what, reason=Non
     return root
 
 
-def _download(repo_id, select, *, revision, cache_dir, token, what) -> Path:
+def _download(repo_id, select, *, revision, cache_dir, token, what, hashes=None) -> Path:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -161,7 +168,7 @@ def _download(repo_id, select, *, revision, cache_dir, token, what) -> Path:
     )
 
     try:
-        info = HfApi().model_info(repo_id, revision=revision, token=token)
+        info = HfApi().model_info(repo_id, revision=revision, token=token, files_metadata=hashes is not None)
     except GatedRepoError as e:
         raise CheckpointNotFoundError(
             f"{what}: {repo_id} is gated: accept its terms on the Hub and pass token= (or log in)"
@@ -176,12 +183,15 @@ def _download(repo_id, select, *, revision, cache_dir, token, what) -> Path:
     except Exception as e:  # network down, DNS, timeouts: use the cache if it has the files
         if not _is_connection_error(e):
             raise
-        logger.warning("could not reach the Hub for %s (%s); trying the local cache", repo_id, e)
+        logger.warning("could not reach the Hub for %s (%s); trying the local cache%s", repo_id, e,
+                       "; file hashes are not checked" if hashes is not None else "")
         return _from_cache(
             repo_id, select, revision=revision, cache_dir=cache_dir, token=token, what=what,
             reason=f"the Hub could not be reached ({type(e).__name__})",
         )
     files = {s.rfilename for s in (info.siblings or [])}
+    if hashes is not None:
+        hashes.update({s.rfilename: s.lfs.sha256 for s in (info.siblings or []) if s.lfs is not None})
 
     def read(rel: str) -> bytes:
         from huggingface_hub import hf_hub_download

@@ -38,10 +38,12 @@ def check_plain_name(value: str, what: str) -> str:
 
 def check_relative_path(value: str, what: str) -> str:
     """A relative path made of plain names (``models/image_encoder``); returns it in POSIX form."""
-    if not isinstance(value, str) or not value or value.startswith(("/", "\\")) or "\\" in value:
-        raise UnsafePathError(f"{what} must be a relative path of plain names, got {value!r}")
-    for part in value.strip("/").split("/"):
-        check_plain_name(part, what)
+    if (not isinstance(value, str) or not value or value.startswith(("/", "\\")) or "\\" in value
+            or not all(_NAME_PART.match(p) and ".." not in p for p in value.strip("/").split("/"))):
+        raise UnsafePathError(
+            f"{what} must be a relative path of plain names (letters, digits, '_', '-', '.'; no '..', not "
+            f"absolute), got {value!r}"
+        )
     return value.strip("/")
 
 

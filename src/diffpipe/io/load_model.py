@@ -7,6 +7,7 @@ is asked for, and assigned in place of the meta parameters. Nothing is left on t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -25,7 +26,7 @@ def read_index(folder: Path, choice: WeightChoice) -> dict[str, str]:
     path = folder / choice.index
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, bad JSON, too deep
         raise CorruptCheckpointError(f"{path}: cannot read the shard index ({e})") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -63,10 +64,45 @@ def read_weights(folder: Path, choice: WeightChoice) -> tuple[dict[str, torch.Te
                 f"{folder / shard}: the index {choice.index} places {summarize(absent)} in this shard but "
                 "the shard does not hold them"
             )
+        twice = sorted(k for k in tensors if k in state)
+        if twice:  # which copy is meant is anyone's guess: refuse rather than let the last shard win
+            raise CorruptCheckpointError(
+                f"{folder / shard}: holds {summarize(twice)}, already read from "
+                f"{source[twice[0]]}; a tensor must be in one shard only"
+            )
         for k, t in tensors.items():
             state[k] = t
             source[k] = shard
     return state, source
+
+
+def check_hashes(paths: dict[str, Path], expected: dict[str, str], *, where: str) -> None:
+    """``verify=True``: each file whose repo path has a sha256 in ``expected`` (the Hub's LFS metadata)
+    must hash to it."""
+    for rel, path in paths.items():
+        want = expected.get(rel)
+        if want is None:
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != want.lower():
+            raise CorruptCheckpointError(
+                f"{where}: {path} has sha256 {digest.hexdigest()} but the Hub lists {want} for {rel}; the "
+                "file was damaged or changed after download. Delete it from the cache and load again."
+            )
+
+
+def check_finite(state: dict[str, torch.Tensor], source: dict[str, str], *, where: str) -> None:
+    """``verify=True``: refuse weights holding NaN or Inf (one reduction per tensor)."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        files = sorted({source.get(k, "?") for k in bad})
+        raise CorruptCheckpointError(
+            f"{where}: {len(bad)} tensor(s) in {', '.join(files)} hold NaN or Inf values: {summarize(bad)}. "
+            "The file is damaged or the weights diverged; do not use it."
+        )
 
 
 def resolve_dtype(torch_dtype, dtype, *, what: str) -> torch.dtype | str | None:
@@ -82,6 +118,26 @@ def resolve_dtype(torch_dtype, dtype, *, what: str) -> torch.dtype | str | None:
         if isinstance(candidate, torch.dtype):
             return candidate
     raise TypeError(f"{what}: torch_dtype must be a torch.dtype such as torch.float16 or 'auto', got {value!r}")
+
+
+def describe_mismatch(missing, wrong, unexpected) -> str:
+    """The body of a :class:`StateDictMismatchError`: missing keys, ``(key, checkpoint shape, model
+    shape)`` mismatches and unexpected keys, then what to do."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {summarize(missing)}")
+    if wrong:
+        shown = "; ".join(f"{k!r} checkpoint {list(a)} vs model {list(b)}" for k, a, b in wrong[:5])
+        more = f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""
+        parts.append(f"{len(wrong)} shape mismatch(es): {shown}{more}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {summarize(unexpected)}")
+    hint = (
+        "Check that the config matches the weights (a different model size or variant?)"
+        if wrong
+        else "Pass allow_missing_keys=True to load anyway with those parameters randomly initialised"
+    )
+    return "; ".join(parts) + f". {hint}."
 
 
 def assign_weights(
@@ -104,24 +160,9 @@ def assign_weights(
     ]
     files = sorted(set(source.values()))
     if wrong or (missing and not allow_missing):
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {summarize(missing)}")
-        if wrong:
-            shown = "; ".join(f"{k!r} checkpoint {list(a)} vs model {list(b)}" for k, a, b in wrong[:5])
-            more = f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""
-            parts.append(f"{len(wrong)} shape mismatch(es): {shown}{more}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {summarize(unexpected)}")
-        hint = (
-            "Check that the config matches the weights (a different model size or variant?)"
-            if wrong
-            else "Pass allow_missing_keys=True to load anyway with those parameters randomly initialised"
-        )
         raise StateDictMismatchError(
             f"{where}: the weights in {', '.join(files)} do not fit {type(model).__name__}: "
-            + "; ".join(parts)
-            + f". {hint}."
+            + describe_mismatch(missing, wrong, unexpected)
         )
     if unexpected:
         logger.warning(

@@ -103,7 +103,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
 
     try:
         header = json.loads(text, object_pairs_hook=pairs)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # bad JSON, an over-long integer, nesting too deep
         raise CorruptCheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: the safetensors header is not a JSON object")
@@ -268,7 +268,14 @@ def split_shards(state_dict: dict[str, torch.Tensor], max_bytes: int) -> list[di
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    save_file(tensors, os.fspath(path), metadata=metadata or {"format": "pt"})
+    try:
+        save_file(tensors, os.fspath(path), metadata=metadata or {"format": "pt"})
+    except Exception as e:  # safetensors reports a failed write (a full disk) as its own error type
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        errno = int(code.group(1))
+        raise OSError(errno, f"{os.strerror(errno)}: could not write {path}") from e
 
 
 def save_pickle(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

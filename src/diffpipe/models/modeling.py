@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ from torch import nn
 
 from .. import hub
 from ..config import ConfigMixin, read_json_file
-from ..errors import ConfigError
+from ..errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, UnsafeCheckpointError
 from ..io.atomic import StagedFolder, folder_lock
 from ..io.files import (
     PICKLE,
@@ -22,7 +23,7 @@ from ..io.files import (
     shard_file_name,
     single_file_name,
 )
-from ..io.load_model import assign_weights, read_weights, resolve_dtype
+from ..io.load_model import assign_weights, check_finite, check_hashes, read_weights, resolve_dtype
 from ..io.state_dict import parse_size, plain_tensors, save_pickle, save_safetensors, split_shards
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class ModelMixin(nn.Module, ConfigMixin):
         local_files_only: bool | None = None,
         token: str | bool | None = None,
         allow_missing_keys: bool = False,
+        verify: bool = False,
         **kwargs,
     ):
         """Load a model from a folder or Hub repo in the diffusers layout.
@@ -82,11 +84,15 @@ class ModelMixin(nn.Module, ConfigMixin):
           safetensors. ``.bin`` files are read with ``weights_only=True``.
         - ``allow_missing_keys``: load even when the checkpoint lacks some parameters (they are
           randomly initialised and listed in a warning); by default that is an error.
+        - ``verify``: check each weight file's sha256 against the Hub's metadata (when loaded from
+          the Hub online) and refuse weights holding NaN or Inf.
         - other keyword arguments override config values (``in_channels=9``).
         """
         for name in _ACCEPTED_NO_OPS:
             kwargs.pop(name, None)
         target_dtype = resolve_dtype(torch_dtype, dtype, what=f"{cls.__name__}.from_pretrained")
+        if variant is not None:  # before anything is read or fetched
+            check_plain_name(variant, "variant")
         source = os.fspath(pretrained_model_name_or_path)
         config_rel = hub.join_relative(subfolder, cls.config_name)
         prefix = config_rel[: -len(cls.config_name)]
@@ -106,21 +112,46 @@ class ModelMixin(nn.Module, ConfigMixin):
                                     use_safetensors=use_safetensors, where=where)
             return [config_rel, *(prefix + f for f in choice.all_files)]
 
+        hashes: dict[str, str] | None = {} if verify else None
         root = hub.fetch(source, select, revision=revision, cache_dir=cache_dir,
-                         local_files_only=local_files_only, token=token, what=where)
+                         local_files_only=local_files_only, token=token, what=where, hashes=hashes)
         folder = root / prefix if prefix else root
-        with folder_lock(folder, shared=True):
+        # A save into the root (a whole pipeline) or into the folder itself holds that folder's lock
+        # while it moves files into place: hold both, so the config and weights come from one save.
+        with contextlib.ExitStack() as locks:
+            for locked in dict.fromkeys((root, folder)):
+                locks.enter_context(folder_lock(locked, shared=True))
             files = {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
             choice = choose_weights(files, prefixes=prefixes, variant=variant,
                                     use_safetensors=use_safetensors, where=where)
             config = read_json_file(root / config_rel, what=f"{where} config")
-            state, origin = read_weights(folder, choice)
+            cls._check_config_class(config, root / config_rel, where)
+            if verify:
+                check_hashes({prefix + f: folder / f for f in choice.all_files}, hashes, where=where)
+            try:
+                state, origin = read_weights(folder, choice)
+            except (CorruptCheckpointError, UnsafeCheckpointError, CheckpointNotFoundError) as e:
+                raise type(e)(f"{where}: {e}") from e  # name the model; the file's own error is the cause
+        if verify:
+            check_finite(state, origin, where=where)
         model = cls._from_state(config, state, origin=origin, where=where, dtype=target_dtype,
                                 allow_missing=allow_missing_keys, overrides=kwargs)
         model.register_to_config(_name_or_path=source)
         model.loaded_from = [str(folder / f) for f in choice.all_files]
         logger.debug("%s: loaded %s", where, ", ".join(choice.all_files))
         return model
+
+    @classmethod
+    def _check_config_class(cls, config: dict, path: Path, where: str) -> None:
+        """Refuse a config written for another class (the reference loads it with a warning and
+        random weights)."""
+        name = config.get("_class_name")
+        fits = {base.__name__ for base in cls.__mro__} | set(cls._compatibles)
+        if isinstance(name, str) and name not in fits:
+            raise ConfigError(
+                f"{where}: {path} describes a {name}, not a {cls.__name__}; load it with {name}'s class, or "
+                "check the folder (a component in the wrong subfolder?)"
+            )
 
     @classmethod
     def _from_state(cls, config: dict, state: dict, *, origin: dict, where: str, dtype, allow_missing: bool,
