@@ -79,6 +79,11 @@ def check_choice(owner: str, key: str, value: Any, allowed: Iterable[Any]) -> No
         raise ConfigError(f"{owner}: `{key}` must be one of {choices}; got {value!r}")
 
 
+def check_positive_int(owner: str, key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{owner}: `{key}` must be a positive int; got {value!r}")
+
+
 def check_num_inference_steps(owner: str, num_inference_steps: Any, num_train_timesteps: int) -> int:
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
         raise ValueError(

@@ -20,7 +20,8 @@ from .base import (
 )
 from .prediction import PREDICTION_TYPES, vp_x0
 
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+# None (as DPM-Solver configs carry it) behaves like "fixed_small", as in the reference
+VARIANCE_TYPES = (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
 
 class DDPMScheduler(SchedulerMixin):
@@ -115,7 +116,7 @@ class DDPMScheduler(SchedulerMixin):
         beta_t = 1 - alpha_prod_t / alpha_prod_t_prev  # the (possibly skipped-step) beta_t
         beta_tilde = torch.clamp((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * beta_t, min=1e-20)
         variance_type = variance_type or self.config.variance_type
-        if variance_type == "fixed_small":
+        if variance_type in (None, "fixed_small"):
             return beta_tilde
         if variance_type == "fixed_small_log":  # returns the standard deviation
             return torch.exp(0.5 * torch.log(beta_tilde))

@@ -28,6 +28,7 @@ from .base import (
     SchedulerOutput,
     SigmaScheduleMixin,
     check_num_inference_steps,
+    check_positive_int,
     dynamic_threshold,
     randn,
     spaced_timesteps_one_extra,
@@ -149,11 +150,12 @@ class DPMSolverBase(SigmaScheduleMixin, SchedulerMixin):
         self._check_options(
             algorithm_type=algorithm_types,
             solver_type=("midpoint", "heun"),
-            solver_order=(1, 2, 3),
             prediction_type=(*PREDICTION_TYPES, "flow_prediction"),
             final_sigmas_type=("zero", "sigma_min"),
-            variance_type=(None, "learned", "learned_range"),
         )
+        # variance_type: only "learned"/"learned_range" act; other values (a DDPM config's
+        # "fixed_small") are carried along unused, as in the reference
+        check_positive_int(name, "solver_order", c.solver_order)
         self._sigma_respacing()
         if c.algorithm_type not in DATA_PREDICTION and c.final_sigmas_type == "zero":
             raise ConfigError(
@@ -302,7 +304,7 @@ class DPMSolverMultistepScheduler(DPMSolverBase):
     ):
         self._check_dpm_config(ALGORITHM_TYPES)
         self._check_options(timestep_spacing=TIMESTEP_SPACINGS)
-        if self.config.algorithm_type == "sde-dpmsolver" and solver_order == 3:
+        if self.config.algorithm_type == "sde-dpmsolver" and solver_order >= 3:
             raise ConfigError(
                 "DPMSolverMultistepScheduler: algorithm_type='sde-dpmsolver' has no third-order update; "
                 "use solver_order <= 2 or algorithm_type='sde-dpmsolver++'"

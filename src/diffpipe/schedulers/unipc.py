@@ -28,6 +28,7 @@ from .base import (
     SchedulerOutput,
     SigmaScheduleMixin,
     check_num_inference_steps,
+    check_positive_int,
     dynamic_threshold,
     spaced_timesteps_one_extra,
 )
@@ -78,12 +79,13 @@ class UniPCMultistepScheduler(SigmaScheduleMixin, SchedulerMixin):
             self.register_to_config(solver_type="bh2")
         self._check_options(
             solver_type=("bh1", "bh2"),
-            solver_order=(1, 2, 3),
             prediction_type=(*PREDICTION_TYPES, "flow_prediction"),
             timestep_spacing=TIMESTEP_SPACINGS,
             final_sigmas_type=("zero", "sigma_min"),
-            time_shift_type=("exponential", "linear"),
         )
+        check_positive_int(name, "solver_order", solver_order)
+        if use_dynamic_shifting:
+            self._check_options(time_shift_type=("exponential", "linear"))
         self._sigma_respacing()
         if prediction_type == "flow_prediction" and not predict_x0:
             raise ConfigError(f"{name}: prediction_type='flow_prediction' needs predict_x0=True")
