@@ -160,6 +160,7 @@ class StableDiffusionBase(DiffusionPipeline):
             image, nsfw = self.run_safety_checker(image, device, dtype)
         denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
         image = imgs.postprocess(image, output_type=output_type, do_denormalize=denormalize)
+        self.maybe_free_model_hooks()
         if not return_dict:
             return image, nsfw
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)

@@ -1,0 +1,173 @@
+"""Side-by-side benchmarks: diffpipe against the reference, alternating, each run in a fresh process.
+
+    python benchmarks/run.py                      # everything (builds the full-size folder first)
+    python benchmarks/run.py --only load_unet_fp32 unet_step_fp32 --repeats 3
+
+Prints medians, ranges and ratios (ours / reference; below 1 is better for us) and writes
+docs/benchmarks.md with the machine description and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PYTHON = sys.executable
+
+# name -> (worker task, extra args, what it measures)
+CASES = {
+    "import": ("import", [], "`from X import DiffusionPipeline` in a fresh process"),
+    "load_unet_fp32": ("load_unet", ["--dtype", "float32"], "UNet from_pretrained + touch every weight, fp32"),
+    "load_unet_fp16": ("load_unet", ["--dtype", "float16", "--variant", "fp16"],
+                       "UNet from_pretrained + touch, fp16 variant as fp16"),
+    "load_vae_fp32": ("load_vae", ["--dtype", "float32"], "VAE from_pretrained + touch, fp32"),
+    "load_vae_fp16": ("load_vae", ["--dtype", "float16", "--variant", "fp16"], "VAE from_pretrained + touch, fp16 variant"),
+    "load_pipeline_fp32": ("load_pipeline", ["--dtype", "float32"], "pipeline from_pretrained + touch, fp32"),
+    "load_pipeline_fp16": ("load_pipeline", ["--dtype", "float16", "--variant", "fp16"],
+                           "pipeline from_pretrained + touch, fp16 variant"),
+    "unet_step_fp32": ("unet_step", ["--dtype", "float32"], "UNet forward, 64x64 latents, batch 2, fp32"),
+    "unet_step_bf16": ("unet_step", ["--dtype", "bfloat16"], "UNet forward, 64x64 latents, batch 2, bf16"),
+    "vae_decode_fp32": ("vae_decode", ["--dtype", "float32"], "VAE decode of one 64x64 latent (512x512), fp32"),
+    "e2e_fp32": ("e2e", ["--dtype", "float32"], "load + 256x256, 4 steps, guidance 7.5, fp32 (peak RSS too)"),
+    "cli_first_image": ("cli", [], "CLI `generate` to the first PNG, 256x256, 4 steps, vs the same reference script"),
+}
+
+REFERENCE_SCRIPT = """
+import sys, torch, warnings
+warnings.simplefilter("ignore")
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+image = pipe("a photo of an astronaut", height=256, width=256, num_inference_steps=4,
+             generator=torch.Generator().manual_seed(0)).images[0]
+image.save(sys.argv[2])
+"""
+
+
+def run_once(lib: str, case: str, folder: Path) -> dict:
+    task, extra, _ = CASES[case]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if task == "cli":
+        out = HERE / "_work" / f"cli-{lib}.png"
+        if lib == "diffpipe":
+            cmd = [str(Path(PYTHON).parent / "diffpipe"), "--quiet", "generate", "a photo of an astronaut",
+                   "--model", str(folder), "--steps", "4", "--size", "256", "--output", str(out)]
+        else:
+            cmd = [PYTHON, "-c", REFERENCE_SCRIPT, str(folder), str(out)]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        seconds = time.perf_counter() - start
+        if proc.returncode:
+            raise RuntimeError(f"{lib} {case} failed:\n{proc.stderr[-2000:]}")
+        return {"seconds": seconds}
+    cmd = [PYTHON, str(HERE / "worker.py"), lib, task, str(folder), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"{lib} {case} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=list(CASES), help="run only these cases")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--folder", type=Path, default=None)
+    parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(HERE))
+    from make_checkpoint import build
+
+    folder = build(args.folder) if args.folder else build()
+    cases = args.only or list(CASES)
+    rows = []
+    for case in cases:
+        samples: dict[str, list[dict]] = {"diffpipe": [], "diffusers": []}
+        for i in range(args.repeats):
+            order = ("diffpipe", "diffusers") if i % 2 == 0 else ("diffusers", "diffpipe")
+            for lib in order:
+                samples[lib].append(run_once(lib, case, folder))
+        row = {"case": case, "what": CASES[case][2]}
+        for key in ("seconds", "peak_rss"):
+            if all(key in s for s in samples["diffpipe"] + samples["diffusers"]):
+                ours = summarize([s[key] for s in samples["diffpipe"]])
+                ref = summarize([s[key] for s in samples["diffusers"]])
+                row[key] = {"ours": ours, "ref": ref, "ratio": ours[0] / ref[0]}
+        rows.append(row)
+        print(format_row(row), flush=True)
+    write_report(args.write, rows, args)
+
+
+def format_row(row: dict) -> str:
+    parts = [f"{row['case']:<20}"]
+    for key, unit, scale in (("seconds", "s", 1.0), ("peak_rss", "GB", 1e-9)):
+        if key in row:
+            o, r = row[key]["ours"], row[key]["ref"]
+            parts.append(f"{key}: ours {o[0] * scale:.3g}{unit} [{o[1] * scale:.3g}-{o[2] * scale:.3g}] "
+                         f"ref {r[0] * scale:.3g}{unit} [{r[1] * scale:.3g}-{r[2] * scale:.3g}] "
+                         f"ratio {row[key]['ratio']:.2f}")
+    return "  ".join(parts)
+
+
+def write_report(path: Path, rows: list[dict], args) -> None:
+    lines = [
+        "# Benchmarks: diffpipe against the reference (diffusers 0.42.1)",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        f"Command: `python benchmarks/run.py --repeats {args.repeats}"
+        + (f" --only {' '.join(args.only)}" if args.only else "") + "` (each run a fresh process, the two libraries "
+        "alternating; medians with [min-max]; ratio = ours / reference, below 1 is better for us).",
+        "Folder: a full-size SD 1.5-architecture pipeline with random weights, built by "
+        "`benchmarks/make_checkpoint.py` (fp32 + fp16 variant), read by both libraries.",
+        "",
+        "| case | what | time ours | time reference | ratio | peak RSS ours | peak RSS reference | ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        s, m = row.get("seconds"), row.get("peak_rss")
+        cells = [row["case"], row["what"]]
+        cells += ([f"{s['ours'][0]:.3g} s [{s['ours'][1]:.3g}-{s['ours'][2]:.3g}]",
+                   f"{s['ref'][0]:.3g} s [{s['ref'][1]:.3g}-{s['ref'][2]:.3g}]", f"{s['ratio']:.2f}"]
+                  if s else ["", "", ""])
+        cells += ([f"{m['ours'][0] / 1e9:.2f} GB", f"{m['ref'][0] / 1e9:.2f} GB", f"{m['ratio']:.2f}"]
+                  if m else ["", "", ""])
+        lines.append("| " + " | ".join(cells) + " |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = path.read_text() if path.exists() else ""
+    notes_marker = "\n## Notes\n"
+    notes = previous[previous.index(notes_marker):] if notes_marker in previous else ""
+    path.write_text("\n".join(lines) + "\n" + notes)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

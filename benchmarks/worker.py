@@ -1,0 +1,129 @@
+"""One measurement in a fresh process: `python worker.py LIB TASK FOLDER [--dtype D] [--variant V]`.
+
+LIB is `diffpipe` or `diffusers` (the reference). Prints one JSON line: {"seconds": ..., "peak_rss": ...}.
+Both libraries run the same calls on the same folder; loads are measured as load plus touching every
+weight once, because the reference maps files lazily and would otherwise be timed reading nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+import warnings
+
+T0 = time.perf_counter()
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def touch(*modules) -> float:
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for m in modules:
+            if isinstance(m, torch.nn.Module):
+                for t in list(m.parameters()) + list(m.buffers()):
+                    total += float(t.sum()) if t.is_floating_point() else 0.0
+    return total
+
+
+def library(name: str):
+    warnings.simplefilter("ignore")
+    if name == "diffusers":
+        import diffusers
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        return diffusers
+    import diffpipe
+
+    return diffpipe
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("lib", choices=["diffpipe", "diffusers"])
+    parser.add_argument("task")
+    parser.add_argument("folder")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--variant", default=None)
+    args = parser.parse_args()
+
+    if args.task == "import":
+        start = time.perf_counter()
+        if args.lib == "diffusers":
+            from diffusers import DiffusionPipeline  # noqa: F401
+        else:
+            from diffpipe import DiffusionPipeline  # noqa: F401,F811
+        print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": peak_rss()}))
+        return
+
+    import torch
+
+    from transformers.utils import logging as tlog
+
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    torch.manual_seed(0)
+    lib = library(args.lib)
+    dtype = getattr(torch, args.dtype)
+    result = {}
+    if args.task in ("load_unet", "load_vae"):
+        cls, sub = (lib.UNet2DConditionModel, "unet") if args.task == "load_unet" else (lib.AutoencoderKL, "vae")
+        start = time.perf_counter()
+        model = cls.from_pretrained(args.folder, subfolder=sub, variant=args.variant, torch_dtype=dtype)
+        result["load_seconds"] = time.perf_counter() - start
+        touch(model)
+        result["seconds"] = time.perf_counter() - start
+    elif args.task == "load_pipeline":
+        start = time.perf_counter()
+        pipe = lib.DiffusionPipeline.from_pretrained(args.folder, variant=args.variant, torch_dtype=dtype)
+        result["load_seconds"] = time.perf_counter() - start
+        touch(*pipe.components.values())
+        result["seconds"] = time.perf_counter() - start
+    elif args.task == "unet_step":
+        unet = lib.UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet", torch_dtype=dtype)
+        x = torch.randn(2, 4, 64, 64, dtype=dtype)
+        context = torch.randn(2, 77, 768, dtype=dtype)
+        t = torch.tensor([500, 500])
+        times = []
+        with torch.no_grad():
+            for _ in range(3):  # the first call warms allocators and kernels
+                start = time.perf_counter()
+                unet(x, t, encoder_hidden_states=context)
+                times.append(time.perf_counter() - start)
+        result["seconds"] = min(times[1:])
+        result["first_call"] = times[0]
+    elif args.task == "vae_decode":
+        vae = lib.AutoencoderKL.from_pretrained(args.folder, subfolder="vae", torch_dtype=dtype)
+        z = torch.randn(1, 4, 64, 64, dtype=dtype)
+        times = []
+        with torch.no_grad():
+            for _ in range(2):
+                start = time.perf_counter()
+                vae.decode(z)
+                times.append(time.perf_counter() - start)
+        result["seconds"] = times[-1]
+    elif args.task == "e2e":
+        start = time.perf_counter()
+        pipe = lib.DiffusionPipeline.from_pretrained(args.folder, torch_dtype=dtype, variant=args.variant)
+        pipe.set_progress_bar_config(disable=True)
+        pipe("a photo of an astronaut", height=256, width=256, num_inference_steps=4,
+             generator=torch.Generator().manual_seed(0))
+        result["seconds"] = time.perf_counter() - start
+    else:
+        sys.exit(f"unknown task {args.task}")
+    result["peak_rss"] = peak_rss()
+    result["process_seconds"] = time.perf_counter() - T0
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
