@@ -10,13 +10,22 @@ from . import stages
 from .stable_diffusion import StableDiffusionBase
 
 
-def strength_schedule(scheduler, num_inference_steps: int, strength: float):
-    """Skip the first ``1 - strength`` of the schedule: (timesteps left, steps left)."""
+def strength_timesteps(scheduler, num_inference_steps: int, strength: float, device, timesteps=None,
+                       sigmas=None):
+    """Set the schedule, then skip its first ``1 - strength``: (timesteps left, steps left)."""
+    stages.set_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
+    if timesteps is not None or sigmas is not None:
+        num_inference_steps = len(scheduler.timesteps)
     kept = min(int(num_inference_steps * strength), num_inference_steps)
     start = max(num_inference_steps - kept, 0)
     order = getattr(scheduler, "order", 1)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start * order)
+    if num_inference_steps - start < 1:
+        raise ValueError(
+            f"strength={strength} with {num_inference_steps} steps leaves no denoising step; raise strength or "
+            "num_inference_steps"
+        )
     return scheduler.timesteps[start * order :], num_inference_steps - start
 
 
@@ -79,36 +88,18 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         if image is None:
             raise ValueError("StableDiffusionImg2ImgPipeline needs image= (a PIL image, array or tensor)")
         check_strength(strength)
-        batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                   callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
-                                   guidance_scale)
-        imgs.check_output_type(output_type)
         pixels = imgs.preprocess(image, height=height, width=width, multiple=self.vae_scale_factor, what="image")
-        device = self._execution_device
-        guidance = self._guidance(guidance_scale, 0.0)
-        embeds, negative = self.encode_prompt(prompt, device, num_images_per_prompt, guidance.active,
-                                              negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
-        condition = torch.cat([negative, embeds]) if guidance.active else embeds
-        stages.set_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
-        if timesteps is not None or sigmas is not None:
-            num_inference_steps = len(self.scheduler.timesteps)
-        steps, num_inference_steps = strength_schedule(self.scheduler, num_inference_steps, strength)
-        if len(steps) == 0:
-            raise ValueError(
-                f"strength={strength} with {num_inference_steps} steps leaves no denoising step; raise strength "
-                "or num_inference_steps"
-            )
-        total = batch * num_images_per_prompt
-        latents = noised_image_latents(self, pixels, steps[:1], batch=total, generator=generator, device=device,
-                                       dtype=embeds.dtype)
-        timestep_cond = self._guidance_embedding(guidance_scale, total, device, latents.dtype)
-        latents = stages.denoise(
-            self, latents=latents, timesteps=steps, num_inference_steps=num_inference_steps,
-            predict=self._unet_predictor(cross_attention_kwargs, timestep_cond),
-            guidance=guidance, step_kwargs={"eta": eta, "generator": generator},
-            callback_on_step_end=callback_on_step_end,
-            callback_tensors={"prompt_embeds": condition, "negative_prompt_embeds": negative},
-            callback_tensor_names=callback_on_step_end_tensor_inputs,
-        )
-        return self._finish(latents, output_type=output_type, return_dict=return_dict, device=device,
-                            dtype=embeds.dtype, generator=generator)
+        run = self._begin(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+                          generator=generator, guidance_scale=guidance_scale, guidance_rescale=0.0,
+                          clip_skip=clip_skip, output_type=output_type,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        steps, num_inference_steps = strength_timesteps(self.scheduler, num_inference_steps, strength, run.device,
+                                                        timesteps, sigmas)
+        latents = noised_image_latents(self, pixels, steps[:1], batch=run.total, generator=generator,
+                                       device=run.device, dtype=run.dtype)
+        return self._denoise_and_finish(
+            run, latents, steps, num_inference_steps, eta=eta, generator=generator,
+            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, output_type=output_type,
+            return_dict=return_dict)

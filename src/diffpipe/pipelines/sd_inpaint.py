@@ -12,7 +12,7 @@ import torch
 from .. import images as imgs
 from ..schedulers.base import randn
 from . import stages
-from .sd_img2img import check_strength, strength_schedule, tile_to_batch
+from .sd_img2img import check_strength, strength_timesteps, tile_to_batch
 from .stable_diffusion import StableDiffusionBase
 
 
@@ -55,10 +55,6 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         default_h, default_w = self._default_size()
         height, width = height or default_h, width or default_w
         stages.check_size(height, width, self.vae_scale_factor)
-        batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                   callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
-                                   guidance_scale)
-        imgs.check_output_type(output_type)
         unet_channels = self.unet.config.in_channels
         latent_channels = self.vae.config.latent_channels
         if unet_channels not in (latent_channels, 2 * latent_channels + 1):
@@ -68,19 +64,14 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
             )
         pixels = imgs.preprocess(image, height=height, width=width, multiple=self.vae_scale_factor, what="image")
         mask_pixels = imgs.preprocess_mask(mask_image, height=height, width=width, multiple=self.vae_scale_factor)
-        device = self._execution_device
-        guidance = self._guidance(guidance_scale, 0.0)
-        embeds, negative = self.encode_prompt(prompt, device, num_images_per_prompt, guidance.active,
-                                              negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
-        condition = torch.cat([negative, embeds]) if guidance.active else embeds
-        dtype = embeds.dtype
-        stages.set_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
-        if timesteps is not None or sigmas is not None:
-            num_inference_steps = len(self.scheduler.timesteps)
-        steps, num_inference_steps = strength_schedule(self.scheduler, num_inference_steps, strength)
-        if num_inference_steps < 1:
-            raise ValueError(f"strength={strength} leaves no denoising step; raise strength or num_inference_steps")
-        total = batch * num_images_per_prompt
+        run = self._begin(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+                          generator=generator, guidance_scale=guidance_scale, guidance_rescale=0.0,
+                          clip_skip=clip_skip, output_type=output_type,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        device, dtype, total, guidance = run.device, run.dtype, run.total, run.guidance
+        steps, num_inference_steps = strength_timesteps(self.scheduler, num_inference_steps, strength, device,
+                                                        timesteps, sigmas)
         shape = (total, latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         full_strength = strength == 1.0
         blend = unet_channels == latent_channels  # a plain UNet: keep the unmasked part by blending
@@ -110,29 +101,15 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         masked_image_latents = tile_to_batch(masked_image_latents.to(device=device, dtype=dtype), total, "images")
         mask_in, masked_in = guidance.batch(mask), guidance.batch(masked_image_latents)
 
-        unet = self.unet
-        timestep_cond = self._guidance_embedding(guidance_scale, total, device, latents.dtype)
-
-        def predict(model_input, t, i, tensors):
-            if not blend:
-                model_input = torch.cat([model_input, tensors["mask"], tensors["masked_image_latents"]], dim=1)
-            return unet(model_input, t, encoder_hidden_states=tensors["prompt_embeds"], timestep_cond=timestep_cond,
-                        cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
-
         def keep_unmasked(latents, i, t):
             original = image_latents
             if i < len(steps) - 1:
                 original = self.scheduler.add_noise(original, noise, torch.tensor([steps[i + 1]]))
             return (1 - mask) * original + mask * latents
 
-        latents = stages.denoise(
-            self, latents=latents, timesteps=steps, num_inference_steps=num_inference_steps, predict=predict,
-            guidance=guidance, step_kwargs={"eta": eta, "generator": generator},
-            callback_on_step_end=callback_on_step_end,
-            callback_tensors={"prompt_embeds": condition, "negative_prompt_embeds": negative, "mask": mask_in,
-                              "masked_image_latents": masked_in},
-            callback_tensor_names=callback_on_step_end_tensor_inputs,
-            after_step=keep_unmasked if blend else None,
-        )
-        return self._finish(latents, output_type=output_type, return_dict=return_dict, device=device, dtype=dtype,
-                            generator=generator)
+        return self._denoise_and_finish(
+            run, latents, steps, num_inference_steps, eta=eta, generator=generator,
+            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, output_type=output_type,
+            return_dict=return_dict, extra_tensors={"mask": mask_in, "masked_image_latents": masked_in},
+            concat=() if blend else ("mask", "masked_image_latents"), after_step=keep_unmasked if blend else None)

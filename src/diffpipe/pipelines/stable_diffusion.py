@@ -120,11 +120,14 @@ class StableDiffusionBase(DiffusionPipeline):
             return stages.Guidance(scale=1.0)  # guidance-distilled UNets take the scale as an embedding
         return stages.Guidance(scale=guidance_scale, rescale=guidance_rescale)
 
-    def _unet_predictor(self, cross_attention_kwargs, timestep_cond=None, added_cond_kwargs=None):
-        """The UNet call of the loop; the (guidance-batched) condition is ``tensors["prompt_embeds"]``."""
+    def _unet_predictor(self, cross_attention_kwargs, timestep_cond=None, added_cond_kwargs=None, concat=()):
+        """The UNet call of the loop. The (guidance-batched) condition is ``tensors["prompt_embeds"]``;
+        ``concat`` names tensors joined to the input channels (inpainting's mask and masked image)."""
         unet = self.unet
 
         def predict(model_input, t, i, tensors):
+            if concat:
+                model_input = torch.cat([model_input, *(tensors[k] for k in concat)], dim=1)
             return unet(model_input, t, encoder_hidden_states=tensors["prompt_embeds"], timestep_cond=timestep_cond,
                         cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
                         return_dict=False)[0]
@@ -164,6 +167,55 @@ class StableDiffusionBase(DiffusionPipeline):
         if not return_dict:
             return image, nsfw
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+    def _begin(self, *, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
+               generator, guidance_scale, guidance_rescale, clip_skip, output_type,
+               callback_on_step_end_tensor_inputs) -> "_Run":
+        """Check the common inputs, then encode the prompt: what every SD task does first."""
+        batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                   callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
+                                   guidance_scale)
+        imgs.check_output_type(output_type)
+        device = self._execution_device
+        guidance = self._guidance(guidance_scale, guidance_rescale)
+        embeds, negative = self.encode_prompt(prompt, device, num_images_per_prompt, guidance.active,
+                                              negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+        condition = torch.cat([negative, embeds]) if guidance.active else embeds
+        return _Run(device, guidance, embeds, negative, condition, batch * num_images_per_prompt, guidance_scale)
+
+    def _denoise_and_finish(self, run: "_Run", latents, steps, num_inference_steps, *, eta, generator,
+                            cross_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                            output_type, return_dict, extra_tensors=None, concat=(), after_step=None):
+        """The denoising loop on the UNet, then decoding, the safety checker and the output."""
+        timestep_cond = self._guidance_embedding(run.guidance_scale, run.total, run.device, latents.dtype)
+        latents = stages.denoise(
+            self, latents=latents, timesteps=steps, num_inference_steps=num_inference_steps,
+            predict=self._unet_predictor(cross_attention_kwargs, timestep_cond, concat=concat),
+            guidance=run.guidance, step_kwargs={"eta": eta, "generator": generator},
+            callback_on_step_end=callback_on_step_end,
+            callback_tensors={"prompt_embeds": run.condition, "negative_prompt_embeds": run.negative,
+                              **(extra_tensors or {})},
+            callback_tensor_names=callback_on_step_end_tensor_inputs, after_step=after_step,
+        )
+        return self._finish(latents, output_type=output_type, return_dict=return_dict, device=run.device,
+                            dtype=run.dtype, generator=generator)
+
+
+@dataclass
+class _Run:
+    """What the prompt stage hands the rest of a call."""
+
+    device: torch.device
+    guidance: stages.Guidance
+    embeds: torch.Tensor
+    negative: torch.Tensor | None
+    condition: torch.Tensor  # [negative, embeds] under guidance, else embeds
+    total: int  # images in the batch
+    guidance_scale: float
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeds.dtype
 
 
 class StableDiffusionPipeline(StableDiffusionBase):
@@ -232,30 +284,19 @@ class StableDiffusionPipeline(StableDiffusionBase):
         default_h, default_w = self._default_size()
         height, width = height or default_h, width or default_w
         stages.check_size(height, width, self.vae_scale_factor)
-        batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                   callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
-                                   guidance_scale)
-        imgs.check_output_type(output_type)
-        device = self._execution_device
-        guidance = self._guidance(guidance_scale, guidance_rescale)
-        embeds, negative = self.encode_prompt(prompt, device, num_images_per_prompt, guidance.active,
-                                              negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
-        condition = torch.cat([negative, embeds]) if guidance.active else embeds
-        steps, num_inference_steps = stages.set_timesteps(self.scheduler, num_inference_steps, device,
+        run = self._begin(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+                          generator=generator, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                          clip_skip=clip_skip, output_type=output_type,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        steps, num_inference_steps = stages.set_timesteps(self.scheduler, num_inference_steps, run.device,
                                                           timesteps, sigmas)
-        total = batch * num_images_per_prompt
-        shape = (total, self.unet.config.in_channels, height // self.vae_scale_factor,
+        shape = (run.total, self.unet.config.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
-        latents = stages.initial_latents(shape, generator=generator, device=device, dtype=embeds.dtype,
+        latents = stages.initial_latents(shape, generator=generator, device=run.device, dtype=run.dtype,
                                          latents=latents, init_noise_sigma=self.scheduler.init_noise_sigma)
-        timestep_cond = self._guidance_embedding(guidance_scale, total, device, latents.dtype)
-        latents = stages.denoise(
-            self, latents=latents, timesteps=steps, num_inference_steps=num_inference_steps,
-            predict=self._unet_predictor(cross_attention_kwargs, timestep_cond),
-            guidance=guidance, step_kwargs={"eta": eta, "generator": generator},
-            callback_on_step_end=callback_on_step_end,
-            callback_tensors={"prompt_embeds": condition, "negative_prompt_embeds": negative},
-            callback_tensor_names=callback_on_step_end_tensor_inputs,
-        )
-        return self._finish(latents, output_type=output_type, return_dict=return_dict, device=device,
-                            dtype=embeds.dtype, generator=generator)
+        return self._denoise_and_finish(
+            run, latents, steps, num_inference_steps, eta=eta, generator=generator,
+            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, output_type=output_type,
+            return_dict=return_dict)
