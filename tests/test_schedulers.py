@@ -458,6 +458,23 @@ def test_scale_model_input_matches_reference_at_every_timestep(name):
         assert_close(ours.scale_model_input(x, t), ref.scale_model_input(x, t), f"scale_model_input at position {i}")
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_state_before_set_timesteps_matches_reference(name):
+    """Right after construction (training schedule, initial timesteps/sigmas, counters)."""
+    ours, ref = find_class(name)(), getattr(diffusers, name)()
+    for attr in ("timesteps", "sigmas", "sigmas_interpol", "betas", "alphas_cumprod", "init_noise_sigma"):
+        if not hasattr(ref, attr):
+            continue
+        a, b = getattr(ours, attr), getattr(ref, attr)
+        if isinstance(b, torch.Tensor):
+            assert isinstance(a, torch.Tensor) and a.dtype == b.dtype, attr
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()), attr
+        else:
+            assert a == b, attr
+    assert ours.num_inference_steps == ref.num_inference_steps
+    assert ours.order == ref.order
+
+
 def test_get_velocity_matches_reference():
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(8))
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))
@@ -465,6 +482,9 @@ def test_get_velocity_matches_reference():
         ref, ours = getattr(diffusers, name)(), find_class(name)()
         t = torch.tensor([10, 500])
         assert_close(ours.get_velocity(x, noise, t), ref.get_velocity(x, noise, t), f"{name}.get_velocity")
+    ref, ours = build("ref", Case("EulerDiscreteScheduler")), build("ours", Case("EulerDiscreteScheduler"))
+    t = ref.timesteps[[1, 6]]
+    assert_close(ours.get_velocity(x, noise, t), ref.get_velocity(x, noise, t), "EulerDiscreteScheduler.get_velocity")
 
 
 def test_return_dict_false_gives_the_reference_tuple():

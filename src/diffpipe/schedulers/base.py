@@ -23,6 +23,7 @@ import torch
 
 from ..config import ConfigMixin
 from ..errors import ConfigError
+from .sigmas import vp_to_ve_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -556,8 +557,6 @@ class SigmaScheduleMixin(StepIndexMixin):
 
     def _train_sigmas(self) -> np.ndarray:
         """The float32 VE sigmas of the training steps, ascending in t."""
-        from .sigmas import vp_to_ve_sigmas
-
         return np.array(vp_to_ve_sigmas(self.alphas_cumprod))
 
     def _indexed_sigmas(self, original_samples: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from .base import (
     randn,
     spaced_timesteps_one_extra,
 )
-from .prediction import PREDICTION_TYPES, eps_from_x0, vp_eps, vp_x0, x0_from_eps
+from .prediction import PREDICTION_TYPES, eps_from_x0, flow_x0, vp_eps, vp_x0, x0_from_eps
 from .sigmas import alpha_sigma_from_ve, interpolate_sigmas, lu_log_sigmas, respace_sigmas, sigma_to_t
 
 ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
@@ -240,7 +240,7 @@ class DPMSolverBase(SigmaScheduleMixin, SchedulerMixin):
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
         if c.algorithm_type in DATA_PREDICTION:
             if c.prediction_type == "flow_prediction":
-                x0 = sample - sigma * model_output
+                x0 = flow_x0(model_output, sample, sigma)
             else:
                 x0 = vp_x0(model_output, sample, alpha_t, sigma_t, c.prediction_type)
             if c.thresholding:

@@ -200,7 +200,8 @@ class EulerDiscreteScheduler(KarrasSigmaMixin, SchedulerMixin):
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """v = sqrt(alphabar) eps - sqrt(1 - alphabar) x at the training step of each timestep's position."""
+        """v = sqrt(alphabar) eps - sqrt(1 - alphabar) x. Like the reference, alphabar is indexed by each
+        timestep's position in the sampling schedule (not by the training step)."""
         reject_integer_timestep(type(self).__name__, timesteps)
         indices = [self.index_for_timestep(t, self.timesteps.to(sample.device)) for t in timesteps.to(sample.device)]
         alphas_cumprod = self.alphas_cumprod.to(sample)

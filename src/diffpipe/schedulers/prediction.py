@@ -11,6 +11,9 @@ Two coordinate systems appear in the schedulers:
   - ``v_prediction``: v = alpha_t eps - sigma_t x_0  -> x_0 = alpha_t x_t - sigma_t v,
     eps = alpha_t v + sigma_t x_t  (Salimans & Ho 2022, section 4)
 
+* rectified flow: ``x_t = (1 - sigma) x_0 + sigma eps``; a ``flow_prediction`` model predicts the
+  velocity eps - x_0, so x_0 = x_t - sigma v.
+
 * variance exploding (VE, Karras et al. 2022): ``x = x_0 + sigma eps`` with
   ``sigma = sigma_t / alpha_t``. The network still sees the VP input ``x / sqrt(sigma^2 + 1)``, so
   a v-prediction maps back through the VP formula written in sigma.
@@ -84,3 +87,8 @@ def ve_x0(model_output: torch.Tensor, sample: torch.Tensor, sigma, prediction_ty
     if prediction_type == "v_prediction":
         return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
     raise _unknown(prediction_type)
+
+
+def flow_x0(model_output: torch.Tensor, sample: torch.Tensor, sigma) -> torch.Tensor:
+    """x_0 from a rectified-flow velocity prediction at flow time ``sigma``."""
+    return sample - sigma * model_output

@@ -32,7 +32,7 @@ from .base import (
     dynamic_threshold,
     spaced_timesteps_one_extra,
 )
-from .prediction import PREDICTION_TYPES, vp_eps, vp_x0
+from .prediction import PREDICTION_TYPES, flow_x0, vp_eps, vp_x0
 from .sigmas import alpha_sigma_from_ve, interpolate_sigmas, respace_sigmas, sigma_to_t
 
 
@@ -213,7 +213,7 @@ class UniPCMultistepScheduler(SigmaScheduleMixin, SchedulerMixin):
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
         if self.predict_x0:
             if c.prediction_type == "flow_prediction":
-                x0 = sample - sigma * model_output
+                x0 = flow_x0(model_output, sample, sigma)
             else:
                 x0 = vp_x0(model_output, sample, alpha_t, sigma_t, c.prediction_type)
             if c.thresholding:
