@@ -196,3 +196,10 @@ def test_callback_on_step_end_can_replace_latents(folders):
     half = len(seen) // 2  # the reference's calls, then ours: the same steps with the same tensors
     assert half >= 3 and seen[:half] == seen[half:]
     assert seen[half:][0] == (0, ["latents", "prompt_embeds"])
+
+
+def test_legacy_unet_sample_size_gets_the_references_default_size(folders):
+    # make_legacy marks the folder as written by diffusers 0.6 with sample_size 16 (< 64): the reference
+    # rewrites it to 64, so the default image size is 64 * vae_scale_factor; we do the same.
+    ref, ours = load_both(folders["legacy"], "StableDiffusionPipeline")
+    assert ours.unet.config.sample_size == ref.unet.config.sample_size == 64

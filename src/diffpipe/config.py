@@ -344,3 +344,30 @@ def fix_scheduler_for_sd(scheduler):
     defaulted = [k for k in config.get("_use_default_values", ()) if k not in changes]
     scheduler.register_to_config(**changes, _use_default_values=defaulted)  # now explicit values
     return scheduler
+
+
+def _version_tuple(text) -> tuple[int, ...]:
+    parts = []
+    for piece in str(text or "0").split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def fix_unet_for_sd(unet) -> None:
+    """SD 1.x UNet configs written before diffusers 0.9 say ``sample_size: 32`` for 512px models.
+
+    The reference rewrites it to 64 in the pipeline (so default image sizes come out right); this
+    does the same, in place, with a warning.
+    """
+    config = getattr(unet, "config", None)
+    if config is None or not isinstance(config.get("sample_size"), int) or config["sample_size"] >= 64:
+        return
+    if _version_tuple(config.get("_diffusers_version")) >= (0, 9, 0):
+        return
+    logger.warning(
+        "UNet config from diffusers %s has sample_size=%s, an old value for 512px Stable Diffusion; using 64 "
+        "(update the checkpoint's unet/config.json to silence this)",
+        config.get("_diffusers_version"), config["sample_size"],
+    )
+    unet.register_to_config(sample_size=64)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .. import images as imgs
-from ..config import fix_scheduler_for_sd
+from ..config import fix_scheduler_for_sd, fix_unet_for_sd
 from . import stages
 from .pipeline import DiffusionPipeline
 
@@ -56,6 +56,7 @@ class StableDiffusionBase(DiffusionPipeline):
                 "pass feature_extractor= or safety_checker=None"
             )
         scheduler = fix_scheduler_for_sd(scheduler)
+        fix_unet_for_sd(unet)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=scheduler, safety_checker=safety_checker,
                               feature_extractor=feature_extractor, image_encoder=image_encoder)
