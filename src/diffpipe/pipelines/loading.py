@@ -12,14 +12,23 @@ import importlib
 import inspect
 import json
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..config import ConfigMixin
-from ..errors import CheckpointNotFoundError, ConfigError, UnsupportedComponentError
+from ..errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    StateDictMismatchError,
+    UnsafeCheckpointError,
+    UnsupportedComponentError,
+    summarize,
+)
 from ..io.files import PICKLE, SAFETENSORS, WeightChoice, choose_weights
+from ..io.load_model import check_finite, describe_mismatch
 from ..registry import find_class
 
 logger = logging.getLogger(__name__)
@@ -176,7 +185,7 @@ def non_weight_files(names: set[str]) -> list[str]:
 
 
 def load_component(spec: ComponentSpec, root: Path, *, variant, dtype, use_safetensors, where: str,
-                   allow_missing_keys: bool = False):
+                   allow_missing_keys: bool = False, verify: bool = False):
     """Load one component from ``root/spec.name`` (already on disk)."""
     folder = root / spec.name
     if not folder.is_dir():
@@ -185,28 +194,60 @@ def load_component(spec: ComponentSpec, root: Path, *, variant, dtype, use_safet
         )
     if spec.kind == "model":
         return spec.cls.from_pretrained(root, subfolder=spec.name, variant=variant, torch_dtype=dtype,
-                                        use_safetensors=use_safetensors, allow_missing_keys=allow_missing_keys)
+                                        use_safetensors=use_safetensors, allow_missing_keys=allow_missing_keys,
+                                        verify=verify)
     if spec.kind == "config":
         config = spec.cls.load_config(root, subfolder=spec.name)
         return spec.cls.from_config(config)
     kwargs = {"local_files_only": True}
     if spec.kind == "transformers-model":
-        kwargs["use_safetensors"] = use_safetensors
+        # mismatched shapes and missing keys come back in the loading info, to be refused below:
+        # transformers itself would re-initialise them with only a log line
+        kwargs.update(use_safetensors=use_safetensors, output_loading_info=True, ignore_mismatched_sizes=True)
         if variant is not None:
             kwargs["variant"] = variant
         target = None if dtype == "auto" else (dtype or torch.get_default_dtype())
         if target is not None:
             kwargs[_transformers_dtype_keyword()] = target
+    label = f"{where}: component {spec.name!r} ({spec.library}.{spec.class_name})"
+    if spec.kind == "transformers-model" and not (folder / "config.json").is_file():
+        # transformers would build the class's default config and report every weight as mismatched
+        raise ConfigError(f"{label}: no config.json; expected the file {folder / 'config.json'}")
     try:
         obj = spec.cls.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise CheckpointNotFoundError(
-            f"{where}: component {spec.name!r} ({spec.library}.{spec.class_name}) could not be loaded from "
-            f"{folder}: {e}"
+    except pickle.UnpicklingError as e:  # weights_only=True refused a pickle that carries more than tensors
+        raise UnsafeCheckpointError(
+            f"{label}: a pickle file in {folder} was refused: it needs more than tensors to load (it may carry "
+            f"code), and pickles are only read with weights_only=True. Detail: {str(e).splitlines()[0]}"
         ) from e
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise CheckpointNotFoundError(f"{label} could not be loaded from {folder}: {e}") from e
+    if spec.kind == "transformers-model":
+        obj, info = obj
+        check_loading_info(info, label=label, folder=folder, allow_missing_keys=allow_missing_keys)
+        if verify:
+            check_finite(obj.state_dict(), {}, where=f"{label} in {folder}")
     if spec.kind == "transformers-other":
         check_tokenizer(obj, folder, spec.name, where)
     return obj
+
+
+def check_loading_info(info: dict, *, label: str, folder: Path, allow_missing_keys: bool) -> None:
+    """Hold a transformers model to diffpipe's rules: wrong shapes and (unless allowed) missing keys
+    are errors, unexpected keys a warning."""
+    missing = sorted(info.get("missing_keys") or ())
+    wrong = sorted(info.get("mismatched_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if wrong or (missing and not allow_missing_keys):
+        raise StateDictMismatchError(
+            f"{label}: the weights in {folder} do not fit: {describe_mismatch(missing, wrong, unexpected)}"
+        )
+    if missing:
+        logger.warning("%s: %d key(s) were not in the checkpoint and are randomly initialised: %s",
+                       label, len(missing), summarize(missing))
+    if unexpected:
+        logger.warning("%s: ignoring %d key(s) in %s that the model does not have: %s",
+                       label, len(unexpected), folder, summarize(unexpected))
 
 
 def _transformers_dtype_keyword() -> str:
@@ -261,7 +302,7 @@ def parse_model_index_bytes(data: bytes, *, where: str) -> dict:
     """The JSON object of a ``model_index.json``; errors name the checkpoint."""
     try:
         index = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # not UTF-8, bad JSON, an over-long integer, too deep
         raise ConfigError(f"{where}: model_index.json is not valid JSON ({e})") from e
     if not isinstance(index, dict):
         raise ConfigError(f"{where}: model_index.json holds a JSON {type(index).__name__}, expected an object")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from ..errors import (
 )
 from ..io.atomic import StagedFolder, folder_lock
 from ..io.files import check_plain_name
-from ..io.load_model import resolve_dtype
+from ..io.load_model import check_hashes, resolve_dtype
 from . import loading
 from .loading import ComponentSpec, LoadReport
 
@@ -52,6 +53,20 @@ class DiffusionPipeline(ConfigMixin):
     _optional_components: tuple[str, ...] = ()
     # the order models run in, for offloading ("text_encoder->unet->vae")
     model_cpu_offload_seq: str = ""
+    # What each conventional slot holds, as class names one of which must be in the object's MRO (so
+    # subclasses fit); ``text_encoder_2`` uses the entry of ``text_encoder``. A checkpoint or override
+    # that puts another class in a slot (a VAE as the UNet, a scheduler as the tokenizer) is refused.
+    # Slots not listed take any allow-listed class.
+    _slot_classes: dict[str, tuple[str, ...]] = {
+        "unet": ("UNet2DConditionModel", "UNetMotionModel"),
+        "vae": ("AutoencoderKL", "AutoencoderTiny"),
+        "scheduler": ("SchedulerMixin",),
+        "text_encoder": ("PreTrainedModel",),
+        "image_encoder": ("PreTrainedModel",),
+        "safety_checker": ("StableDiffusionSafetyChecker",),
+        "tokenizer": ("PreTrainedTokenizerBase",),
+        "feature_extractor": ("ImageProcessingMixin",),
+    }
 
     # ------------------------------------------------------------------ components
     @classmethod
@@ -69,6 +84,14 @@ class DiffusionPipeline(ConfigMixin):
         if name in self.__dict__ and name in self.config and name in type(self).component_names():
             self.register_to_config(**{name: [None, None] if value is None else list(loading.library_of(value))})
         object.__setattr__(self, name, value)
+
+    @classmethod
+    def _slot_mismatch(cls, name: str, klass: type) -> tuple[str, ...] | None:
+        """The classes slot ``name`` wants when ``klass`` is none of them; None when it fits."""
+        wanted = cls._slot_classes.get(re.sub(r"_\d+$", "", name))
+        if wanted is None or any(base.__name__ in wanted for base in klass.__mro__):
+            return None
+        return wanted
 
     @property
     def components(self) -> dict:
@@ -129,6 +152,7 @@ class DiffusionPipeline(ConfigMixin):
         local_files_only: bool | None = None,
         token: str | bool | None = None,
         allow_missing_keys: bool = False,
+        verify: bool = False,
         custom_pipeline: str | None = None,
         trust_remote_code: bool = False,
         **kwargs,
@@ -140,8 +164,9 @@ class DiffusionPipeline(ConfigMixin):
         - ``variant``: weight files of that variant for every component that has them; a component
           without them falls back to its original weights (reported in ``pipeline.loading_report``
           and a warning); no component having them is an error.
-        - ``use_safetensors``, ``revision``, ``cache_dir``, ``local_files_only``, ``token``: as for
-          models.
+        - ``use_safetensors``, ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
+          ``allow_missing_keys``, ``verify``: as for models; ``verify`` checks every weight file the
+          pipeline uses against the Hub's sha256 and scans every model's tensors for NaN/Inf.
         - any component name as a keyword overrides it (``scheduler=obj``, ``safety_checker=None``);
           pipeline settings such as ``requires_safety_checker`` are accepted too.
         """
@@ -174,18 +199,29 @@ class DiffusionPipeline(ConfigMixin):
             plan.clear()
             plan.update(cls._plan(index, files, kwargs, variant=variant, use_safetensors=use_safetensors,
                                   where=where))
+            names = plan["class"].component_names()
+            unknown = sorted(k for k in dtypes if k != "default" and k not in names) if isinstance(dtypes, dict) else []
+            if unknown:  # a typo would silently leave that component in the default dtype
+                raise TypeError(
+                    f"{where}: torch_dtype names {unknown}, which {plan['class'].__name__} does not have; its "
+                    f"components are {names} (and 'default' for the rest)"
+                )
             return plan["files"]
 
+        hashes: dict[str, str] | None = {} if verify else None
         root = hub.fetch(source, select, revision=revision, cache_dir=cache_dir,
-                         local_files_only=local_files_only, token=token, what=where)
+                         local_files_only=local_files_only, token=token, what=where, hashes=hashes)
         pipeline_cls: type[DiffusionPipeline] = plan["class"]
         report: LoadReport = plan["report"]
         components = dict(plan["given"])
         with folder_lock(root, shared=True):
+            if verify:
+                check_hashes({f: root / f for f in plan["files"]}, hashes, where=where)
             for name, (spec, fell_back) in plan["specs"].items():
                 components[name] = loading.load_component(
                     spec, root, variant=None if fell_back else variant, dtype=_dtype_for(dtypes, name),
                     use_safetensors=use_safetensors, where=where, allow_missing_keys=allow_missing_keys,
+                    verify=verify,
                 )
         pipeline = pipeline_cls(**components, **plan["settings"])
         pipeline.register_to_config(_name_or_path=source)
@@ -198,6 +234,12 @@ class DiffusionPipeline(ConfigMixin):
         if cls is not DiffusionPipeline:
             return cls  # a task class may load another task's folder
         name = index.get("_class_name")
+        if isinstance(name, (list, tuple)):  # ["module_in_the_repo", "Class"]: the reference's custom code
+            raise UnsafeCheckpointError(
+                f"{where}: model_index.json names the pipeline class {name!r}, custom code shipped in the "
+                "checkpoint. diffpipe never runs code from a checkpoint (custom code is not supported); "
+                "load the folder with one of diffpipe's pipeline classes explicitly if the layout fits."
+            )
         if not isinstance(name, str):
             raise ConfigError(f"{where}: model_index.json has no '_class_name' naming the pipeline class")
         from ..registry import find_class
@@ -255,6 +297,13 @@ class DiffusionPipeline(ConfigMixin):
                     f"{where}: model_index.json entry {name!r} is {entry!r}; expected [\"library\", \"ClassName\"]"
                 )
             spec = loading.resolve(entry[0], entry[1], component=name, where=where)
+            wanted = pipeline_cls._slot_mismatch(name, spec.cls)
+            if wanted is not None:
+                raise UnsupportedComponentError(
+                    f"{where}: model_index.json puts {entry[0]}.{entry[1]} in the slot {name!r} of "
+                    f"{pipeline_cls.__name__}, which holds a {' or '.join(wanted)}; the checkpoint is "
+                    "mislabelled or meant for another pipeline"
+                )
             in_folder = loading.files_in(files, name)
             if not in_folder:
                 raise CheckpointNotFoundError(
@@ -296,6 +345,11 @@ class DiffusionPipeline(ConfigMixin):
             raise TypeError(
                 f"{cls.__name__}: the override {name}= must be a {wanted} (or another {expected.__name__}), "
                 f"got {type(obj).__name__}"
+            )
+        slot = cls._slot_mismatch(name, type(obj))
+        if slot is not None:
+            raise TypeError(
+                f"{cls.__name__}: the override {name}= must be a {' or '.join(slot)}, got {type(obj).__name__}"
             )
 
     # ------------------------------------------------------------------ reuse

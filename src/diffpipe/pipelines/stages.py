@@ -233,6 +233,7 @@ def denoise(
     ``callback_on_step_end(pipeline, i, t, tensors)`` may return replacements for the named tensors.
     """
     scheduler = pipeline.scheduler
+    initial = latents
     tensors = dict(callback_tensors or {})
     order = getattr(scheduler, "order", 1)
     warmup = len(timesteps) - num_inference_steps * order
@@ -255,7 +256,20 @@ def denoise(
                 tensors.update(replaced)
             if i == len(timesteps) - 1 or ((i + 1) > warmup and (i + 1) % order == 0):
                 bar.update()
+    if not bool(torch.isfinite(latents).all()):
+        if not bool(torch.isfinite(initial).all()):
+            warn_non_finite("the latents given to the denoising loop (latents=, or the image the VAE "
+                            "encoded)", "Check the input; a float16 VAE encoder can overflow: upcast the VAE.")
+        else:
+            warn_non_finite("the denoising loop (UNet and scheduler)",
+                            "Run the UNet in float32 or bfloat16, and check its weights with "
+                            "from_pretrained(..., verify=True).")
     return latents
+
+
+def warn_non_finite(stage: str, fix: str) -> None:
+    """Say which stage produced NaN/Inf (the image would come out black) and how to fix it."""
+    logger.warning("%s produced NaN or Inf values, so the images would be black or garbage. %s", stage, fix)
 
 
 # ------------------------------------------------------------------------------------------ decode
@@ -265,7 +279,14 @@ def decode_latents(vae, latents: torch.Tensor, generator=None) -> torch.Tensor:
     latents = latents / config.scaling_factor
     if config.get("shift_factor") is not None:
         latents = latents + config.shift_factor
-    return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    if not bool(torch.isfinite(image).all()) and bool(torch.isfinite(latents).all()):
+        warn_non_finite(
+            f"VAE decoding ({vae.dtype})",
+            "This is the classic float16 VAE overflow: upcast the VAE (pipe.vae.to(torch.float32)) or use "
+            "an fp16-safe VAE (such as madebyollin/sdxl-vae-fp16-fix).",
+        )
+    return image
 
 
 def encode_image_latents(vae, image: torch.Tensor, generator, *, sample_mode: str = "sample") -> torch.Tensor:
