@@ -19,6 +19,7 @@ from diffpipe.errors import (
     ConfigError,
     CorruptCheckpointError,
     DiffpipeError,
+    StateDictMismatchError,
     UnsafeCheckpointError,
     UnsafePathError,
 )
@@ -348,6 +349,21 @@ def test_a_tensor_in_two_shards_is_refused(tmp_path):
     save_file(tensors, second)
     error = load_error(folder, CorruptCheckpointError)
     assert repr(stolen) in str(error) and "one shard only" in str(error)
+
+
+# ----------------------------------------------------------------- 11. the wrong kind of dtype
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.uint8])
+def test_an_integer_tensor_where_the_model_has_floats_is_refused(model_folder, dtype):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = model_folder
+    tensors = load_file(folder / WEIGHTS)
+    tensors["layers.0.weight"] = tensors["layers.0.weight"].to(dtype)
+    save_file(tensors, folder / WEIGHTS)
+    for torch_dtype in (None, "auto", torch.float16):
+        error = load_error(folder, StateDictMismatchError, torch_dtype=torch_dtype)
+        assert f"'layers.0.weight' checkpoint {dtype} vs model torch.float32" in str(error)
+        assert WEIGHTS in str(error) and "TinyModel" in str(error)
 
 
 # ------------------------------------------------------------------------- 12. nothing left on meta

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +29,22 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def as_os_error(path):
+    """Re-raise the I/O failures of writers written in Rust (safetensors, tokenizers), which arrive as
+    plain ``Exception("... (os error 28)")``, as the ``OSError`` they are (``ENOSPC`` for a full disk)."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, f"{os.strerror(number)}: could not write {path}") from e
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -94,8 +111,17 @@ class StagedFolder:
         if self.target.exists() and not self.target.is_dir():
             raise NotADirectoryError(f"cannot save into {self.target}: it is a file, expected a folder")
         self.target.mkdir(parents=True, exist_ok=True)
-        parent = self.target.resolve().parent
-        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.target.resolve().name}.staging-", dir=parent))
+        target = self.target.resolve()
+        prefix = f".{target.name}.staging-"
+        # Beside the target, so nothing is left inside it if the process dies; inside it (a hidden
+        # folder loaders skip) when the target is a mount point or its parent is not writable, since
+        # os.replace cannot move files across file systems.
+        try:
+            if os.stat(target.parent).st_dev != os.stat(target).st_dev:
+                raise OSError("the target is on another file system than its parent")
+            self.stage = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        except OSError:
+            self.stage = Path(tempfile.mkdtemp(prefix=prefix, dir=target))
         return self
 
     def path(self, relative: str) -> Path:

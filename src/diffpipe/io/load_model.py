@@ -164,6 +164,16 @@ def assign_weights(
             f"{where}: the weights in {', '.join(files)} do not fit {type(model).__name__}: "
             + describe_mismatch(missing, wrong, unexpected)
         )
+    # integers or bools where the model has floats (or the reverse) would be assigned as they are
+    kinds = [(k, state[k].dtype, expected[k].dtype) for k in expected
+             if k in state and state[k].is_floating_point() != expected[k].is_floating_point()]
+    if kinds:
+        shown = "; ".join(f"{k!r} checkpoint {a} vs model {b}" for k, a, b in kinds[:5])
+        raise StateDictMismatchError(
+            f"{where}: the weights in {', '.join(files)} do not fit {type(model).__name__}: {len(kinds)} "
+            f"tensor(s) of another kind of dtype: {shown}{' (+%d more)' % (len(kinds) - 5) if len(kinds) > 5 else ''}. "
+            "The file is damaged or was written for another model."
+        )
     if unexpected:
         logger.warning(
             "%s: ignoring %d key(s) in %s that %s does not have: %s",

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from .atomic import as_os_error
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
@@ -268,14 +269,8 @@ def split_shards(state_dict: dict[str, torch.Tensor], max_bytes: int) -> list[di
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    try:
+    with as_os_error(path):  # a full disk is an OSError, not safetensors' own error type
         save_file(tensors, os.fspath(path), metadata=metadata or {"format": "pt"})
-    except Exception as e:  # safetensors reports a failed write (a full disk) as its own error type
-        code = re.search(r"os error (\d+)", str(e))
-        if code is None:
-            raise
-        errno = int(code.group(1))
-        raise OSError(errno, f"{os.strerror(errno)}: could not write {path}") from e
 
 
 def save_pickle(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -27,6 +27,7 @@ from ..errors import (
     UnsupportedComponentError,
     summarize,
 )
+from ..io.atomic import as_os_error
 from ..io.files import PICKLE, SAFETENSORS, WeightChoice, choose_weights
 from ..io.load_model import check_finite, describe_mismatch
 from ..registry import find_class
@@ -291,7 +292,8 @@ def save_component(obj, stage, name: str, *, variant, safe_serialization: bool, 
             kwargs["safe_serialization"] = safe_serialization
         if variant is not None:
             kwargs["variant"] = variant
-    save(target, **kwargs)
+    with as_os_error(target):  # tokenizers and safetensors report a full disk as a bare Exception
+        save(target, **kwargs)
     if hasattr(obj, "state_dict"):  # stale shards of this variant from an earlier save
         v = f".{variant}" if variant else ""
         stage.remove_stale(name, [f"model{v}.safetensors", f"model.safetensors.index{v}.json",
