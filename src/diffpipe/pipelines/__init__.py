@@ -6,6 +6,7 @@ PIPELINES: dict[str, str] = {
     "StableDiffusionPipeline": "diffpipe.pipelines.stable_diffusion:StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline": "diffpipe.pipelines.sd_img2img:StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline": "diffpipe.pipelines.sd_inpaint:StableDiffusionInpaintPipeline",
+    "StableDiffusionSAGPipeline": "diffpipe.pipelines.sag:StableDiffusionSAGPipeline",
     "AutoPipelineForText2Image": "diffpipe.pipelines.auto:AutoPipelineForText2Image",
     "AutoPipelineForImage2Image": "diffpipe.pipelines.auto:AutoPipelineForImage2Image",
     "AutoPipelineForInpainting": "diffpipe.pipelines.auto:AutoPipelineForInpainting",
