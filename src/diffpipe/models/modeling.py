@@ -14,6 +14,7 @@ from .. import hub
 from ..config import ConfigMixin, read_json_file
 from ..errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, UnsafeCheckpointError
 from ..io.atomic import StagedFolder, folder_lock
+from ..nn.construction import empty_modules
 from ..io.files import (
     PICKLE,
     SAFETENSORS,
@@ -162,7 +163,7 @@ class ModelMixin(nn.Module, ConfigMixin):
             state = convert(dict(state))
             files = ", ".join(sorted(set(origin.values())))
             origin = {k: origin.get(k, files) for k in state}
-        with torch.device("meta"):
+        with empty_modules():
             model = cls.from_config(config, **(overrides or {}))
         assign_weights(model, state, source=origin, where=where, dtype=dtype, allow_missing=allow_missing)
         model.eval()
