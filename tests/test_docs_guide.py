@@ -1,0 +1,43 @@
+"""docs/guide.md: every python block runs, in order, against tiny models on the local Hub server."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from diffpipe import DiffusionPipeline
+from sd_factory import save_reference_pipeline
+
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
+REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", GUIDE.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_every_guide_block_runs(hub, hf_cache, tmp_path, monkeypatch):
+    folder = save_reference_pipeline(tmp_path / "repo")
+    DiffusionPipeline.from_pretrained(folder).to(torch.float16).save_pretrained(folder, variant="fp16")
+    hub.add_repo(REPO, folder)
+    monkeypatch.chdir(tmp_path)
+    code = blocks()
+    assert len(code) >= 10
+    namespace: dict = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, block in enumerate(code):
+            exec(compile(block, f"{GUIDE.name} block {i + 1}", "exec"), namespace)
+    printed = out.getvalue()
+    assert "StableDiffusionPipeline\n" in printed
+    assert "StableDiffusionPipeline ['diffusers', 'UNet2DConditionModel'] ['transformers', 'CLIPTokenizer']" in printed
+    assert "torch.float16 torch.float32" in printed
+    assert "needs variant=: True" in printed
+    assert "StableDiffusionInpaintPipeline" in printed and "None\n" in printed
+    assert printed.count("True") >= 3
