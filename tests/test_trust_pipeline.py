@@ -257,6 +257,16 @@ def test_text_encoder_missing_keys_are_an_error_unless_allowed(sd_copy, caplog):
     assert not any(p.is_meta for p in pipe.text_encoder.parameters())
 
 
+def test_text_encoder_unexpected_keys_are_a_warning_listing_them(sd_copy, caplog):
+    rewrite_text_encoder(sd_copy, lambda t: t.update({"extra.projection.weight": torch.zeros(2)}))
+    with caplog.at_level(logging.WARNING):
+        pipe = DiffusionPipeline.from_pretrained(sd_copy)
+    assert pipe.text_encoder is not None
+    [message] = [r.getMessage() for r in caplog.records
+                 if r.name.startswith("diffpipe") and "extra.projection.weight" in r.getMessage()]
+    assert "'text_encoder'" in message and "ignoring 1 key(s)" in message
+
+
 def test_text_encoder_shape_mismatch_names_parameter_and_both_shapes(sd_copy):
     key = "embeddings.position_embedding.weight"
 

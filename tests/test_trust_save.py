@@ -8,7 +8,6 @@ unprivileged user.
 from __future__ import annotations
 
 import errno
-import json
 import multiprocessing
 import os
 import shutil
@@ -83,24 +82,28 @@ def partial_write_then_enospc(tensors, path, metadata=None):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def test_a_model_save_on_a_full_disk_keeps_the_previous_save(small_disk, tmp_path, monkeypatch):
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "pickle"])
+def test_a_model_save_on_a_full_disk_keeps_the_previous_save(small_disk, tmp_path, monkeypatch, safe):
     """A real full disk: a 96 KiB tmpfs, a 132 KB model saved over a 1 KB one, into a folder on the
     disk and into the mount point itself (where the staging folder cannot sit beside the target).
-    If this sandbox refuses to mount, ENOSPC is emulated instead: the safetensors writer is patched
-    to write part of the file and raise OSError(ENOSPC)."""
-    disk = small_disk(96)
-    print("full disk:", "emulated (mount refused)" if disk is None else "a real 96 KiB tmpfs")
-    if disk is None:
-        import diffpipe.models.modeling as modeling
+    If this sandbox refuses to mount, ENOSPC is emulated instead: the weights writer is patched to
+    write part of the file and raise OSError(ENOSPC)."""
+    import diffpipe.models.modeling as modeling
 
-        monkeypatch.setattr(modeling, "save_safetensors", partial_write_then_enospc)
+    disk = small_disk(96)
+    emulated = disk is None
+    print("full disk:", "emulated (mount refused)" if emulated else "a real 96 KiB tmpfs")
+    if emulated:
         disk = tmp_path / "emulated-disk"
     for target in (disk / "model", disk):
         before = tiny_model(seed=0)
-        before.save_pretrained(target)
+        before.save_pretrained(target, safe_serialization=safe)
         saved = tree(target)
-        with pytest.raises(OSError) as err:
-            tiny_model(seed=1, width=128).save_pretrained(target)
+        with monkeypatch.context() as patch, pytest.raises(OSError) as err:
+            if emulated:
+                patch.setattr(modeling, "save_safetensors" if safe else "save_pickle",
+                              lambda tensors, path, metadata=None: partial_write_then_enospc(tensors, path))
+            tiny_model(seed=1, width=128).save_pretrained(target, safe_serialization=safe)
         assert err.value.errno == errno.ENOSPC
         assert tree(target) == saved  # nothing written, nothing lost
         assert leftovers(disk, disk.parent) == []

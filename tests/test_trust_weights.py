@@ -20,7 +20,6 @@ from diffpipe.errors import (
     CorruptCheckpointError,
     DiffpipeError,
     StateDictMismatchError,
-    UnsafeCheckpointError,
     UnsafePathError,
 )
 

@@ -274,4 +274,11 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
 
 
 def save_pickle(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    torch.save(tensors, os.fspath(path))
+    with open(path, "wb") as f:
+        try:
+            torch.save(tensors, f)
+        except RuntimeError as e:  # torch wraps a failed write (a full disk) in a RuntimeError
+            if not isinstance(e.__context__, OSError):
+                raise
+            failed = e.__context__
+            raise OSError(failed.errno, f"{failed.strerror}: could not write {path}") from e
