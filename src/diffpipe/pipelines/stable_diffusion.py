@@ -186,7 +186,7 @@ class StableDiffusionBase(DiffusionPipeline):
 
     def _denoise_and_finish(self, run: "_Run", latents, steps, num_inference_steps, *, eta, generator,
                             cross_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                            output_type, return_dict, extra_tensors=None, concat=(), after_step=None):
+                            output_type, return_dict, extra_tensors=None, concat=(), after_step=None, guide=None):
         """The denoising loop on the UNet, then decoding, the safety checker and the output."""
         timestep_cond = self._guidance_embedding(run.guidance_scale, run.total, run.device, latents.dtype)
         latents = stages.denoise(
@@ -196,7 +196,7 @@ class StableDiffusionBase(DiffusionPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_tensors={"prompt_embeds": run.condition, "negative_prompt_embeds": run.negative,
                               **(extra_tensors or {})},
-            callback_tensor_names=callback_on_step_end_tensor_inputs, after_step=after_step,
+            callback_tensor_names=callback_on_step_end_tensor_inputs, after_step=after_step, guide=guide,
         )
         return self._finish(latents, output_type=output_type, return_dict=return_dict, device=run.device,
                             dtype=run.dtype, generator=generator)

@@ -224,6 +224,7 @@ def denoise(
     callback_tensors: dict | None = None,
     callback_tensor_names=("latents",),
     after_step: Callable[[torch.Tensor, int, Any], torch.Tensor] | None = None,
+    guide: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The denoising loop: every pipeline's, once.
 
@@ -231,6 +232,9 @@ def denoise(
     input; ``tensors`` holds the conditioning tensors a callback may replace (``prompt_embeds``);
     ``after_step(latents, i, t)`` lets a task adjust latents after each step (inpainting's blend).
     ``callback_on_step_end(pipeline, i, t, tensors)`` may return replacements for the named tensors.
+    ``guide(noise_pred, model_output=, latents=, t=, i=, tensors=, predict=)`` may add a further
+    guidance term to the guided prediction (self-attention guidance); ``model_output`` is the raw,
+    guidance-batched prediction and ``latents`` the step's unscaled input.
     """
     scheduler = pipeline.scheduler
     initial = latents
@@ -244,7 +248,11 @@ def denoise(
             if pipeline._interrupt:
                 continue
             model_input = scheduler.scale_model_input(guidance.batch(latents), t)
-            noise_pred = guidance.combine(predict(model_input, t, i, tensors))
+            model_output = predict(model_input, t, i, tensors)
+            noise_pred = guidance.combine(model_output)
+            if guide is not None:
+                noise_pred = guide(noise_pred, model_output=model_output, latents=latents, t=t, i=i, tensors=tensors,
+                                   predict=predict)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
             if after_step is not None:
                 latents = after_step(latents, i, t)
