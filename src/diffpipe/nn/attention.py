@@ -91,9 +91,16 @@ class AttnProcessorMath:
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
         key = attn.head_to_batch_dim(attn.to_k(context))
         value = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(query, key, mask)
+        probs = self.probabilities(attn, query, key, mask)
         out = attn.batch_to_head_dim(torch.bmm(probs, value))
         return attn.finish(out, residual, image_shape)
+
+    def probabilities(
+        self, attn: "Attention", query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The ``[B * heads, L_q, L_k]`` attention probabilities; a subclass may keep or alter them
+        (self-attention guidance reads the mid block's map this way)."""
+        return attn.get_attention_scores(query, key, mask)
 
 
 def _accepted_kwargs(processor: Callable) -> tuple[frozenset[str], bool]:
