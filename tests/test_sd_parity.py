@@ -203,3 +203,23 @@ def test_legacy_unet_sample_size_gets_the_references_default_size(folders):
     # rewrites it to 64, so the default image size is 64 * vae_scale_factor; we do the same.
     ref, ours = load_both(folders["legacy"], "StableDiffusionPipeline")
     assert ours.unet.config.sample_size == ref.unet.config.sample_size == 64
+
+
+def test_bfloat16_on_cpu_end_to_end(folders):
+    """bf16 on the CPU: runs end to end, stays close to our fp32 image (PSNR >= 30 dB) and to the
+    reference's bf16 image."""
+    import diffusers
+
+    def generate(lib, dtype):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe = lib.StableDiffusionPipeline.from_pretrained(folders["nosafety"], torch_dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a photo of a cat", num_inference_steps=6, output_type="np", height=32, width=32,
+                    generator=torch.Generator().manual_seed(0)).images.astype(np.float64)
+
+    ours_bf16 = generate(diffpipe, torch.bfloat16)
+    ours_fp32 = generate(diffpipe, torch.float32)
+    psnr = 10 * np.log10(1.0 / np.mean((ours_bf16 - ours_fp32) ** 2))
+    assert psnr >= 30, f"bf16 vs fp32 PSNR {psnr:.1f} dB"
+    assert np.abs(ours_bf16 - generate(diffusers, torch.bfloat16)).max() <= TOL
