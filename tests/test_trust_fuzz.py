@@ -92,7 +92,7 @@ def model_folder(tmp_path_factory):
 def test_fuzz_safetensors_header_and_layout(model_folder):
     outcomes: Counter = Counter()
 
-    @settings(max_examples=400, **FUZZ)
+    @settings(max_examples=300, **FUZZ)
     @given(blob=safetensors_files())
     @example(blob=VALID)
     def check(blob):
@@ -116,7 +116,7 @@ def test_fuzz_safetensors_header_and_layout(model_folder):
 
     check()
     print(f"\nfuzz safetensors: {sum(outcomes.values())} examples: {dict(outcomes)}")
-    assert sum(outcomes.values()) >= 400
+    assert sum(outcomes.values()) >= 300
     assert outcomes["file refused"] and outcomes["file read, model refused"] and outcomes["model loaded"]
 
 
@@ -165,7 +165,7 @@ def test_fuzz_model_index(pipeline_folder, cls):
     cls = getattr(diffpipe, cls) if isinstance(cls, str) else cls
     outcomes: Counter = Counter()
 
-    @settings(max_examples=250, **FUZZ)
+    @settings(max_examples=200, **FUZZ)
     @given(data=model_indexes())
     @example(data=b"\xff{")
     @example(data=b'{"unet": ["os", "system"]}')
@@ -182,5 +182,5 @@ def test_fuzz_model_index(pipeline_folder, cls):
 
     check()
     print(f"\nfuzz model_index.json ({cls.__name__}): {sum(outcomes.values())} examples: {dict(outcomes)}")
-    assert sum(outcomes.values()) >= 254
+    assert sum(outcomes.values()) >= 204
     assert len(outcomes) >= 4  # many different refusals were reached, not one early exit

@@ -7,7 +7,6 @@ reference (tests/sd_factory.py), built once for the module and copied per test.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -28,25 +27,12 @@ from diffpipe.errors import (
     UnsafePathError,
     UnsupportedComponentError,
 )
-from sd_factory import save_reference_pipeline
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models run fast on one thread; two OpenMP threads on a shared 2-core machine can wait on
-    each other for seconds per call."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+from trust_shared import one_thread, sd_pipeline_folder
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    with one_thread():
-        return save_reference_pipeline(tmp_path_factory.mktemp("trust") / "sd")
+def sd_folder():
+    return sd_pipeline_folder()
 
 
 @pytest.fixture

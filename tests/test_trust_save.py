@@ -29,6 +29,7 @@ from diffpipe.errors import CheckpointNotFoundError
 from diffpipe.io.atomic import folder_lock
 
 from factories import TinyModel, same_weights, tiny_model
+from trust_shared import sd_pipeline_folder
 
 TESTS = Path(__file__).resolve().parent
 
@@ -111,15 +112,8 @@ def test_a_model_save_on_a_full_disk_keeps_the_previous_save(small_disk, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    from sd_factory import save_reference_pipeline
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return save_reference_pipeline(tmp_path_factory.mktemp("trust-save") / "sd")
-    finally:
-        torch.set_num_threads(threads)
+def sd_folder():
+    return sd_pipeline_folder()
 
 
 def test_a_pipeline_save_on_a_full_disk_keeps_the_previous_save(small_disk, sd_folder, tmp_path, monkeypatch):
