@@ -29,6 +29,7 @@ from ..io.files import check_plain_name
 from ..io.load_model import check_hashes, resolve_dtype
 from . import loading
 from .loading import ComponentSpec, LoadReport
+from .offload import OffloadMixin
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _dtype_for(spec, name: str):
     return spec
 
 
-class DiffusionPipeline(ConfigMixin):
+class DiffusionPipeline(ConfigMixin, OffloadMixin):
     """Base of all pipelines. Subclasses declare their components as ``__init__`` parameters."""
 
     config_name = "model_index.json"
@@ -389,6 +390,7 @@ class DiffusionPipeline(ConfigMixin):
             new.to(resolve_dtype(torch_dtype, None, what=f"{cls.__name__}.from_pipe"))
         if hasattr(pipeline, "_progress_bar_config"):
             new.set_progress_bar_config(**pipeline._progress_bar_config)
+        new._inherit_offload(pipeline)
         return new
 
     # ------------------------------------------------------------------ saving

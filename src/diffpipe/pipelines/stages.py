@@ -86,26 +86,32 @@ def _tokenize(tokenizer, texts, max_length):
     return tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
 
 
-def _text_hidden_states(text_encoder, tokens, *, all_layers: bool):
+def _text_hidden_states(text_encoder, tokens, *, all_layers: bool, device):
     """The text encoder's last hidden state, or the tuple of every layer's."""
-    device = next(text_encoder.parameters()).device
     mask = tokens.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
     if not all_layers:
         return text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
     return text_encoder(tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True).hidden_states
 
 
-def encode_text(tokenizer, text_encoder, texts: list[str], *, clip_skip: int | None, max_length: int | None = None):
-    """(B, seq, dim) embeddings of ``texts`` the way Stable Diffusion conditions on them."""
+def tokenize_prompt(tokenizer, texts: list[str], max_length: int | None = None):
+    """Tokens padded to ``max_length`` (the tokenizer's by default), warning about any text cut off."""
     max_length = max_length or tokenizer.model_max_length
     tokens = _tokenize(tokenizer, texts, max_length)
     longest = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
     if longest.shape[-1] >= tokens.input_ids.shape[-1] and not torch.equal(tokens.input_ids, longest):
         removed = tokenizer.batch_decode(longest[:, max_length - 1 : -1])
         logger.warning("this part of the prompt was cut off (CLIP reads at most %d tokens): %s", max_length, removed)
+    return tokens
+
+
+def encode_text(tokenizer, text_encoder, texts: list[str], *, clip_skip: int | None, device,
+                max_length: int | None = None):
+    """(B, seq, dim) embeddings of ``texts`` the way Stable Diffusion conditions on them."""
+    tokens = tokenize_prompt(tokenizer, texts, max_length)
     if clip_skip is None:
-        return _text_hidden_states(text_encoder, tokens, all_layers=False)
-    hidden = _text_hidden_states(text_encoder, tokens, all_layers=True)
+        return _text_hidden_states(text_encoder, tokens, all_layers=False, device=device)
+    hidden = _text_hidden_states(text_encoder, tokens, all_layers=True, device=device)
     # clip_skip=1 takes the layer before the last; the final layer norm still applies. transformers 5
     # flattened CLIPTextModel (no `.text_model`), older releases nest it.
     body = getattr(text_encoder, "text_model", text_encoder)
@@ -130,7 +136,7 @@ def encode_prompt(
     batch = batch_size_of(prompt, prompt_embeds)
     if prompt_embeds is None:
         texts = [prompt] if isinstance(prompt, str) else prompt
-        prompt_embeds = encode_text(tokenizer, text_encoder, texts, clip_skip=clip_skip)
+        prompt_embeds = encode_text(tokenizer, text_encoder, texts, clip_skip=clip_skip, device=device)
     prompt_embeds = repeat_per_image(prompt_embeds.to(dtype=dtype, device=device), num_images_per_prompt)
     if not do_cfg:
         return prompt_embeds, None
@@ -140,7 +146,7 @@ def encode_prompt(
         else:
             negatives = negative_prompt
         tokens = _tokenize(tokenizer, negatives, prompt_embeds.shape[1])
-        negative_prompt_embeds = _text_hidden_states(text_encoder, tokens, all_layers=False)
+        negative_prompt_embeds = _text_hidden_states(text_encoder, tokens, all_layers=False, device=device)
     negative_prompt_embeds = repeat_per_image(negative_prompt_embeds.to(dtype=dtype, device=device),
                                               num_images_per_prompt)
     return prompt_embeds, negative_prompt_embeds
@@ -281,8 +287,17 @@ def warn_non_finite(stage: str, fix: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ decode
+def on_device(module) -> None:
+    """Under model offload, bring ``module`` to the accelerator before calling a method other than forward."""
+    from .offload import OffloadGroup
+
+    group = getattr(module, "_diffpipe_offload", None)
+    if isinstance(group, OffloadGroup):
+        group.bring(module)
+
 def decode_latents(vae, latents: torch.Tensor, generator=None) -> torch.Tensor:
     """Latents -> images in ``[-1, 1]``, undoing the VAE's scaling (and shift) factor."""
+    on_device(vae)
     config = vae.config
     latents = latents / config.scaling_factor
     if config.get("shift_factor") is not None:
@@ -299,6 +314,7 @@ def decode_latents(vae, latents: torch.Tensor, generator=None) -> torch.Tensor:
 
 def encode_image_latents(vae, image: torch.Tensor, generator, *, sample_mode: str = "sample") -> torch.Tensor:
     """Image in ``[-1, 1]`` -> scaled latents; a list of generators encodes one image with each."""
+    on_device(vae)
     image = image.to(device=vae.device, dtype=vae.dtype)
     if isinstance(generator, list):
         if len(generator) != image.shape[0]:
