@@ -152,6 +152,8 @@ def read_json_file(path: Path, *, what: str) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what}: {path} is not valid JSON: {e}") from e
+    except (RecursionError, ValueError) as e:  # nesting too deep, an integer of thousands of digits
+        raise ConfigError(f"{what}: {path} cannot be read as a config: {type(e).__name__}: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{what}: {path} holds a JSON {type(data).__name__}, expected an object")
     return data
