@@ -4,4 +4,6 @@
 MODELS: dict[str, str] = {
     "UNet2DConditionModel": "diffpipe.models.unet_2d_condition:UNet2DConditionModel",
     "AutoencoderKL": "diffpipe.models.autoencoder_kl:AutoencoderKL",
+    "MotionAdapter": "diffpipe.models.motion:MotionAdapter",
+    "UNetMotionModel": "diffpipe.models.unet_motion:UNetMotionModel",
 }

@@ -4,11 +4,15 @@ Configs name blocks (``down_block_types``, ``mid_block_type``, ``up_block_types`
 :func:`get_down_block`, :func:`get_mid_block` and :func:`get_up_block` build them. Attribute names and
 registration order (``attentions`` before ``resnets``, then ``downsamplers``/``upsamplers``) are the
 checkpoint layout.
+
+The blocks of the denoising UNet take an optional ``after_layer(i, hidden_states)`` hook, called
+on the output of each of their layers (resnet, or resnet + transformer) before anything else uses
+it; AnimateDiff's motion UNet runs its temporal transformers there, on the very same blocks.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +20,14 @@ from torch import nn
 from ..nn.attention import Attention
 from ..nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from ..nn.transformer_2d import Transformer2DModel
+
+# The per-layer hook of the UNet's blocks: (layer index, hidden states) -> hidden states.
+LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def _after(hook: LayerHook | None, i: int, hidden_states: torch.Tensor) -> torch.Tensor:
+    return hidden_states if hook is None else hook(i, hidden_states)
+
 
 # Block types of the reference that diffpipe does not build (they raise NotImplementedError, so a
 # config naming them fails with a clear message instead of "unknown block").
@@ -132,11 +144,11 @@ class DownBlock2D(nn.Module):
         )
 
     def forward(
-        self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None
+        self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, after_layer: LayerHook | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         outputs = []
-        for resnet in self.resnets:
-            hidden_states = resnet(hidden_states, temb)
+        for i, resnet in enumerate(self.resnets):
+            hidden_states = _after(after_layer, i, resnet(hidden_states, temb))
             outputs.append(hidden_states)
         if self.downsamplers is not None:
             for down in self.downsamplers:
@@ -188,6 +200,7 @@ class CrossAttnDownBlock2D(nn.Module):
         cross_attention_kwargs: dict[str, Any] | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         additional_residuals: torch.Tensor | None = None,
+        after_layer: LayerHook | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         ctx = dict(
             encoder_hidden_states=encoder_hidden_states,
@@ -198,7 +211,7 @@ class CrossAttnDownBlock2D(nn.Module):
         outputs = []
         last = len(self.resnets) - 1
         for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
-            hidden_states = _attend(attn, resnet(hidden_states, temb), ctx)
+            hidden_states = _after(after_layer, i, _attend(attn, resnet(hidden_states, temb), ctx))
             if i == last and additional_residuals is not None:  # T2I-Adapter features
                 hidden_states = hidden_states + additional_residuals
             outputs.append(hidden_states)
@@ -274,6 +287,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        after_layer: LayerHook | None = None,
     ) -> torch.Tensor:
         ctx = dict(
             encoder_hidden_states=encoder_hidden_states,
@@ -282,8 +296,8 @@ class UNetMidBlock2DCrossAttn(nn.Module):
             cross_attention_kwargs=cross_attention_kwargs,
         )
         hidden_states = self.resnets[0](hidden_states, temb)
-        for attn, resnet in zip(self.attentions, self.resnets[1:]):
-            hidden_states = resnet(_attend(attn, hidden_states, ctx), temb)
+        for i, (attn, resnet) in enumerate(zip(self.attentions, self.resnets[1:])):
+            hidden_states = resnet(_after(after_layer, i, _attend(attn, hidden_states, ctx)), temb)
         return hidden_states
 
 
@@ -378,10 +392,11 @@ class UpBlock2D(nn.Module):
         res_hidden_states_tuple: tuple[torch.Tensor, ...],
         temb: torch.Tensor | None = None,
         upsample_size: tuple[int, int] | None = None,
+        after_layer: LayerHook | None = None,
     ) -> torch.Tensor:
         skips = list(res_hidden_states_tuple)
-        for resnet in self.resnets:
-            hidden_states = resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb)
+        for i, resnet in enumerate(self.resnets):
+            hidden_states = _after(after_layer, i, resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb))
         if self.upsamplers is not None:
             for up in self.upsamplers:
                 hidden_states = up(hidden_states, upsample_size)
@@ -429,6 +444,7 @@ class CrossAttnUpBlock2D(nn.Module):
         upsample_size: tuple[int, int] | None = None,
         attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        after_layer: LayerHook | None = None,
     ) -> torch.Tensor:
         ctx = dict(
             encoder_hidden_states=encoder_hidden_states,
@@ -437,9 +453,9 @@ class CrossAttnUpBlock2D(nn.Module):
             cross_attention_kwargs=cross_attention_kwargs,
         )
         skips = list(res_hidden_states_tuple)
-        for resnet, attn in zip(self.resnets, self.attentions):
+        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
             hidden_states = resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb)
-            hidden_states = _attend(attn, hidden_states, ctx)
+            hidden_states = _after(after_layer, i, _attend(attn, hidden_states, ctx))
         if self.upsamplers is not None:
             for up in self.upsamplers:
                 hidden_states = up(hidden_states, upsample_size)

@@ -500,10 +500,6 @@ class UNet2DConditionModel(ModelMixin, AttentionHostMixin):
         if cross_attention_kwargs and cross_attention_kwargs.get("gligen") is not None:
             raise NotImplementedError("GLIGEN (cross_attention_kwargs['gligen']) is not implemented in diffpipe")
 
-        # Sizes that are not a multiple of the total upsampling factor need explicit upsample sizes.
-        factor = 2**self.num_upsamplers
-        forward_upsample_size = any(s % factor != 0 for s in sample.shape[-2:])
-
         attention_mask = mask_to_bias(attention_mask, sample.dtype)
         encoder_attention_mask = mask_to_bias(encoder_attention_mask, sample.dtype)
 
@@ -512,70 +508,102 @@ class UNet2DConditionModel(ModelMixin, AttentionHostMixin):
 
         emb = self._embed(sample, timestep, timestep_cond, class_labels, added_cond_kwargs)
         encoder_hidden_states = self._project_encoder_states(encoder_hidden_states, added_cond_kwargs)
-
-        sample = self.conv_in(sample)
-
-        # ControlNet gives both down and mid residuals; T2I-Adapters give intra-block residuals. The old
-        # convention passed adapter residuals as down_block_additional_residuals without a mid residual.
-        is_controlnet = mid_block_additional_residual is not None and down_block_additional_residuals is not None
-        adapter = down_intrablock_additional_residuals
-        if adapter is None and mid_block_additional_residual is None and down_block_additional_residuals is not None:
-            logger.warning(
-                "passing T2I-Adapter residuals as `down_block_additional_residuals` is deprecated; "
-                "use `down_intrablock_additional_residuals`"
-            )
-            adapter = down_block_additional_residuals
-        adapter = list(adapter) if adapter is not None else []  # consumed front to back; caller's list untouched
-
         attn_kwargs = dict(
             encoder_hidden_states=encoder_hidden_states,
             attention_mask=attention_mask,
             cross_attention_kwargs=cross_attention_kwargs,
             encoder_attention_mask=encoder_attention_mask,
         )
-
-        skips: tuple[torch.Tensor, ...] = (sample,)
-        for block in self.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                extra = {"additional_residuals": adapter.pop(0)} if adapter else {}
-                sample, res = block(sample, emb, **attn_kwargs, **extra)
-            else:
-                sample, res = block(sample, emb)
-                if adapter:
-                    # the block's last skip is its output: the residual reaches both
-                    sample = sample + adapter.pop(0)
-                    res = res[:-1] + (sample,)
-            skips += res
-
-        if is_controlnet:
-            skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
-
-        if self.mid_block is not None:
-            if getattr(self.mid_block, "has_cross_attention", False):
-                sample = self.mid_block(sample, emb, **attn_kwargs)
-            else:
-                sample = self.mid_block(sample, emb)
-            if adapter and sample.shape == adapter[0].shape:  # T2I-Adapter-XL has a mid residual
-                sample = sample + adapter.pop(0)
-
-        if is_controlnet:
-            sample = sample + mid_block_additional_residual
-
-        upsample_size = None
-        for i, block in enumerate(self.up_blocks):
-            n = len(block.resnets)
-            res, skips = skips[-n:], skips[:-n]
-            if i < len(self.up_blocks) - 1 and forward_upsample_size:
-                upsample_size = skips[-1].shape[2:]
-            if getattr(block, "has_cross_attention", False):
-                sample = block(sample, res, emb, upsample_size=upsample_size, **attn_kwargs)
-            else:
-                sample = block(sample, res, emb, upsample_size=upsample_size)
-
-        if self.conv_norm_out is not None:
-            sample = self.conv_act(self.conv_norm_out(sample))
-        sample = self.conv_out(sample)
+        sample = unet_body(
+            self,
+            sample,
+            emb,
+            attn_kwargs,
+            down_block_additional_residuals=down_block_additional_residuals,
+            mid_block_additional_residual=mid_block_additional_residual,
+            down_intrablock_additional_residuals=down_intrablock_additional_residuals,
+        )
 
         if not return_dict:
             return (sample,)
         return UNet2DConditionOutput(sample=sample)
+
+
+def unet_body(
+    unet: nn.Module,
+    sample: torch.Tensor,
+    emb: torch.Tensor,
+    attn_kwargs: dict[str, Any],
+    *,
+    down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+    mid_block_additional_residual: torch.Tensor | None = None,
+    down_intrablock_additional_residuals: Sequence[torch.Tensor] | None = None,
+    block_kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """``conv_in`` -> down blocks (saving skips) -> mid block -> up blocks -> ``conv_out``.
+
+    ``unet`` is any model with the UNet's attributes (``conv_in``, ``down_blocks``, ``mid_block``,
+    ``up_blocks``, ``conv_norm_out``/``conv_act``/``conv_out``, ``num_upsamplers``): the 2-D UNet, or
+    AnimateDiff's motion UNet, whose blocks also take ``block_kwargs`` (``num_frames``).
+    ``attn_kwargs`` go to the blocks with cross-attention.
+    """
+    block_kwargs = block_kwargs or {}
+    # Sizes that are not a multiple of the total upsampling factor need explicit upsample sizes.
+    factor = 2**unet.num_upsamplers
+    forward_upsample_size = any(s % factor != 0 for s in sample.shape[-2:])
+
+    sample = unet.conv_in(sample)
+
+    # ControlNet gives both down and mid residuals; T2I-Adapters give intra-block residuals. The old
+    # convention passed adapter residuals as down_block_additional_residuals without a mid residual.
+    is_controlnet = mid_block_additional_residual is not None and down_block_additional_residuals is not None
+    adapter = down_intrablock_additional_residuals
+    if adapter is None and mid_block_additional_residual is None and down_block_additional_residuals is not None:
+        logger.warning(
+            "passing T2I-Adapter residuals as `down_block_additional_residuals` is deprecated; "
+            "use `down_intrablock_additional_residuals`"
+        )
+        adapter = down_block_additional_residuals
+    adapter = list(adapter) if adapter is not None else []  # consumed front to back; caller's list untouched
+
+    skips: tuple[torch.Tensor, ...] = (sample,)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            extra = {"additional_residuals": adapter.pop(0)} if adapter else {}
+            sample, res = block(sample, emb, **attn_kwargs, **extra, **block_kwargs)
+        else:
+            sample, res = block(sample, emb, **block_kwargs)
+            if adapter:
+                # the block's last skip is its output: the residual reaches both
+                sample = sample + adapter.pop(0)
+                res = res[:-1] + (sample,)
+        skips += res
+
+    if is_controlnet:
+        skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
+
+    if unet.mid_block is not None:
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            sample = unet.mid_block(sample, emb, **attn_kwargs, **block_kwargs)
+        else:
+            sample = unet.mid_block(sample, emb, **block_kwargs)
+        if adapter and sample.shape == adapter[0].shape:  # T2I-Adapter-XL has a mid residual
+            sample = sample + adapter.pop(0)
+
+    if is_controlnet:
+        sample = sample + mid_block_additional_residual
+
+    upsample_size = None
+    for i, block in enumerate(unet.up_blocks):
+        n = len(block.resnets)
+        res, skips = skips[-n:], skips[:-n]
+        if i < len(unet.up_blocks) - 1 and forward_upsample_size:
+            upsample_size = skips[-1].shape[2:]
+        if getattr(block, "has_cross_attention", False):
+            sample = block(sample, res, emb, upsample_size=upsample_size, **attn_kwargs, **block_kwargs)
+        else:
+            sample = block(sample, res, emb, upsample_size=upsample_size, **block_kwargs)
+
+    if unet.conv_norm_out is not None:
+        sample = unet.conv_act(unet.conv_norm_out(sample))
+    return unet.conv_out(sample)

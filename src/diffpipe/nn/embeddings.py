@@ -91,3 +91,31 @@ class TimestepEmbedding(nn.Module):
         if self.post_act is not None:
             sample = self.post_act(sample)
         return sample
+
+
+class SinusoidalPositionalEmbedding(nn.Module):
+    """Adds a fixed sine/cosine code of each position to a ``[B, L, dim]`` sequence (``L <= max_seq_length``).
+
+    Column ``2i`` holds ``sin(p * w_i)`` and column ``2i + 1`` ``cos(p * w_i)`` with
+    ``w_i = 10000 ** (-2i / dim)``. The table is the persistent buffer ``pe`` ``[1, max_seq_length, dim]``,
+    saved with the weights as the reference saves it (AnimateDiff's temporal transformers).
+    """
+
+    def __init__(self, embed_dim: int, max_seq_length: int = 32):
+        super().__init__()
+        self.max_seq_length = max_seq_length
+        positions = torch.arange(max_seq_length, dtype=torch.float32)[:, None]
+        freqs = torch.exp(torch.arange(0, embed_dim, 2, dtype=torch.float32) * (-math.log(10000.0) / embed_dim))
+        table = torch.zeros(1, max_seq_length, embed_dim)
+        table[0, :, 0::2] = torch.sin(positions * freqs)
+        table[0, :, 1::2] = torch.cos(positions * freqs[: embed_dim // 2])
+        self.register_buffer("pe", table)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        if length > self.max_seq_length:
+            raise ValueError(
+                f"a sequence of {length} positions is longer than this positional embedding's "
+                f"max_seq_length={self.max_seq_length}"
+            )
+        return x + self.pe[:, :length]

@@ -9,6 +9,7 @@ from torch import nn
 
 from .activations import FeedForward
 from .attention import Attention
+from .embeddings import SinusoidalPositionalEmbedding
 
 
 def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -23,7 +24,9 @@ class BasicTransformerBlock(nn.Module):
     ``norm3``/``ff`` (GEGLU MLP), each added to the residual stream.
 
     With ``only_cross_attention`` the first attention also attends to the encoder states; with
-    ``double_self_attention`` the second one is a self-attention.
+    ``double_self_attention`` the second one is a self-attention. ``positional_embeddings="sinusoidal"``
+    adds ``pos_embed`` (a fixed code of each position, up to ``num_positional_embeddings``) to the
+    normalised input of each attention (AnimateDiff's temporal blocks).
     """
 
     def __init__(
@@ -44,9 +47,20 @@ class BasicTransformerBlock(nn.Module):
         ff_inner_dim: int | None = None,
         ff_bias: bool = True,
         attention_out_bias: bool = True,
+        positional_embeddings: str | None = None,
+        num_positional_embeddings: int | None = None,
     ):
         super().__init__()
         self.only_cross_attention = only_cross_attention
+        if positional_embeddings not in (None, "sinusoidal"):
+            raise ValueError(f"positional_embeddings={positional_embeddings!r}; expected None or 'sinusoidal'")
+        if positional_embeddings is not None and num_positional_embeddings is None:
+            raise ValueError("positional_embeddings='sinusoidal' needs num_positional_embeddings (the longest sequence)")
+        self.pos_embed = (
+            SinusoidalPositionalEmbedding(dim, max_seq_length=num_positional_embeddings)
+            if positional_embeddings is not None
+            else None
+        )
         attention = dict(
             heads=num_attention_heads,
             dim_head=attention_head_dim,
@@ -85,19 +99,24 @@ class BasicTransformerBlock(nn.Module):
     ) -> torch.Tensor:
         kwargs = cross_attention_kwargs or {}
         hidden_states = hidden_states + self.attn1(
-            self.norm1(hidden_states),
+            self._normed(self.norm1, hidden_states),
             encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
             attention_mask=attention_mask,
             **kwargs,
         )
         if self.attn2 is not None:
             hidden_states = hidden_states + self.attn2(
-                self.norm2(hidden_states),
+                self._normed(self.norm2, hidden_states),
                 encoder_hidden_states=encoder_hidden_states,
                 attention_mask=encoder_attention_mask,
                 **kwargs,
             )
         return hidden_states + self.ff(self.norm3(hidden_states))
+
+    def _normed(self, norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """An attention's input: the normalised states, plus the positional code if the block has one."""
+        hidden_states = norm(hidden_states)
+        return hidden_states if self.pos_embed is None else self.pos_embed(hidden_states)
 
 
 class Transformer2DModel(nn.Module):
