@@ -29,6 +29,14 @@ def strength_timesteps(scheduler, num_inference_steps: int, strength: float, dev
     return scheduler.timesteps[start * order :], num_inference_steps - start
 
 
+def image_or_latents(pipeline, image, *, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """The image as a (B, C, H, W) tensor in ``[-1, 1]``; a tensor with the VAE's latent channels is
+    taken as latents and handed on as it is (another pipeline's ``output_type="latent"``)."""
+    if torch.is_tensor(image) and image.ndim == 4 and image.shape[1] == pipeline.vae.config.latent_channels:
+        return image
+    return imgs.preprocess(image, height=height, width=width, multiple=pipeline.vae_scale_factor, what="image")
+
+
 def check_strength(strength: float) -> None:
     if not (0.0 <= strength <= 1.0):
         raise ValueError(f"strength must be between 0 and 1, got {strength}")
@@ -43,16 +51,20 @@ def tile_to_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     return torch.cat([x] * (batch // x.shape[0]), dim=0)
 
 
-def noised_image_latents(pipeline, image: torch.Tensor, timestep, *, batch: int, generator, device, dtype):
-    """Encode ``image`` (already a (B, C, H, W) tensor) and noise it to ``timestep``."""
+def noised_image_latents(pipeline, image: torch.Tensor, timestep, *, batch: int, generator, device, dtype,
+                         add_noise: bool = True):
+    """Encode ``image`` (already a (B, C, H, W) tensor) and noise it to ``timestep`` (unless ``add_noise``
+    is off: a refiner continuing from another pipeline's partly denoised latents)."""
     image = image.to(device=device, dtype=dtype)
     if image.shape[1] == pipeline.unet.config.in_channels and image.shape[1] != 3:
         latents = image  # already latents
     else:
         if isinstance(generator, list):
             image = tile_to_batch(image, batch, "images")
-        latents = stages.encode_image_latents(pipeline.vae, image, generator).to(dtype)
+        latents = pipeline._encode_image(image, generator).to(dtype)
     latents = tile_to_batch(latents, batch, "images")
+    if not add_noise:
+        return latents
     noise = randn(latents.shape, generator=generator, device=device, dtype=dtype)
     return pipeline.scheduler.add_noise(latents, noise, timestep.repeat(batch))
 
@@ -88,7 +100,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         if image is None:
             raise ValueError("StableDiffusionImg2ImgPipeline needs image= (a PIL image, array or tensor)")
         check_strength(strength)
-        pixels = imgs.preprocess(image, height=height, width=width, multiple=self.vae_scale_factor, what="image")
+        pixels = image_or_latents(self, image, height=height, width=width)
         run = self._begin(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
                           negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
                           generator=generator, guidance_scale=guidance_scale, guidance_rescale=0.0,

@@ -121,16 +121,18 @@ class StableDiffusionBase(DiffusionPipeline):
             return stages.Guidance(scale=1.0)  # guidance-distilled UNets take the scale as an embedding
         return stages.Guidance(scale=guidance_scale, rescale=guidance_rescale)
 
-    def _unet_predictor(self, cross_attention_kwargs, timestep_cond=None, added_cond_kwargs=None, concat=()):
+    def _unet_predictor(self, cross_attention_kwargs, timestep_cond=None, added_cond=None, concat=()):
         """The UNet call of the loop. The (guidance-batched) condition is ``tensors["prompt_embeds"]``;
-        ``concat`` names tensors joined to the input channels (inpainting's mask and masked image)."""
+        ``concat`` names tensors joined to the input channels (inpainting's mask and masked image);
+        ``added_cond`` maps ``added_cond_kwargs`` names to tensors (SDXL: ``{"text_embeds": "add_text_embeds"}``)."""
         unet = self.unet
 
         def predict(model_input, t, i, tensors):
             if concat:
                 model_input = torch.cat([model_input, *(tensors[k] for k in concat)], dim=1)
+            added = {name: tensors[key] for name, key in added_cond.items()} if added_cond else None
             return unet(model_input, t, encoder_hidden_states=tensors["prompt_embeds"], timestep_cond=timestep_cond,
-                        cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
+                        cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added,
                         return_dict=False)[0]
 
         return predict
@@ -149,7 +151,7 @@ class StableDiffusionBase(DiffusionPipeline):
         return emb.to(device=device, dtype=dtype)
 
     def run_safety_checker(self, image: torch.Tensor, device, dtype):
-        if self.safety_checker is None:
+        if getattr(self, "safety_checker", None) is None:
             return image, None
         pil = imgs.postprocess(image, output_type="pil")
         inputs = self.feature_extractor(pil, return_tensors="pt")
@@ -160,38 +162,53 @@ class StableDiffusionBase(DiffusionPipeline):
         if output_type == "latent":
             image, nsfw = latents, None
         else:
-            image = stages.decode_latents(self.vae, latents, generator)
+            image = self._decode(latents, generator)
             image, nsfw = self.run_safety_checker(image, device, dtype)
         denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
         image = imgs.postprocess(image, output_type=output_type, do_denormalize=denormalize)
         self.maybe_free_model_hooks()
+        return self._output(image, nsfw, return_dict)
+
+    def _decode(self, latents, generator=None) -> torch.Tensor:
+        return stages.decode_latents(self.vae, latents, generator)
+
+    def _encode_image(self, pixels, generator) -> torch.Tensor:
+        """Image in ``[-1, 1]`` -> scaled latents (img2img's and inpainting's start)."""
+        return stages.encode_image_latents(self.vae, pixels, generator)
+
+    def _output(self, image, nsfw, return_dict: bool):
         if not return_dict:
             return image, nsfw
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
 
     def _begin(self, *, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
                generator, guidance_scale, guidance_rescale, clip_skip, output_type,
-               callback_on_step_end_tensor_inputs) -> "_Run":
-        """Check the common inputs, then encode the prompt: what every SD task does first."""
+               callback_on_step_end_tensor_inputs, prompt_kwargs: dict | None = None) -> "_Run":
+        """Check the common inputs, then encode the prompt: what every SD task does first.
+        ``prompt_kwargs`` go to ``encode_prompt`` as they are (SDXL's ``prompt_2``, pooled embeddings)."""
         batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                    callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
                                    guidance_scale)
         imgs.check_output_type(output_type)
         device = self._execution_device
         guidance = self._guidance(guidance_scale, guidance_rescale)
-        embeds, negative = self.encode_prompt(prompt, device, num_images_per_prompt, guidance.active,
-                                              negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+        embeds, negative, *pooled = self.encode_prompt(
+            prompt=prompt, device=device, num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=guidance.active, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip, **(prompt_kwargs or {}))
         condition = torch.cat([negative, embeds]) if guidance.active else embeds
-        return _Run(device, guidance, embeds, negative, condition, batch * num_images_per_prompt, guidance_scale)
+        return _Run(device, guidance, embeds, negative, condition, batch * num_images_per_prompt, guidance_scale,
+                    *pooled)
 
     def _denoise_and_finish(self, run: "_Run", latents, steps, num_inference_steps, *, eta, generator,
                             cross_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                            output_type, return_dict, extra_tensors=None, concat=(), after_step=None, guide=None):
+                            output_type, return_dict, extra_tensors=None, concat=(), after_step=None, guide=None,
+                            added_cond=None):
         """The denoising loop on the UNet, then decoding, the safety checker and the output."""
         timestep_cond = self._guidance_embedding(run.guidance_scale, run.total, run.device, latents.dtype)
         latents = stages.denoise(
             self, latents=latents, timesteps=steps, num_inference_steps=num_inference_steps,
-            predict=self._unet_predictor(cross_attention_kwargs, timestep_cond, concat=concat),
+            predict=self._unet_predictor(cross_attention_kwargs, timestep_cond, added_cond=added_cond, concat=concat),
             guidance=run.guidance, step_kwargs={"eta": eta, "generator": generator},
             callback_on_step_end=callback_on_step_end,
             callback_tensors={"prompt_embeds": run.condition, "negative_prompt_embeds": run.negative,
@@ -213,6 +230,12 @@ class _Run:
     condition: torch.Tensor  # [negative, embeds] under guidance, else embeds
     total: int  # images in the batch
     guidance_scale: float
+    pooled: torch.Tensor | None = None  # SDXL's pooled text embeddings
+    negative_pooled: torch.Tensor | None = None
+
+    def paired(self, positive: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
+        """``[negative, positive]`` under guidance (the UNet's batch layout), else ``positive``."""
+        return torch.cat([negative, positive]) if self.guidance.active else positive
 
     @property
     def dtype(self) -> torch.dtype:
