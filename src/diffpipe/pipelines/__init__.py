@@ -7,6 +7,8 @@ PIPELINES: dict[str, str] = {
     "StableDiffusionImg2ImgPipeline": "diffpipe.pipelines.sd_img2img:StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline": "diffpipe.pipelines.sd_inpaint:StableDiffusionInpaintPipeline",
     "StableDiffusionSAGPipeline": "diffpipe.pipelines.sag:StableDiffusionSAGPipeline",
+    "StableDiffusionXLPipeline": "diffpipe.pipelines.sd_xl:StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline": "diffpipe.pipelines.sd_xl_img2img:StableDiffusionXLImg2ImgPipeline",
     "AutoPipelineForText2Image": "diffpipe.pipelines.auto:AutoPipelineForText2Image",
     "AutoPipelineForImage2Image": "diffpipe.pipelines.auto:AutoPipelineForImage2Image",
     "AutoPipelineForInpainting": "diffpipe.pipelines.auto:AutoPipelineForInpainting",

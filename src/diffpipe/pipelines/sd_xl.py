@@ -1,0 +1,413 @@
+"""Stable Diffusion XL text-to-image, and what every SDXL task shares.
+
+SDXL conditions its UNet on two CLIP text encoders at once: the penultimate hidden states of
+``text_encoder`` (CLIP ViT-L) and ``text_encoder_2`` (OpenCLIP bigG, with a projection) are joined
+along the feature axis, and the projected, pooled output of the second rides along as
+``added_cond_kwargs["text_embeds"]`` together with the "micro-conditioning" ``time_ids``
+(original size, crop corner, target size, or an aesthetic score for the refiner). Everything else,
+the loop, guidance, image encoding, is the Stable Diffusion base's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import stages
+from .pipeline import DiffusionPipeline
+from .stable_diffusion import StableDiffusionBase
+
+# The 48-bit message Stability AI's reference code embeds (generative-models, streamlit_helpers.py).
+WATERMARK_MESSAGE = 0b101100111110110010010000011110111011000110011110
+
+
+@dataclass
+class StableDiffusionXLPipelineOutput:
+    images: Any
+
+    def __getitem__(self, i):
+        return (self.images,)[i]
+
+    def __iter__(self):
+        return iter((self.images,))
+
+
+class InvisibleWatermark:
+    """SDXL's invisible watermark, through the ``invisible-watermark`` package (``imwatermark``).
+
+    diffpipe does not depend on that package: install it yourself (``pip install invisible-watermark``)
+    to have images watermarked. Images narrower than 256 pixels are left as they are.
+    """
+
+    def __init__(self):
+        try:
+            from imwatermark import WatermarkEncoder
+        except ImportError as e:
+            raise ImportError(
+                "add_watermarker=True needs the invisible-watermark package, which diffpipe does not install: "
+                "`pip install invisible-watermark`, or pass add_watermarker=False"
+            ) from e
+        self.encoder = WatermarkEncoder()
+        self.encoder.set_watermark("bits", [int(bit) for bit in format(WATERMARK_MESSAGE, "b")])
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in ``[-1, 1]`` (B, C, H, W) -> watermarked, same range and layout (as float32)."""
+        if images.shape[-1] < 256:
+            return images
+        pixels = ((images / 2 + 0.5) * 255).float().cpu().permute(0, 2, 3, 1).numpy()
+        # the encoder works on BGR images, as OpenCV reads them
+        marked = np.stack([self.encoder.encode(img[:, :, ::-1], "dwtDct")[:, :, ::-1] for img in pixels])
+        out = torch.from_numpy(np.ascontiguousarray(marked)).permute(0, 3, 1, 2).float()
+        return (out / 255 * 2 - 1).clamp(-1.0, 1.0).to(images.device)
+
+
+def watermark_available() -> bool:
+    return importlib.util.find_spec("imwatermark") is not None
+
+
+def check_fraction(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be a fraction of the schedule in (0, 1], got {value!r}")
+
+
+def cut_at_denoising_end(scheduler, timesteps: torch.Tensor, num_inference_steps: int, denoising_end):
+    """Keep the timesteps above ``denoising_end``'s point of the training schedule (SDXL base -> refiner)."""
+    check_fraction("denoising_end", denoising_end)
+    if denoising_end is None or denoising_end >= 1.0:
+        return timesteps, num_inference_steps
+    trained = scheduler.config.num_train_timesteps
+    cutoff = int(round(trained - denoising_end * trained))
+    kept = int((timesteps >= cutoff).sum())
+    return timesteps[:kept], kept
+
+
+def _as_list(prompt, batch: int):
+    return [prompt] * batch if isinstance(prompt, str) else prompt
+
+
+def _check_text_list(name: str, value, batch: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, str):
+        return
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+    if len(value) != batch:
+        raise ValueError(f"{name} has {len(value)} entries but the batch has {batch} prompts; pass one per prompt")
+
+
+class StableDiffusionXLBase(StableDiffusionBase):
+    """Components, the two-encoder prompt stage, micro-conditioning and VAE handling of SDXL tasks.
+
+    ``add_watermarker``: None (the default) watermarks images when the ``invisible-watermark`` package
+    is installed, which diffpipe never installs, so images are not watermarked unless you install it
+    yourself; True requires the package, False turns it off.
+    """
+
+    _config_keys = ("force_zeros_for_empty_prompt", "add_watermarker")
+    _optional_components = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "image_encoder",
+                            "feature_extractor")
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
+    callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
+
+    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
+                 image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = True,
+                 add_watermarker: bool | None = None):
+        DiffusionPipeline.__init__(self)
+        if (text_encoder is None) != (tokenizer is None) or (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise ValueError(
+                f"{type(self).__name__}: each text encoder needs its tokenizer (text_encoder with tokenizer, "
+                f"text_encoder_2 with tokenizer_2); got text_encoder={type(text_encoder).__name__}, "
+                f"tokenizer={type(tokenizer).__name__}, text_encoder_2={type(text_encoder_2).__name__}, "
+                f"tokenizer_2={type(tokenizer_2).__name__}"
+            )
+        self.register_modules(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                              tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
+                              feature_extractor=feature_extractor)
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        if add_watermarker is None:
+            add_watermarker = watermark_available()
+        object.__setattr__(self, "watermark", InvisibleWatermark() if add_watermarker else None)
+
+    # ------------------------------------------------------------------ prompt
+    def _prompt_dtype(self) -> torch.dtype:
+        return self.text_encoder_2.dtype if self.text_encoder_2 is not None else self.unet.dtype
+
+    def _text_stack(self):
+        """(tokenizer, text encoder) pairs in conditioning order: both, or only the second (refiner)."""
+        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        return [(tok, enc) for tok, enc in pairs if enc is not None]
+
+    @staticmethod
+    def _encode_texts(stack, texts_per_encoder, *, layer: int, device, max_length=None, warn: bool):
+        """Joined hidden states of layer ``layer`` of every encoder, and the first pooled projection."""
+        hidden, pooled = [], None
+        for (tokenizer, encoder), texts in zip(stack, texts_per_encoder):
+            if warn:
+                tokens = stages.tokenize_prompt(tokenizer, texts, max_length)
+            else:
+                tokens = stages._tokenize(tokenizer, texts, max_length or tokenizer.model_max_length)
+            out = encoder(tokens.input_ids.to(device), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
+                pooled = out[0]
+            hidden.append(out.hidden_states[layer])
+        return torch.cat(hidden, dim=-1), pooled
+
+    def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1,
+                      do_classifier_free_guidance: bool = True, negative_prompt=None, negative_prompt_2=None,
+                      prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                      negative_pooled_prompt_embeds=None, lora_scale=None, clip_skip=None):
+        """(prompt embeddings, negative embeddings, pooled, negative pooled), as the reference returns them.
+
+        ``prompt_2`` / ``negative_prompt_2`` go to the second encoder (default: ``prompt`` /
+        ``negative_prompt``). With only ``text_encoder_2`` (the refiner), it reads ``prompt``, as the
+        reference does. With ``force_zeros_for_empty_prompt`` and no ``negative_prompt``, the negative
+        side is zeros.
+        """
+        device = device or self._execution_device
+        batch = stages.batch_size_of(prompt, prompt_embeds)
+        stack = self._text_stack()
+        if prompt_embeds is None:
+            self._check_text_encoder_2()
+            texts = [_as_list(prompt, batch), _as_list(prompt_2 or prompt, batch)]
+            layer = -2 if clip_skip is None else -(clip_skip + 2)
+            prompt_embeds, pooled = self._encode_texts(stack, texts, layer=layer, device=device, warn=True)
+            pooled_prompt_embeds = pooled if pooled_prompt_embeds is None else pooled_prompt_embeds
+        if pooled_prompt_embeds is None:
+            raise ValueError("with prompt_embeds=, pass pooled_prompt_embeds= too (the second encoder's pooled output)")
+        negative = negative_pooled = None
+        if do_classifier_free_guidance:
+            negative, negative_pooled = negative_prompt_embeds, negative_pooled_prompt_embeds
+            if negative is None and negative_prompt is None and self.config.force_zeros_for_empty_prompt:
+                negative, negative_pooled = torch.zeros_like(prompt_embeds), torch.zeros_like(pooled_prompt_embeds)
+            elif negative is None:
+                if not stack:
+                    raise ValueError(f"{type(self).__name__} has no text encoder to encode negative_prompt with")
+                first = _as_list(negative_prompt or "", batch)
+                texts = [first, _as_list(negative_prompt_2 or negative_prompt or "", batch)]
+                negative, pooled = self._encode_texts(stack, texts, layer=-2, device=device,
+                                                      max_length=prompt_embeds.shape[1], warn=False)
+                negative_pooled = pooled if negative_pooled is None else negative_pooled
+            if negative_pooled is None:
+                raise ValueError("with negative_prompt_embeds=, pass negative_pooled_prompt_embeds= too")
+        dtype = self._prompt_dtype()
+
+        def per_image(x):
+            return None if x is None else stages.repeat_per_image(x.to(dtype=dtype, device=device),
+                                                                  num_images_per_prompt)
+
+        return tuple(per_image(x) for x in (prompt_embeds, negative, pooled_prompt_embeds, negative_pooled))
+
+    def _check_xl(self, prompt, prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
+                  pooled_prompt_embeds, negative_pooled_prompt_embeds) -> None:
+        """SDXL's own input rules, checked before any model runs (the common ones are the base's)."""
+        if prompt_2 is not None and prompt_embeds is not None:
+            raise ValueError("pass either prompt_2= or prompt_embeds=, not both")
+        if negative_prompt_2 is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either negative_prompt_2= or negative_prompt_embeds=, not both")
+        batch = len(prompt) if isinstance(prompt, list) else 1
+        if prompt is None and torch.is_tensor(prompt_embeds):
+            batch = prompt_embeds.shape[0]
+        _check_text_list("prompt_2", prompt_2, batch)
+        _check_text_list("negative_prompt_2", negative_prompt_2, batch)
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("with prompt_embeds=, pass pooled_prompt_embeds= too (the second encoder's pooled output)")
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("with negative_prompt_embeds=, pass negative_pooled_prompt_embeds= too")
+        if self.unet.config.get("addition_embed_type") != "text_time":
+            raise ValueError(
+                f"{type(self).__name__} needs an SDXL UNet (addition_embed_type='text_time'), this UNet has "
+                f"addition_embed_type={self.unet.config.get('addition_embed_type')!r}"
+            )
+        if prompt_embeds is None:
+            self._check_text_encoder_2()
+
+    def _check_text_encoder_2(self) -> None:
+        if self.text_encoder_2 is None:
+            raise ValueError(
+                f"{type(self).__name__} has no text_encoder_2, which gives SDXL its pooled text embedding; "
+                "pass prompt_embeds= and pooled_prompt_embeds= instead of a prompt"
+            )
+
+    # ------------------------------------------------------------------ micro-conditioning
+    def _projection_dim(self, run) -> int:
+        if self.text_encoder_2 is not None:
+            return int(self.text_encoder_2.config.projection_dim)
+        return int(run.pooled.shape[-1])
+
+    def _time_ids(self, values, run, hint: str = "") -> torch.Tensor:
+        """One row of micro-conditioning ids, checked against the UNet's added-embedding width."""
+        values = [float(v) for v in values]
+        cfg = self.unet.config
+        made = cfg.addition_time_embed_dim * len(values) + self._projection_dim(run)
+        wanted = cfg.projection_class_embeddings_input_dim
+        if made != wanted:
+            raise ValueError(
+                f"the UNet expects an added embedding of width {wanted} (projection_class_embeddings_input_dim), "
+                f"but {len(values)} time ids x {cfg.addition_time_embed_dim} + the text encoder's projection "
+                f"{self._projection_dim(run)} make {made}.{hint} Check unet.config and "
+                "text_encoder_2.config.projection_dim."
+            )
+        return torch.tensor([values], dtype=run.dtype)
+
+    def _added_conditions(self, run, time_ids: torch.Tensor, negative_time_ids: torch.Tensor) -> dict:
+        """The pooled embeddings and time ids in the UNet's (guidance-batched) layout."""
+        rows = run.total
+        return {
+            "add_text_embeds": run.paired(run.pooled, run.negative_pooled).to(run.device),
+            "add_time_ids": run.paired(time_ids.repeat(rows, 1), negative_time_ids.repeat(rows, 1)).to(run.device),
+        }
+
+    ADDED_COND = {"text_embeds": "add_text_embeds", "time_ids": "add_time_ids"}
+
+    # ------------------------------------------------------------------ VAE
+    @contextlib.contextmanager
+    def _vae_upcast(self, applies: bool):
+        """Run the VAE in float32 when its config says it overflows in float16 (``force_upcast``),
+        then give it back its dtype. An fp16-safe VAE (``force_upcast: false``) is left alone."""
+        vae = self.vae
+        before = vae.dtype
+        upcast = applies and bool(vae.config.get("force_upcast", False)) and before != torch.float32
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            yield upcast
+        finally:
+            if upcast:
+                vae.to(dtype=before)
+
+    def _latent_stats(self, like: torch.Tensor):
+        config = self.vae.config
+        mean, std = config.get("latents_mean"), config.get("latents_std")
+        if mean is None or std is None:
+            return None
+        shape = (1, len(mean), 1, 1)
+        return (torch.tensor(mean).view(shape).to(like.device, like.dtype),
+                torch.tensor(std).view(shape).to(like.device, like.dtype))
+
+    def _decode(self, latents, generator=None) -> torch.Tensor:
+        # the reference upcasts for decoding only a float16 VAE
+        with self._vae_upcast(self.vae.dtype == torch.float16):
+            stats = self._latent_stats(latents)
+            if stats is not None:  # VAEs with per-channel latent statistics: undo them around the scaling
+                mean, std = stats
+                latents = latents * std + mean * self.vae.config.scaling_factor
+            image = super()._decode(latents, generator)
+        if self.watermark is not None:
+            image = self.watermark.apply(image)
+        return image
+
+    def _encode_image(self, pixels, generator) -> torch.Tensor:
+        # the reference upcasts for encoding whenever the config asks
+        with self._vae_upcast(True):
+            latents = super()._encode_image(pixels, generator)  # cast to the VAE's dtype there
+        stats = self._latent_stats(latents)
+        if stats is not None:
+            mean, std = stats
+            latents = (latents - mean * self.vae.config.scaling_factor) / std
+        return latents
+
+    def _output(self, image, nsfw, return_dict: bool):
+        if not return_dict:
+            return (image,)
+        return StableDiffusionXLPipelineOutput(images=image)
+
+    # ------------------------------------------------------------------ the common start
+    def _begin_xl(self, *, prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
+                  pooled_prompt_embeds, negative_pooled_prompt_embeds, **common):
+        self._check_xl(prompt, prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
+                       pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        return self._begin(
+            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            prompt_kwargs=dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+                               pooled_prompt_embeds=pooled_prompt_embeds,
+                               negative_pooled_prompt_embeds=negative_pooled_prompt_embeds),
+            **common)
+
+
+class StableDiffusionXLPipeline(StableDiffusionXLBase):
+    """Text to image with Stable Diffusion XL (base models; ``denoising_end`` hands over to a refiner)."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        """Generate images from text.
+
+        ``original_size`` / ``target_size`` default to ``(height, width)``; the negative ones, when
+        both are given, condition the unconditional branch. ``denoising_end`` (a fraction) stops early
+        and, with ``output_type="latent"``, hands the latents to a refiner's ``denoising_start``.
+        """
+        default_h, default_w = self._default_size()
+        height, width = height or default_h, width or default_w
+        stages.check_size(height, width, self.vae_scale_factor)
+        check_fraction("denoising_end", denoising_end)
+        run = self._begin_xl(
+            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale, clip_skip=clip_skip, output_type=output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        time_ids = self._time_ids([*(original_size or (height, width)), *crops_coords_top_left,
+                                   *(target_size or (height, width))], run)
+        negative_time_ids = time_ids
+        if negative_original_size is not None and negative_target_size is not None:
+            negative_time_ids = self._time_ids([*negative_original_size, *negative_crops_coords_top_left,
+                                                *negative_target_size], run)
+        steps, num_inference_steps = stages.set_timesteps(self.scheduler, num_inference_steps, run.device,
+                                                          timesteps, sigmas)
+        shape = (run.total, self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        latents = stages.initial_latents(shape, generator=generator, device=run.device, dtype=run.dtype,
+                                         latents=latents, init_noise_sigma=self.scheduler.init_noise_sigma)
+        steps, num_inference_steps = cut_at_denoising_end(self.scheduler, steps, num_inference_steps, denoising_end)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+        return self._denoise_and_finish(
+            run, latents, steps, num_inference_steps, eta=eta, generator=generator,
+            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, output_type=output_type,
+            return_dict=return_dict, extra_tensors=self._added_conditions(run, time_ids, negative_time_ids),
+            added_cond=self.ADDED_COND)

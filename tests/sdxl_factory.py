@@ -1,0 +1,84 @@
+"""Tiny Stable Diffusion XL pipelines written by the reference library (the oracle), for parity tests.
+
+The shapes follow SDXL's wiring at toy size: two CLIP text encoders whose widths add up to the
+UNet's cross-attention width, the second with a projection whose width plus the time ids' fills the
+UNet's added embedding (6 ids for a base model, 5 with the aesthetic score for a refiner).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from sd_factory import write_tokenizer
+
+WIDTH_1, WIDTH_2, PROJECTION, TIME_DIM = 32, 40, 24, 8
+
+
+def _text_config(vocab_size: int, hidden: int, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_hidden_layers=3,
+        vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1, **extra,
+    )
+
+
+def sdxl_components(seed: int = 0, *, tmp: Path, refiner: bool = False, scheduler: str = "EulerDiscreteScheduler",
+                    force_upcast: bool = True, latents_stats: bool = False) -> dict:
+    """Tiny SDXL components built with the reference, seeded. ``refiner``: only text_encoder_2 and the
+    aesthetic-score UNet. ``latents_stats``: a VAE with per-channel latents_mean / latents_std."""
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    n_ids = 5 if refiner else 6
+    cross = WIDTH_2 if refiner else WIDTH_1 + WIDTH_2
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
+        projection_class_embeddings_input_dim=PROJECTION + n_ids * TIME_DIM, cross_attention_dim=cross,
+        norm_num_groups=4,
+    )
+    vae_extra = {}
+    if latents_stats:
+        vae_extra = dict(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, sample_size=32,
+        scaling_factor=0.13025, force_upcast=force_upcast, **vae_extra,
+    )
+    tok_dir = tmp / f"diffpipe-xl-tok-{seed}"
+    vocab_size = write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir, pad_token="!")  # SDXL's second tokenizer pads with "!"
+    text_encoder = CLIPTextModel(_text_config(vocab_size, WIDTH_1)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, WIDTH_2, projection_dim=PROJECTION)).eval()
+    sched = getattr(diffusers, scheduler)(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        **({"timestep_spacing": "leading"} if scheduler != "DDPMScheduler" else {}),
+    )
+    if refiner:
+        text_encoder = tokenizer = None
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2, scheduler=sched)
+
+
+def save_reference_sdxl(folder: Path, *, task: str = "StableDiffusionXLPipeline", variant: str | None = None,
+                        refiner: bool = False, **kwargs) -> Path:
+    """Build a tiny SDXL pipeline with the reference and save it to ``folder``."""
+    import diffusers
+
+    components = sdxl_components(tmp=folder.parent, refiner=refiner, **kwargs)
+    settings = {"requires_aesthetics_score": True} if refiner else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = getattr(diffusers, task)(**components, add_watermarker=False, **settings)
+        pipe.save_pretrained(folder, variant=variant)
+    return folder
