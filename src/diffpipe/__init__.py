@@ -25,6 +25,7 @@ _EXTRA = {
     "SchedulerMixin": "diffpipe.schedulers.base:SchedulerMixin",
     "load_image": "diffpipe.images:load_image",
     "export_to_gif": "diffpipe.images:export_to_gif",
+    "export_to_video": "diffpipe.images:export_to_video",
 }
 
 

@@ -151,12 +151,69 @@ def _resize_tensor(tensor: torch.Tensor, height, width, multiple) -> torch.Tenso
     return tensor
 
 
-def export_to_gif(frames: list, path: str | os.PathLike, fps: int = 10) -> str:
-    """Write PIL frames as a looping GIF; returns the path."""
-    frames = [f if isinstance(f, PIL.Image.Image) else numpy_to_pil(np.asarray(f))[0] for f in frames]
-    frames[0].save(path, save_all=True, append_images=frames[1:], optimize=False,
-                   duration=int(1000 / fps), loop=0)
+def _frames_as_pil(frames, what: str) -> list[PIL.Image.Image]:
+    """One video's frames (PIL images, ``[H, W, C]`` arrays in ``[0, 1]`` or uint8, or one
+    ``[F, H, W, C]`` array) as PIL images."""
+    if isinstance(frames, np.ndarray) and frames.ndim == 4:
+        frames = list(frames)
+    if isinstance(frames, PIL.Image.Image) or not isinstance(frames, (list, tuple)) or not frames:
+        raise TypeError(f"{what} takes one video: a non-empty list of frames (PIL images or arrays), "
+                        f"got {type(frames).__name__}")
+    if isinstance(frames[0], (list, tuple)):
+        raise TypeError(f"{what} takes one video, got a list of {len(frames)} videos; pass one of them "
+                        "(pipeline output `.frames[0]`)")
+    out = []
+    for f in frames:
+        if isinstance(f, PIL.Image.Image):
+            out.append(f)
+            continue
+        array = np.asarray(f)
+        if array.ndim != 3:
+            raise TypeError(f"{what}: a frame must be a PIL image or an [H, W, C] array, got shape {array.shape}")
+        out.append(PIL.Image.fromarray(array) if array.dtype == np.uint8 else numpy_to_pil(array)[0])
+    return out
+
+
+def _output_path(path, suffix: str) -> str:
+    if path is None:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f:
+            return f.name
     return os.fspath(path)
+
+
+def export_to_gif(frames: list, path: str | os.PathLike | None = None, fps: int = 10) -> str:
+    """Write one video's frames as a looping GIF (``fps`` frames a second); returns the path (a
+    temporary file when ``path`` is None)."""
+    images = _frames_as_pil(frames, "export_to_gif")
+    path = _output_path(path, ".gif")
+    images[0].save(path, save_all=True, append_images=images[1:], optimize=False, duration=int(1000 / fps), loop=0)
+    return path
+
+
+def export_to_video(frames: list, path: str | os.PathLike | None = None, fps: int = 10, quality: float | None = 5.0,
+                    bitrate: int | None = None, macro_block_size: int | None = 16) -> str:
+    """Write one video's frames as an MP4 (H.264 through imageio's ffmpeg plugin); returns the path.
+
+    Needs the optional ``video`` extra (``pip install "diffpipe[video]"``: imageio and imageio-ffmpeg).
+    ``quality`` (0-10), ``bitrate`` and ``macro_block_size`` (sizes not divisible by it are padded up)
+    are imageio's.
+    """
+    try:
+        import imageio
+        import imageio_ffmpeg  # noqa: F401  (imageio's ffmpeg plugin runs its bundled ffmpeg)
+    except ImportError as e:
+        raise ImportError(
+            f"export_to_video needs imageio and imageio-ffmpeg ({e}); install them with "
+            "`pip install \"diffpipe[video]\"` (or `pip install imageio imageio-ffmpeg`), or use export_to_gif"
+        ) from e
+    images = [np.asarray(im.convert("RGB")) for im in _frames_as_pil(frames, "export_to_video")]
+    path = _output_path(path, ".mp4")
+    with imageio.get_writer(path, fps=fps, quality=quality, bitrate=bitrate, macro_block_size=macro_block_size) as w:
+        for image in images:
+            w.append_data(image)
+    return path
 
 
 def preprocess_mask(mask, *, height: int, width: int, multiple: int = 8, resample: str = "lanczos") -> torch.Tensor:

@@ -9,6 +9,7 @@ PIPELINES: dict[str, str] = {
     "StableDiffusionSAGPipeline": "diffpipe.pipelines.sag:StableDiffusionSAGPipeline",
     "StableDiffusionXLPipeline": "diffpipe.pipelines.sd_xl:StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline": "diffpipe.pipelines.sd_xl_img2img:StableDiffusionXLImg2ImgPipeline",
+    "AnimateDiffPipeline": "diffpipe.pipelines.animatediff:AnimateDiffPipeline",
     "AutoPipelineForText2Image": "diffpipe.pipelines.auto:AutoPipelineForText2Image",
     "AutoPipelineForImage2Image": "diffpipe.pipelines.auto:AutoPipelineForImage2Image",
     "AutoPipelineForInpainting": "diffpipe.pipelines.auto:AutoPipelineForInpainting",
