@@ -179,8 +179,10 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A ``.bin`` checkpoint through ``torch.load(weights_only=True)``: code in the pickle never runs."""
+def load_pickle(path: str | os.PathLike, *, nested: bool = False) -> dict[str, torch.Tensor]:
+    """A ``.bin`` checkpoint through ``torch.load(weights_only=True)``: code in the pickle never runs.
+
+    ``nested``: the values may also be dicts of tensors, one level deep (IP-Adapter files)."""
     path = Path(path)
     with open(path, "rb") as f:
         check_not_lfs_pointer(path, f.read(64))
@@ -203,9 +205,16 @@ def load_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CorruptCheckpointError(f"{path} could not be read as a PyTorch checkpoint: {e}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CorruptCheckpointError(f"{path} does not hold a dict of tensors (found {type(state).__name__})")
+    if not isinstance(state, dict) or not all(_tensor_or_nested(v, nested) for v in state.values()):
+        what = "a dict of dicts of tensors" if nested else "a dict of tensors"
+        raise CorruptCheckpointError(f"{path} does not hold {what} (found {type(state).__name__})")
     return state
+
+
+def _tensor_or_nested(value, nested: bool) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return nested and isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .. import images as imgs
+from ..adapters import IPAdapterMixin, LoraLoaderMixin
 from ..config import fix_scheduler_for_sd, fix_unet_for_sd
 from . import stages
 from .pipeline import DiffusionPipeline
@@ -37,7 +38,7 @@ class StableDiffusionPipelineOutput:
         return iter((self.images, self.nsfw_content_detected))
 
 
-class StableDiffusionBase(DiffusionPipeline):
+class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
     """Components, prompt encoding, the safety checker and output handling shared by SD tasks."""
 
     _config_keys = ("requires_safety_checker",)
@@ -183,22 +184,28 @@ class StableDiffusionBase(DiffusionPipeline):
 
     def _begin(self, *, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
                generator, guidance_scale, guidance_rescale, clip_skip, output_type,
-               callback_on_step_end_tensor_inputs, prompt_kwargs: dict | None = None) -> "_Run":
-        """Check the common inputs, then encode the prompt: what every SD task does first.
-        ``prompt_kwargs`` go to ``encode_prompt`` as they are (SDXL's ``prompt_2``, pooled embeddings)."""
+               callback_on_step_end_tensor_inputs, prompt_kwargs: dict | None = None, ip_adapter_image=None,
+               ip_adapter_image_embeds=None) -> "_Run":
+        """Check the common inputs, then encode the prompt (and the IP-Adapter image prompt): what every
+        SD task does first. ``prompt_kwargs`` go to ``encode_prompt`` as they are (SDXL's ``prompt_2``,
+        pooled embeddings)."""
         batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                    callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
                                    guidance_scale)
         imgs.check_output_type(output_type)
         device = self._execution_device
         guidance = self._guidance(guidance_scale, guidance_rescale)
+        image_embeds = self._ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
+                                               batch * num_images_per_prompt, guidance.active)
         embeds, negative, *pooled = self.encode_prompt(
             prompt=prompt, device=device, num_images_per_prompt=num_images_per_prompt,
             do_classifier_free_guidance=guidance.active, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip, **(prompt_kwargs or {}))
         condition = torch.cat([negative, embeds]) if guidance.active else embeds
-        return _Run(device, guidance, embeds, negative, condition, batch * num_images_per_prompt, guidance_scale,
-                    *pooled)
+        run = _Run(device, guidance, embeds, negative, condition, batch * num_images_per_prompt, guidance_scale,
+                   *pooled)
+        run.image_embeds = image_embeds
+        return run
 
     def _denoise_and_finish(self, run: "_Run", latents, steps, num_inference_steps, *, eta, generator,
                             cross_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
@@ -206,6 +213,7 @@ class StableDiffusionBase(DiffusionPipeline):
                             added_cond=None):
         """The denoising loop on the UNet, then decoding, the safety checker and the output."""
         timestep_cond = self._guidance_embedding(run.guidance_scale, run.total, run.device, latents.dtype)
+        added_cond, extra_tensors = run.with_image_prompt(added_cond, extra_tensors)
         latents = stages.denoise(
             self, latents=latents, timesteps=steps, num_inference_steps=num_inference_steps,
             predict=self._unet_predictor(cross_attention_kwargs, timestep_cond, added_cond=added_cond, concat=concat),
@@ -217,6 +225,9 @@ class StableDiffusionBase(DiffusionPipeline):
         )
         return self._finish(latents, output_type=output_type, return_dict=return_dict, device=run.device,
                             dtype=run.dtype, generator=generator)
+
+
+IMAGE_EMBEDS = "ip_adapter_image_embeds"  # the loop tensor holding the image prompt
 
 
 @dataclass
@@ -232,6 +243,15 @@ class _Run:
     guidance_scale: float
     pooled: torch.Tensor | None = None  # SDXL's pooled text embeddings
     negative_pooled: torch.Tensor | None = None
+    image_embeds: list[torch.Tensor] | None = None  # IP-Adapter image prompt, one tensor per adapter
+
+    def with_image_prompt(self, added_cond: dict | None, tensors: dict | None) -> tuple[dict | None, dict | None]:
+        """The UNet's added conditions and the loop's tensors, plus the image prompt if the call has one
+        (the UNet reads ``added_cond_kwargs["image_embeds"]``)."""
+        if self.image_embeds is None:
+            return added_cond, tensors
+        return ({**(added_cond or {}), "image_embeds": IMAGE_EMBEDS},
+                {**(tensors or {}), IMAGE_EMBEDS: self.image_embeds})
 
     def paired(self, positive: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
         """``[negative, positive]`` under guidance (the UNet's batch layout), else ``positive``."""
@@ -283,6 +303,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
@@ -300,6 +322,7 @@ class StableDiffusionPipeline(StableDiffusionBase):
                                     guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                                     num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator,
                                     prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                    ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
                                     output_type=output_type, return_dict=return_dict,
                                     cross_attention_kwargs=cross_attention_kwargs, clip_skip=clip_skip,
                                     callback_on_step_end=callback_on_step_end,
@@ -312,7 +335,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
                           negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
                           generator=generator, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                           clip_skip=clip_skip, output_type=output_type,
-                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
         steps, num_inference_steps = stages.set_timesteps(self.scheduler, num_inference_steps, run.device,
                                                           timesteps, sigmas)
         shape = (run.total, self.unet.config.in_channels, height // self.vae_scale_factor,

@@ -1,0 +1,433 @@
+"""LoRA without peft: low-rank updates added to a model's ``nn.Linear`` / ``nn.Conv2d`` layers.
+
+Why not peft: transformers 5 gates its own adapter API on peft versions newer than the registry
+carries here, and peft replaces each target layer by a wrapper (``to_q`` -> ``to_q.base_layer``),
+which renames the base model's state-dict keys. This module keeps the model as it is:
+
+- each adapter's weights live in :class:`LoraLayer` modules inside one ``nn.ModuleDict`` registered on
+  the model under ``diffpipe_lora`` (so ``.to()``, ``parameters()`` and memory figures see them), and
+  that bank hides itself from ``state_dict()`` / ``load_state_dict()``: the model saves and loads
+  exactly its base weights while adapters are attached;
+- a forward hook on each target layer adds ``scale * up(down(x))`` for the active adapters, in the
+  order they were activated, with ``scale = weight * alpha / rank``;
+- ``fuse`` adds ``scale * up @ down`` into the target weights (the hooks then skip it) and
+  ``unfuse`` subtracts the same amount again.
+
+Target layers shared between models (a motion UNet runs its image UNet's layers) carry one hook that
+serves every model's adapters, so a LoRA loaded through one pipeline acts in the others that share
+the layer, as any state of a shared component does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import StateDictMismatchError, summarize
+from . import lora_formats
+from .ip_adapter import layer_scales, scale_for
+
+logger = logging.getLogger(__name__)
+
+BANK = "diffpipe_lora"
+_STATE = "_diffpipe_lora"
+_SLOT = "_diffpipe_lora_slot"
+
+
+class LoraLayer(nn.Module):
+    """``up(down(x))`` for one target: Linear pairs for a Linear; for a Conv2d a conv with its kernel,
+    stride and padding to ``rank`` channels, then a 1x1 conv back."""
+
+    def __init__(self, target: nn.Module, rank: int, alpha: float | None, up_bias: bool = False):
+        super().__init__()
+        if isinstance(target, nn.Linear):
+            self.down = nn.Linear(target.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, target.out_features, bias=up_bias)
+        elif isinstance(target, nn.Conv2d):
+            self.down = nn.Conv2d(target.in_channels, rank, target.kernel_size, target.stride, target.padding,
+                                  bias=False)
+            self.up = nn.Conv2d(rank, target.out_channels, 1, bias=up_bias)
+        else:
+            raise TypeError(f"LoRA targets nn.Linear and nn.Conv2d layers, not {type(target).__name__}")
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x.to(self.down.weight.dtype)))
+
+    def delta_weight(self) -> torch.Tensor:
+        """``up @ down`` in the target weight's shape, in float32."""
+        up = self.up.weight.float().flatten(1)
+        down = self.down.weight.float()
+        return (up @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+
+
+# ------------------------------------------------------------------------------------- per-layer hooks
+@dataclass
+class _Slot:
+    """The adapters on one target layer (from any model sharing it) and what its hook adds now."""
+
+    handle: object = None
+    entries: dict = field(default_factory=dict)  # adapter name -> (owning state, module path, LoraLayer)
+    active: list = field(default_factory=list)  # [(LoraLayer, scale)] the hook adds, in order
+
+    def refresh(self) -> None:
+        self.active = []
+        for state in {id(s): s for s, _, _ in self.entries.values()}.values():
+            for name in state.active:
+                if name in self.entries and self.entries[name][0] is state and state.enabled \
+                        and name not in state.fused:
+                    _, path, layer = self.entries[name]
+                    self.active.append((layer, state.scale(name, path)))
+
+
+def _hook(module: nn.Module, args, output):
+    slot: _Slot = module.__dict__[_SLOT]
+    if not slot.active:
+        return output
+    x = args[0]
+    for layer, scale in slot.active:
+        output = output + (layer(x) * scale).to(output.dtype)
+    return output
+
+
+def _hide_from_state_dict(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+
+
+def _ignore_missing(module, incompatible_keys) -> None:
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if f"{BANK}." not in k]
+
+
+# ------------------------------------------------------------------------------------- a model's LoRA
+class ModelLora:
+    """The LoRA adapters of one model (kept in the model's ``__dict__``, not in its module tree)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.bank = nn.ModuleDict()
+        self.bank.register_state_dict_post_hook(_hide_from_state_dict)
+        self.bank.register_load_state_dict_post_hook(_ignore_missing)
+        model.add_module(BANK, self.bank)
+        self.paths: dict[str, dict[str, LoraLayer]] = {}  # adapter -> {module path: layer}
+        self.weights: dict[str, float | dict[str, float]] = {}
+        self.active: list[str] = []
+        self.enabled = True
+        self.fused: dict[str, dict[str, float]] = {}  # adapter -> {path: scale folded into the weights}
+
+    @classmethod
+    def of(cls, model: nn.Module, create: bool = False) -> "ModelLora | None":
+        state = model.__dict__.get(_STATE)
+        if state is None and create:
+            state = cls(model)
+            model.__dict__[_STATE] = state
+        return state
+
+    def scale(self, name: str, path: str) -> float:
+        layer = self.paths[name][path]
+        return scale_for(path, self.weights.get(name, 1.0), 1.0) * layer.alpha / layer.rank
+
+    def add(self, name: str, layers: dict[str, lora_formats.LoraWeights]) -> None:
+        """Attach adapter ``name`` (already checked by :func:`check_fits`) and make it the active one."""
+        built: dict[str, LoraLayer] = {}
+        for path, w in layers.items():
+            target = self.model.get_submodule(path)
+            layer = LoraLayer(target, w.rank, w.alpha, up_bias=w.up_bias is not None)
+            state = {"down.weight": w.down, "up.weight": w.up}
+            if w.up_bias is not None:
+                state["up.bias"] = w.up_bias
+            ref = target.weight
+            layer.load_state_dict({k: v.to(dtype=ref.dtype) for k, v in state.items()})
+            built[path] = layer.to(device=ref.device, dtype=ref.dtype)
+        sub = nn.ModuleDict({path.replace(".", "/"): layer for path, layer in built.items()})
+        self.bank[name] = sub
+        self.paths[name] = built
+        self.weights[name] = 1.0
+        for path in built:
+            target = self.model.get_submodule(path)
+            slot = target.__dict__.get(_SLOT)
+            if slot is None:
+                slot = _Slot()
+                slot.handle = target.register_forward_hook(_hook)
+                target.__dict__[_SLOT] = slot
+            slot.entries[name] = (self, path, built[path])
+        self.active = [name]
+        self.refresh()
+
+    def remove(self, name: str) -> None:
+        if name in self.fused:
+            self.unfuse([name])
+        for path in self.paths.pop(name):
+            target = self.model.get_submodule(path)
+            slot: _Slot = target.__dict__[_SLOT]
+            slot.entries.pop(name, None)
+            if not slot.entries:
+                slot.handle.remove()
+                del target.__dict__[_SLOT]
+            else:
+                slot.refresh()
+        del self.bank[name]
+        self.weights.pop(name, None)
+        self.active = [a for a in self.active if a != name]
+        self.refresh()
+        if not self.paths:
+            del self.model._modules[BANK]
+            del self.model.__dict__[_STATE]
+
+    def refresh(self) -> None:
+        for name in self.paths:
+            for path in self.paths[name]:
+                self.model.get_submodule(path).__dict__[_SLOT].refresh()
+
+    def fuse(self, lora_scale: float, names: list[str] | None) -> None:
+        for name in (names if names is not None else self.active):
+            if name not in self.paths or name in self.fused:
+                continue
+            done = {}
+            for path, layer in self.paths[name].items():
+                scale = self.scale(name, path) * lora_scale
+                _add_delta(self.model.get_submodule(path), layer, scale)
+                done[path] = scale
+            self.fused[name] = done
+        self.refresh()
+
+    def unfuse(self, names: list[str] | None = None) -> None:
+        for name in list(self.fused if names is None else names):
+            for path, scale in self.fused.pop(name, {}).items():
+                _add_delta(self.model.get_submodule(path), self.paths[name][path], -scale)
+        self.refresh()
+
+
+@torch.no_grad()
+def _add_delta(target: nn.Module, layer: LoraLayer, scale: float) -> None:
+    weight = target.weight
+    weight.copy_((weight.float() + scale * layer.delta_weight().to(weight.device)).to(weight.dtype))
+    if layer.up.bias is not None:
+        target.bias.copy_((target.bias.float() + scale * layer.up.bias.float()).to(target.bias.dtype))
+
+
+def check_fits(component: str, model: nn.Module, layers: dict[str, lora_formats.LoraWeights]) -> None:
+    """Every layer must exist in ``model`` as a Linear/Conv2d and every shape must fit it."""
+    missing, problems = [], []
+    for path, w in layers.items():
+        try:
+            target = None if path.startswith("?") else model.get_submodule(path)
+        except AttributeError:
+            target = None
+        if target is None or f"{BANK}." in path:
+            missing.extend(w.keys)
+            continue
+        if not isinstance(target, (nn.Linear, nn.Conv2d)):
+            problems.append(f"{component}.{path} is a {type(target).__name__}; LoRA targets Linear and Conv2d layers "
+                            f"({w.keys[0]})")
+            continue
+        problems.extend(_shape_problems(component, path, target, w))
+    if missing:
+        raise StateDictMismatchError(
+            f"LoRA keys that match no layer of the {component} ({type(model).__name__}): {summarize(sorted(missing))}; "
+            "the LoRA was made for another model"
+        )
+    if problems:
+        raise StateDictMismatchError("the LoRA does not fit: " + "; ".join(problems[:6])
+                                     + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else ""))
+
+
+def _shape_problems(component: str, path: str, target: nn.Module, w: lora_formats.LoraWeights) -> list[str]:
+    where = f"{component}.{path} ({', '.join(w.keys[:2])})"
+    down, up = w.down, w.up
+    conv = isinstance(target, nn.Conv2d)
+    want_dims = 4 if conv else 2
+    if down.ndim != want_dims or up.ndim != want_dims:
+        return [f"{where}: a {type(target).__name__} takes {want_dims}-d LoRA weights, got down "
+                f"{tuple(down.shape)} and up {tuple(up.shape)}"]
+    if up.shape[1] != down.shape[0]:
+        return [f"{where}: rank mismatch, down has rank {down.shape[0]} {tuple(down.shape)} but up has "
+                f"{up.shape[1]} {tuple(up.shape)}"]
+    in_width = target.in_channels if conv else target.in_features
+    out_width = target.out_channels if conv else target.out_features
+    out = []
+    if down.shape[1] != in_width:
+        out.append(f"{where}: down {tuple(down.shape)} takes width {down.shape[1]}, the layer takes {in_width}")
+    if up.shape[0] != out_width:
+        out.append(f"{where}: up {tuple(up.shape)} gives width {up.shape[0]}, the layer gives {out_width}")
+    if conv and (tuple(down.shape[2:]) != tuple(target.kernel_size) or tuple(up.shape[2:]) != (1, 1)):
+        out.append(f"{where}: conv LoRA kernels down {tuple(down.shape[2:])} / up {tuple(up.shape[2:])} do not fit "
+                   f"the layer's {tuple(target.kernel_size)} (expected that and (1, 1))")
+    if w.up_bias is not None and tuple(w.up_bias.shape) != (out_width,):
+        out.append(f"{where}: lora_B.bias {tuple(w.up_bias.shape)}, expected ({out_width},)")
+    return out
+
+
+# ------------------------------------------------------------------------------------- pipeline methods
+class LoraLoaderMixin:
+    """``load_lora_weights`` and the adapter controls for pipelines with ``unet`` / ``text_encoder``
+    (``text_encoder_2``) components."""
+
+    _lora_components = ("unet", "text_encoder", "text_encoder_2")
+
+    def _lora_models(self) -> dict[str, nn.Module]:
+        return {name: m for name in self._lora_components
+                if isinstance(m := getattr(self, name, None), nn.Module)}
+
+    def _lora_states(self) -> dict[str, ModelLora]:
+        return {name: s for name, m in self._lora_models().items() if (s := ModelLora.of(m)) is not None}
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, *,
+                          weight_name: str | None = None, subfolder: str | None = None,
+                          use_safetensors: bool | None = None, cache_dir=None, local_files_only: bool | None = None,
+                          token=None, revision: str | None = None, **kwargs) -> None:
+        """Load a LoRA (a repo id, folder, file or state dict; diffusers/peft, older diffusers and
+        kohya/A1111 layouts) into the UNet and text encoder(s) as adapter ``adapter_name``
+        (``default_<n>`` if not given), which becomes the active adapter of the models it touches.
+        Everything is checked against the models before any of them changes."""
+        from .source import check_kwargs, lora_file, tensors_of
+
+        check_kwargs(kwargs, "load_lora_weights")
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, dict):
+            tensors, metadata = dict(source), {}
+            bad = [k for k, v in tensors.items() if not torch.is_tensor(v)]
+            if bad:
+                raise TypeError(f"load_lora_weights: a LoRA state dict maps names to tensors; not tensors: {bad[:5]}")
+        else:
+            path, _ = lora_file(source, weight_name=weight_name, subfolder=subfolder, use_safetensors=use_safetensors,
+                                cache_dir=cache_dir, local_files_only=local_files_only, token=token, revision=revision)
+            tensors, metadata = tensors_of(path)
+        models = self._lora_models()
+        parsed = lora_formats.parse(tensors, metadata, models)
+        absent = sorted(c for c in parsed if c not in models)
+        if absent:
+            keys = [k for c in absent for w in parsed[c].values() for k in w.keys]
+            raise StateDictMismatchError(
+                f"load_lora_weights: the LoRA has weights for {absent}, which {type(self).__name__} does not have "
+                f"(its LoRA-capable components: {sorted(models)}); keys {summarize(sorted(keys))}"
+            )
+        states = self._lora_states()
+        if adapter_name is None:
+            adapter_name = f"default_{len({n for s in states.values() for n in s.paths})}"
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+        in_use = [c for c, s in states.items() if adapter_name in s.paths]
+        shared = [p for c, layers in parsed.items() for p in layers
+                  if not p.startswith("?") and _slot_has(models[c], p, adapter_name)]
+        if in_use or shared:
+            raise ValueError(f"adapter name {adapter_name!r} is already in use (in {in_use or 'a shared layer'}); pick "
+                             "another adapter_name, or delete_adapters() it first")
+        for component, layers in parsed.items():
+            check_fits(component, models[component], layers)
+        for component, layers in parsed.items():
+            ModelLora.of(models[component], create=True).add(adapter_name, layers)
+
+    # ------------------------------------------------------------------ adapter controls
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """``{component: [adapter names]}`` for the components holding LoRAs."""
+        return {c: list(s.paths) for c, s in self._lora_states().items()}
+
+    def get_active_adapters(self) -> list[str]:
+        """The active adapters (of the UNet, or else the first text encoder holding LoRAs)."""
+        for state in self._lora_states().values():
+            return list(state.active)
+        return []
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights=None) -> None:
+        """Activate exactly ``adapter_names`` with their weights: one number for all, one per name, a
+        dict per component (``{"unet": 0.5, "text_encoder": 1.0}``), and for the UNet a dict per block
+        (``{"down": ..., "mid": ..., "up": ...}``, blocks left out keep weight 1)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = list(adapter_weights) if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"set_adapters: {len(names)} adapter names but {len(weights)} weights")
+        states = self._lora_states()
+        known = {n for s in states.values() for n in s.paths}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"set_adapters: unknown adapter name(s) {unknown}; loaded adapters: {sorted(known)}")
+        for component, state in states.items():
+            chosen = {}
+            for name, weight in zip(names, weights):
+                if name not in state.paths:
+                    continue
+                if isinstance(weight, dict) and not set(weight) <= {"down", "mid", "up"}:
+                    weight = weight.get(component, 1.0)
+                    if isinstance(weight, dict) and component != "unet":
+                        raise TypeError(f"set_adapters: per-block weights are for the unet, not {component}")
+                weight = 1.0 if weight is None else weight
+                if isinstance(weight, dict):
+                    weight = layer_scales(state.model, weight, default=1.0, what="set_adapters")
+                elif isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                    raise TypeError(f"set_adapters: a weight is a number or a dict, got {weight!r}")
+                chosen[name] = float(weight) if not isinstance(weight, dict) else weight
+            state.weights.update(chosen)
+            state.active = list(chosen)
+            state.refresh()
+
+    def disable_lora(self) -> None:
+        """Run without any LoRA (fused LoRAs are unfused first) until :meth:`enable_lora`."""
+        for state in self._lora_states().values():
+            if state.fused:
+                logger.warning("disable_lora: unfusing the fused LoRA(s) %s first", sorted(state.fused))
+                state.unfuse()
+            state.enabled = False
+            state.refresh()
+
+    def enable_lora(self) -> None:
+        for state in self._lora_states().values():
+            state.enabled = True
+            state.refresh()
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        """Remove adapters (unfusing them first if fused)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        states = self._lora_states()
+        unknown = [n for n in names if not any(n in s.paths for s in states.values())]
+        if unknown:
+            known = sorted({n for s in states.values() for n in s.paths})
+            raise ValueError(f"delete_adapters: unknown adapter name(s) {unknown}; loaded adapters: {known}")
+        for state in states.values():
+            for name in names:
+                if name in state.paths:
+                    state.remove(name)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA. Fused LoRAs stay in the weights (fuse, then unload, to bake a LoRA in)."""
+        for state in self._lora_states().values():
+            state.fused.clear()
+            for name in list(state.paths):
+                state.remove(name)
+
+    def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
+                  adapter_names: list[str] | None = None, **unused) -> None:
+        """Add the active (or the named) adapters, times their weights and ``lora_scale``, into the
+        weights of ``components`` (default: all holding LoRAs). ``safe_fusing`` refuses NaN results."""
+        states = self._lora_states()
+        chosen = components or list(states)
+        bad = [c for c in chosen if c not in self._lora_components]
+        if bad:
+            raise ValueError(f"fuse_lora: {bad} cannot hold LoRAs; components: {list(self._lora_components)}")
+        for component in chosen:
+            state = states.get(component)
+            if state is not None:
+                state.fuse(lora_scale, adapter_names)
+                if safe_fusing and any(not torch.isfinite(state.model.get_submodule(p).weight).all()
+                                       for n in state.fused for p in state.fused[n]):
+                    state.unfuse()
+                    raise ValueError(f"fuse_lora: fusing into the {component} gives NaN/Inf weights; not fused")
+
+    def unfuse_lora(self, components: list[str] | None = None, **unused) -> None:
+        """Take fused LoRAs out of the weights again (they run unfused from then on)."""
+        for component, state in self._lora_states().items():
+            if components is None or component in components:
+                state.unfuse()
+
+
+def _slot_has(model: nn.Module, path: str, name: str) -> bool:
+    try:
+        target = model.get_submodule(path)
+    except AttributeError:
+        return False
+    slot = target.__dict__.get(_SLOT)
+    return slot is not None and name in slot.entries

@@ -1,0 +1,209 @@
+"""LoRA checkpoint layouts -> one form: ``{component: {module path: LoraWeights}}``.
+
+Layouts read (the names a file uses decide; a file mixing them is read key by key):
+
+- diffusers / peft: ``unet.<path>.lora_A.weight`` / ``lora_B.weight`` (``lora_B.bias`` too), with
+  ``text_encoder.`` / ``text_encoder_2.`` prefixes for the text encoders; the scaling comes from the
+  safetensors metadata ``lora_adapter_metadata`` (``<component>.lora_alpha``, ``r``,
+  ``alpha_pattern``, ``rank_pattern``) or, without it, is 1;
+- older diffusers: ``<path>.lora.down.weight`` / ``.lora.up.weight``, attention-processor LoRAs
+  ``<attention>.processor.to_q_lora.down.weight`` (``to_k``, ``to_v``, ``to_out``; on the text
+  encoder they mean ``q_proj`` .. ``out_proj``) and ``lora_linear_layer.down`` / ``.up`` - this is the
+  layout of the published AnimateDiff motion LoRAs;
+- kohya / A1111: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
+  ``lora_te_`` (``lora_te1_``, ``lora_te2_``) for the text encoders; the underscored names are
+  matched against the model's own module names, and the scaling is ``alpha / rank``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import StateDictMismatchError, summarize
+
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2"}
+METADATA_KEY = "lora_adapter_metadata"
+_ATTN_PROC = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+_TEXT_ATTN_PROC = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
+
+
+@dataclass
+class LoraWeights:
+    """One target layer's low-rank pair: ``up @ down`` (times ``alpha / rank``) is added to it."""
+
+    down: torch.Tensor | None = None  # [rank, in] (Linear) or [rank, in, kh, kw] (Conv2d)
+    up: torch.Tensor | None = None  # [out, rank] or [out, rank, 1, 1]
+    up_bias: torch.Tensor | None = None
+    alpha: float | None = None  # None: alpha == rank (scale 1)
+    keys: list[str] = field(default_factory=list)  # the file's keys, for messages
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+Parsed = dict[str, dict[str, LoraWeights]]
+
+
+def parse(tensors: dict[str, torch.Tensor], metadata: dict | None, models: dict[str, nn.Module]) -> Parsed:
+    """Read a LoRA state dict for the pipeline components in ``models`` (``{"unet": ..., ...}``)."""
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(".dora_scale")}
+    dora = [k for k in tensors if "lora_magnitude_vector" in k]
+    if dora:
+        raise NotImplementedError(f"DoRA LoRAs (keys like {dora[0]}) are not implemented in diffpipe")
+    if not tensors:
+        raise StateDictMismatchError("the LoRA state dict is empty")
+    out: Parsed = {}
+    kohya = {k: v for k, v in tensors.items() if k.startswith(tuple(KOHYA_PREFIXES))}
+    if kohya:
+        _parse_kohya(kohya, models, out)
+    rest = {k: v for k, v in tensors.items() if k not in kohya}
+    if rest:
+        _parse_diffusers(rest, models, out)
+        _apply_metadata(out, _read_metadata(metadata))
+    for component, layers in out.items():
+        for path, w in layers.items():
+            if w.down is None or w.up is None:
+                raise StateDictMismatchError(
+                    f"LoRA layer {component}.{path} has only its {'up' if w.down is None else 'down'} weight "
+                    f"({', '.join(w.keys)}); both halves (lora_A/lora_B, down/up) are needed"
+                )
+    return out
+
+
+# ------------------------------------------------------------------------------------- kohya / A1111
+def _parse_kohya(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module], out: Parsed) -> None:
+    lookup: dict[str, dict[str, str]] = {}
+    unknown = []
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        prefix = next(p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if name.startswith(p))
+        component = KOHYA_PREFIXES[prefix]
+        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            unknown.append(key)
+            continue
+        if component not in lookup:
+            model = models.get(component)
+            lookup[component] = _underscored_names(model) if model is not None else {}
+        flat = name[len(prefix):]
+        path = lookup[component].get(flat)
+        if path is None and flat.startswith("text_model_"):  # transformers 5 flattened CLIPTextModel
+            path = lookup[component].get(flat[len("text_model_"):])
+        if path is None:
+            path = "?" + flat  # matches nothing: reported with the file's keys
+        entry = out.setdefault(component, {}).setdefault(path, LoraWeights())
+        entry.keys.append(key)
+        if suffix == "alpha":
+            entry.alpha = float(value.item())
+        elif suffix == "lora_down.weight":
+            entry.down = value
+        else:
+            entry.up = value
+    if unknown:
+        raise StateDictMismatchError(
+            f"kohya-style LoRA keys of a kind diffpipe does not read (LoHa/LoKr/other networks?): "
+            f"{summarize(sorted(unknown))}; a kohya LoRA has <name>.lora_down.weight, <name>.lora_up.weight, <name>.alpha"
+        )
+
+
+def _underscored_names(model: nn.Module) -> dict[str, str]:
+    """``down_blocks_0_attentions_0_proj_in`` -> ``down_blocks.0.attentions.0.proj_in`` for every
+    Linear / Conv2d of ``model`` (a name two layers share maps to None)."""
+    names: dict[str, str] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and "diffpipe_lora" not in path:
+            flat = path.replace(".", "_")
+            names[flat] = None if flat in names else path
+    return names
+
+
+# ------------------------------------------------------------------------------------- diffusers / peft
+_SUFFIXES = (
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_B.bias", "up_bias"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    (".alpha", "alpha"),
+)
+
+
+def _split_component(key: str, models: dict[str, nn.Module]) -> tuple[str, str]:
+    head, _, rest = key.partition(".")
+    if head in models or head in ("unet", "text_encoder", "text_encoder_2"):
+        return head, rest
+    unet = models.get("unet")
+    if unet is not None and hasattr(unet, head):  # old files: UNet keys without the "unet." prefix
+        return "unet", key
+    return head, rest
+
+
+def _parse_diffusers(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module], out: Parsed) -> None:
+    bad = []
+    for key, value in tensors.items():
+        component, rest = _split_component(key, models)
+        rest = rest.replace(".processor.", ".")
+        path = kind = None
+        for suffix, what in _SUFFIXES:
+            if rest.endswith(suffix):
+                path, kind = rest[: -len(suffix)], what
+                break
+        if path is None:
+            m = re.fullmatch(r"(.+)\.(to_q_lora|to_k_lora|to_v_lora|to_out_lora)\.(down|up)\.weight", rest)
+            if m is None:
+                bad.append(key)
+                continue
+            names = _ATTN_PROC if component == "unet" else _TEXT_ATTN_PROC
+            path, kind = f"{m.group(1)}.{names[m.group(2)]}", m.group(3)
+        model = models.get(component)
+        if component.startswith("text_encoder") and model is not None and not hasattr(model, "text_model"):
+            path = path.removeprefix("text_model.")  # transformers 5 flattened CLIPTextModel
+        entry = out.setdefault(component, {}).setdefault(path, LoraWeights())
+        entry.keys.append(key)
+        if kind == "alpha":
+            entry.alpha = float(value.item())
+        else:
+            setattr(entry, kind, value)
+    if bad:
+        raise StateDictMismatchError(
+            f"not LoRA keys (every key must be a LoRA weight: lora_A/lora_B, lora.down/lora.up, "
+            f"lora_down/lora_up with alpha, or to_q_lora...): {summarize(sorted(bad))}"
+        )
+
+
+def _read_metadata(metadata: dict | None) -> dict:
+    raw = (metadata or {}).get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        parsed = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    except (ValueError, TypeError) as e:
+        raise StateDictMismatchError(f"the LoRA file's {METADATA_KEY} metadata is not JSON: {e}") from e
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _pattern_value(patterns: dict, path: str):
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern.lstrip('^')}", path):
+            return value
+    return None
+
+
+def _apply_metadata(out: Parsed, metadata: dict) -> None:
+    """Per-component ``lora_alpha`` / ``alpha_pattern`` (the config peft saves) onto layers without
+    an alpha of their own."""
+    if not metadata:
+        return
+    for component, layers in out.items():
+        own = {k[len(component) + 1:]: v for k, v in metadata.items() if k.startswith(component + ".")}
+        if not own:
+            continue
+        for path, w in layers.items():
+            if w.alpha is not None:
+                continue
+            alpha = _pattern_value(own.get("alpha_pattern"), path)
+            w.alpha = float(alpha if alpha is not None else own.get("lora_alpha", w.rank if w.down is not None else 1))
