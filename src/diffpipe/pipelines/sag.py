@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..nn.attention import AttnProcessorMath
 from . import stages
-from .stable_diffusion import StableDiffusionBase
+from .stable_diffusion import IMAGE_EMBEDS, StableDiffusionBase
 
 BLUR_KERNEL = 9
 BLUR_SIGMA = 1.0
@@ -139,13 +139,16 @@ class StableDiffusionSAGPipeline(StableDiffusionBase):
 
         def guide(noise_pred, *, model_output, latents, t, i, tensors, predict):
             own, probs, condition = model_output, capture.probs, tensors["prompt_embeds"]
+            image_prompt = tensors.get(IMAGE_EMBEDS)
             if guidance.active:  # the unconditional half, as in eq. (25) of the paper
                 own, probs, condition = own.chunk(2)[0], probs.chunk(2)[0], condition.chunk(2)[0]
+                image_prompt = image_prompt and [e.chunk(2)[0] for e in image_prompt]
             x0, eps = clean_and_noise(scheduler, latents, own, t)
             mask = saliency_mask(probs, capture.heads, capture.map_size, x0.shape[-2:])
             degraded = gaussian_blur(x0) * mask + x0 * (1 - mask)
             degraded = scheduler.add_noise(degraded, eps, t[None])
-            degraded_pred = predict(degraded, t, i, {**tensors, "prompt_embeds": condition})
+            degraded_pred = predict(degraded, t, i,
+                                    {**tensors, "prompt_embeds": condition, IMAGE_EMBEDS: image_prompt})
             return noise_pred + sag_scale * (own - degraded_pred)
 
         return guide
@@ -195,11 +198,6 @@ class StableDiffusionSAGPipeline(StableDiffusionBase):
     ):
         """Generate images from text with self-attention guidance of strength ``sag_scale`` (0 turns
         it off), with or without classifier-free guidance (``guidance_scale`` > 1 or <= 1)."""
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            raise NotImplementedError(
-                "ip_adapter_image= / ip_adapter_image_embeds= need IP-Adapter support, which diffpipe does not have "
-                "yet; call without them"
-            )
         if isinstance(sag_scale, bool) or not isinstance(sag_scale, (int, float)):
             raise TypeError(f"sag_scale must be a number (0 turns self-attention guidance off), got {sag_scale!r}")
         if callback is not None and (not isinstance(callback_steps, int) or callback_steps < 1):
@@ -218,7 +216,8 @@ class StableDiffusionSAGPipeline(StableDiffusionBase):
                           negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
                           generator=generator, guidance_scale=guidance_scale, guidance_rescale=0.0,
                           clip_skip=clip_skip, output_type=output_type,
-                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
         shape = (run.total, self.unet.config.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         latents = stages.initial_latents(shape, generator=generator, device=run.device, dtype=run.dtype,

@@ -359,6 +359,8 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
@@ -389,7 +391,8 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
             pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             num_images_per_prompt=num_images_per_prompt, generator=generator, guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale, clip_skip=clip_skip, output_type=output_type,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
         time_ids = self._time_ids([*(original_size or (height, width)), *crops_coords_top_left,
                                    *(target_size or (height, width))], run)
         negative_time_ids = time_ids

@@ -90,6 +90,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
@@ -125,7 +127,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
             pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             num_images_per_prompt=num_images_per_prompt, generator=generator, guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale, clip_skip=clip_skip, output_type=output_type,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
         # the micro-conditioning size is the latents' (checked before the VAE runs)
         start = latents if latents is not None else pixels
         factor = 1 if start.shape[1] == 3 else self.vae_scale_factor
