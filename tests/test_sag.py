@@ -176,8 +176,8 @@ def test_unet_without_mid_block_attention_is_refused(folder):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(ip_adapter_image=np.zeros((8, 8, 3))), NotImplementedError, "IP-Adapter"),
-    (dict(ip_adapter_image_embeds=[torch.zeros(1, 1, 4)]), NotImplementedError, "IP-Adapter"),
+    (dict(ip_adapter_image=np.zeros((8, 8, 3))), ValueError, "needs an IP-Adapter, and none is loaded"),
+    (dict(ip_adapter_image_embeds=[torch.zeros(1, 1, 4)]), ValueError, "needs an IP-Adapter, and none is loaded"),
     (dict(sag_scale="high"), TypeError, "sag_scale must be a number"),
     (dict(callback=print, callback_steps=0), ValueError, "callback_steps"),
     (dict(height=31), ValueError, "divisible"),
