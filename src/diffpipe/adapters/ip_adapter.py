@@ -609,10 +609,10 @@ class IPAdapterMixin:
             states.append(weight_file_state(weight_path, where))
             if encoder_folder is not None:
                 encoder = load_image_encoder(root, encoder_folder, dtype=self.dtype, device=self.device, where=where)
+        attach(self.unet, states, f"load_ip_adapter({_describe(sources, subfolders, names)})")
         if wants_encoder and encoder is None and image_encoder_folder is None:
             logger.warning("load_ip_adapter: no image encoder loaded (image_encoder_folder=None), so calls need "
                            "ip_adapter_image_embeds= instead of ip_adapter_image=")
-        attach(self.unet, states, f"load_ip_adapter({_describe(sources, subfolders, names)})")
         if encoder is not None:
             self.register_modules(image_encoder=encoder)
         if "feature_extractor" in type(self).component_names() and getattr(self, "feature_extractor", None) is None:
