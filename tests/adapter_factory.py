@@ -115,8 +115,9 @@ def peft_lora(pairs_by_component: dict[str, dict], *, alpha_by_component: dict |
             tensors[f"{component}.{path}.lora_B.weight"] = up.contiguous()
         if alpha_by_component and component in alpha_by_component:
             rank = next(iter(pairs.values()))[0].shape[0]
-            metadata[f"{component}.r"] = rank
+            metadata[f"{component}.r"] = rank  # the LoraConfig fields diffusers writes
             metadata[f"{component}.lora_alpha"] = alpha_by_component[component]
+            metadata[f"{component}.target_modules"] = sorted(pairs)
     return tensors, ({"lora_adapter_metadata": json.dumps(metadata)} if metadata else {})
 
 

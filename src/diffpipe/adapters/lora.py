@@ -76,12 +76,13 @@ class _Slot:
 
     def refresh(self) -> None:
         self.active = []
-        for state in {id(s): s for s, _, _ in self.entries.values()}.values():
-            for name in state.active:
-                if name in self.entries and self.entries[name][0] is state and state.enabled \
-                        and name not in state.fused:
-                    _, path, layer = self.entries[name]
-                    self.active.append((layer, state.scale(name, path)))
+        for state, path in {id(s): (s, p) for s, p, _ in self.entries.values()}.values():
+            if not state.enabled:
+                continue
+            for name in state.active_at.get(path, ()):
+                entry = self.entries.get(name)
+                if entry is not None and entry[0] is state and path not in state.fused.get(name, {}):
+                    self.active.append((entry[2], state.scale(name, path)))
 
 
 def _hook(module: nn.Module, args, output):
@@ -115,7 +116,10 @@ class ModelLora:
         model.add_module(BANK, self.bank)
         self.paths: dict[str, dict[str, LoraLayer]] = {}  # adapter -> {module path: layer}
         self.weights: dict[str, float | dict[str, float]] = {}
-        self.active: list[str] = []
+        # the active adapters per target layer, in the order they add up. Loading an adapter, and
+        # set_adapters, set every layer of the model; deleting one lets each layer fall back to the
+        # adapters it still has (peft's rules, which the reference follows)
+        self.active_at: dict[str, list[str]] = {}
         self.enabled = True
         self.fused: dict[str, dict[str, float]] = {}  # adapter -> {path: scale folded into the weights}
 
@@ -155,7 +159,18 @@ class ModelLora:
                 slot.handle = target.register_forward_hook(_hook)
                 target.__dict__[_SLOT] = slot
             slot.entries[name] = (self, path, built[path])
-        self.active = [name]
+        self.set_active([name])
+
+    @property
+    def active(self) -> list[str]:
+        """The active adapters of the first adapted layer in module order (what the reference reports)."""
+        for path, _ in self.model.named_modules():
+            if path in self.active_at:
+                return list(self.active_at[path])
+        return []
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_at = {path: list(names) for adapter in self.paths for path in self.paths[adapter]}
         self.refresh()
 
     def remove(self, name: str) -> None:
@@ -172,7 +187,14 @@ class ModelLora:
                 slot.refresh()
         del self.bank[name]
         self.weights.pop(name, None)
-        self.active = [a for a in self.active if a != name]
+        for path in list(self.active_at):
+            remaining = [a for a in self.active_at[path] if a != name]
+            if not remaining:  # the first adapter still on the layer takes over, as in peft
+                remaining = [a for a in self.paths if path in self.paths[a]][:1]
+            if remaining:
+                self.active_at[path] = remaining
+            else:
+                del self.active_at[path]
         self.refresh()
         if not self.paths:
             del self.model._modules[BANK]
@@ -184,15 +206,14 @@ class ModelLora:
                 self.model.get_submodule(path).__dict__[_SLOT].refresh()
 
     def fuse(self, lora_scale: float, names: list[str] | None) -> None:
-        for name in (names if names is not None else self.active):
-            if name not in self.paths or name in self.fused:
-                continue
-            done = {}
-            for path, layer in self.paths[name].items():
+        for path, active in self.active_at.items():
+            for name in (names if names is not None else active):
+                layer = self.paths.get(name, {}).get(path)
+                if layer is None or path in self.fused.get(name, {}):
+                    continue
                 scale = self.scale(name, path) * lora_scale
                 _add_delta(self.model.get_submodule(path), layer, scale)
-                done[path] = scale
-            self.fused[name] = done
+                self.fused.setdefault(name, {})[path] = scale
         self.refresh()
 
     def unfuse(self, names: list[str] | None = None) -> None:
@@ -362,8 +383,7 @@ class LoraLoaderMixin:
                     raise TypeError(f"set_adapters: a weight is a number or a dict, got {weight!r}")
                 chosen[name] = float(weight) if not isinstance(weight, dict) else weight
             state.weights.update(chosen)
-            state.active = list(chosen)
-            state.refresh()
+            state.set_active(list(chosen))
 
     def disable_lora(self) -> None:
         """Run without any LoRA (fused LoRAs are unfused first) until :meth:`enable_lora`."""
