@@ -334,8 +334,6 @@ class UNetMotionModel(ModelMixin, AttentionHostMixin):
         ``timestep``, ``timestep_cond`` and ``added_cond_kwargs`` are per video."""
         batch, frames = self._check_inputs(sample, encoder_hidden_states)
         unet = self._unet2d
-        if self.config.encoder_hid_dim_type == "ip_image_proj":
-            raise NotImplementedError("UNetMotionModel with IP-Adapter image projections is not implemented in diffpipe")
         if self.config.addition_embed_type == "text_time":
             unet._check_text_time(added_cond_kwargs, batch)
         emb = unet._embed(sample[:, :, 0], timestep, timestep_cond, None, added_cond_kwargs)
@@ -343,6 +341,9 @@ class UNetMotionModel(ModelMixin, AttentionHostMixin):
         if encoder_hidden_states.shape[0] != batch * frames:
             encoder_hidden_states = encoder_hidden_states.repeat_interleave(frames, dim=0)
         encoder_hidden_states = unet._project_encoder_states(encoder_hidden_states, added_cond_kwargs)
+        if isinstance(encoder_hidden_states, tuple):  # IP-Adapter image tokens, per video -> per frame
+            text, image_tokens = encoder_hidden_states
+            encoder_hidden_states = (text, [t.repeat_interleave(frames, dim=0) for t in image_tokens])
         attn_kwargs = dict(
             encoder_hidden_states=encoder_hidden_states,
             attention_mask=mask_to_bias(attention_mask, sample.dtype),
@@ -366,6 +367,11 @@ class UNetMotionModel(ModelMixin, AttentionHostMixin):
 def _check_unet2d(unet: UNet2DConditionModel) -> None:
     """Refuse 2-D UNets whose config the motion UNet's (the reference's format) cannot describe."""
     cfg = unet.config
+    if cfg.get("encoder_hid_dim_type") == "ip_image_proj":
+        raise ValueError(
+            "AnimateDiff's motion UNet cannot be built around a UNet with an IP-Adapter loaded: call "
+            "unload_ip_adapter() first, build the AnimateDiff pipeline, then load the IP-Adapter on it again"
+        )
     spatial = set(_SPATIAL_BLOCKS.values())
     blocks = [t.removeprefix("UNetRes") for t in (*cfg.down_block_types, *cfg.up_block_types)]
     odd = {k: cfg.get(k, v) for k, v in _FIXED_2D.items() if _norm(cfg.get(k, v)) != v}

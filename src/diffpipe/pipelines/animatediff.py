@@ -72,12 +72,7 @@ class AnimateDiffPipeline(StableDiffusionBase):
                              for i in range(0, flat.shape[0], decode_chunk_size)])
         return decoded.reshape(batch, frames, *decoded.shape[1:]).permute(0, 2, 1, 3, 4).float()
 
-    def _check_video_inputs(self, num_frames, decode_chunk_size, ip_adapter_image, ip_adapter_image_embeds):
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            raise NotImplementedError(
-                "ip_adapter_image= / ip_adapter_image_embeds= need IP-Adapter support, which diffpipe does not have "
-                "yet; call without them"
-            )
+    def _check_video_inputs(self, num_frames, decode_chunk_size):
         longest = self.unet.config.motion_max_seq_length
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
@@ -116,7 +111,7 @@ class AnimateDiffPipeline(StableDiffusionBase):
         decode_chunk_size: int = 16,
     ):
         """Generate ``num_frames``-frame videos from text; ``latents`` are ``[B, C, F, h, w]``."""
-        self._check_video_inputs(num_frames, decode_chunk_size, ip_adapter_image, ip_adapter_image_embeds)
+        self._check_video_inputs(num_frames, decode_chunk_size)
         default_h, default_w = self._default_size()
         height, width = height or default_h, width or default_w
         stages.check_size(height, width, self.vae_scale_factor)
@@ -124,19 +119,20 @@ class AnimateDiffPipeline(StableDiffusionBase):
                           negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_videos_per_prompt,
                           generator=generator, guidance_scale=guidance_scale, guidance_rescale=0.0,
                           clip_skip=clip_skip, output_type=output_type,
-                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
         steps, num_inference_steps = stages.set_timesteps(self.scheduler, num_inference_steps, run.device)
         shape = (run.total, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         latents = stages.initial_latents(shape, generator=generator, device=run.device, dtype=run.dtype,
                                          latents=latents, init_noise_sigma=self.scheduler.init_noise_sigma)
+        added_cond, tensors = run.with_image_prompt(None, {
+            "prompt_embeds": run.condition.repeat_interleave(num_frames, dim=0), "negative_prompt_embeds": run.negative})
         latents = stages.denoise(
             self, latents=latents, timesteps=steps, num_inference_steps=num_inference_steps,
-            predict=self._unet_predictor(cross_attention_kwargs), guidance=run.guidance,
+            predict=self._unet_predictor(cross_attention_kwargs, added_cond=added_cond), guidance=run.guidance,
             step_kwargs={"eta": eta, "generator": generator}, callback_on_step_end=callback_on_step_end,
-            callback_tensors={"prompt_embeds": run.condition.repeat_interleave(num_frames, dim=0),
-                              "negative_prompt_embeds": run.negative},
-            callback_tensor_names=callback_on_step_end_tensor_inputs,
+            callback_tensors=tensors, callback_tensor_names=callback_on_step_end_tensor_inputs,
         )
         if output_type == "latent":
             frames = latents
