@@ -7,10 +7,42 @@ so a naming or ordering slip in diffpipe shows up as a mismatch instead of being
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
+
+TOL = 2 / 255
+
+
+def load_both(folder, task: str = "StableDiffusionPipeline"):
+    """(the reference's pipeline, diffpipe's) of class ``task`` from ``folder``, progress bars off."""
+    import diffusers
+
+    import diffpipe
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = getattr(diffusers, task).from_pretrained(folder)
+    ours = getattr(diffpipe, task).from_pretrained(folder)
+    for p in (ref, ours):
+        p.set_progress_bar_config(disable=True)
+    return ref, ours
+
+
+def images(pipe, kwargs: dict, seed: int = 0):
+    """``pipe(**kwargs).images`` with a CPU generator seeded ``seed`` (the reference's warnings muted)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pipe(generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def assert_close(expected, got):
+    assert got.shape == expected.shape
+    diff = np.abs(got - expected).max()
+    assert diff <= TOL, f"max abs difference {diff:.5f} > 2/255"
 
 
 def tiny_image_encoder(seed: int = 5):
@@ -82,7 +114,8 @@ def write_ip_repo(folder: Path, states: dict[str, dict], encoder=None, subfolder
     target.mkdir(parents=True, exist_ok=True)
     for name, state in states.items():
         if name.endswith(".safetensors"):
-            flat = {f"{part}.{k}": v.contiguous() for part in ("image_proj", "ip_adapter") for k, v in state[part].items()}
+            flat = {f"{part}.{k}": v.contiguous() for part in ("image_proj", "ip_adapter")
+                    for k, v in state[part].items()}
             save_file(flat, target / name)
         else:
             torch.save(state, target / name)
@@ -146,8 +179,9 @@ def motion_lora(reference_motion_unet, *, rank: int = 2, seed: int = 0, std: flo
         for proj, lora_name in names.items():
             owner = name[: -len(proj) - 1]
             if name.endswith(f".{proj}") and owner.rsplit(".", 1)[-1] in ("attn1", "attn2"):
-                tensors[f"unet.{owner}.processor.{lora_name}.down.weight"] = _randn(g, rank, module.in_features, std=std)
-                tensors[f"unet.{owner}.processor.{lora_name}.up.weight"] = _randn(g, module.out_features, rank, std=std)
+                key = f"unet.{owner}.processor.{lora_name}"
+                tensors[f"{key}.down.weight"] = _randn(g, rank, module.in_features, std=std)
+                tensors[f"{key}.up.weight"] = _randn(g, module.out_features, rank, std=std)
     return tensors
 
 

@@ -7,7 +7,6 @@ bound is max abs difference <= 2/255 with output_type="np".
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import PIL.Image
@@ -15,11 +14,10 @@ import pytest
 import torch
 
 import diffpipe
-from adapter_factory import ip_adapter_state, tiny_image_encoder, write_ip_repo
+from adapter_factory import assert_close, images, ip_adapter_state, load_both, tiny_image_encoder, write_ip_repo
 from diffpipe.errors import StateDictMismatchError, UnsafeCheckpointError
 from sd_factory import save_reference_pipeline
 
-TOL = 2 / 255
 ARGS = dict(prompt="bear eats pizza", negative_prompt="wrong white balance, dark", num_inference_steps=3,
             height=32, width=32, output_type="np")
 
@@ -36,34 +34,15 @@ def folders(tmp_path_factory):
     sd = save_reference_pipeline(root / "sd", safety_checker=False, seed=3)
     with_checker = save_reference_pipeline(root / "sd-checker", seed=4)
     unet = diffusers.UNet2DConditionModel.from_pretrained(sd / "unet")  # layer order and widths: the oracle's
-    states = {f"ip-{kind}.bin": ip_adapter_state(unet, kind, seed=i) for i, kind in enumerate(("plain", "plus", "full"))}
+    states = {f"ip-{kind}.bin": ip_adapter_state(unet, kind, seed=i)
+              for i, kind in enumerate(("plain", "plus", "full"))}
     states["ip-plain.safetensors"] = ip_adapter_state(unet, "plain", seed=7)
     repo = write_ip_repo(root / "IP-Adapter", states, tiny_image_encoder())
     return {"sd": sd, "checker": with_checker, "repo": repo, "states": states}
 
 
-def load_both(folder, task="StableDiffusionPipeline"):
-    import diffusers
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = getattr(diffusers, task).from_pretrained(folder)
-    ours = getattr(diffpipe, task).from_pretrained(folder)
-    for p in (ref, ours):
-        p.set_progress_bar_config(disable=True)
-    return ref, ours
-
-
 def run(pipe, seed=0, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pipe(generator=torch.Generator().manual_seed(seed), **{**ARGS, **kwargs}).images
-
-
-def assert_close(expected, got):
-    assert got.shape == expected.shape
-    diff = np.abs(got - expected).max()
-    assert diff <= TOL, f"max abs difference {diff:.5f} > 2/255"
+    return images(pipe, {**ARGS, **kwargs}, seed)
 
 
 @pytest.mark.parametrize("weight_name", ["ip-plain.bin", "ip-plus.bin", "ip-full.bin", "ip-plain.safetensors"])

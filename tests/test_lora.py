@@ -17,13 +17,12 @@ import pytest
 import torch
 
 import diffpipe
-from adapter_factory import kohya_lora, lora_pairs, peft_lora, save_lora
+from adapter_factory import TOL, assert_close, images, kohya_lora, load_both, lora_pairs, peft_lora, save_lora
 from diffpipe.errors import StateDictMismatchError
 from sd_factory import save_reference_pipeline
 
 pytest.importorskip("peft")  # the reference's LoRA backend (test extra)
 
-TOL = 2 / 255
 ARGS = dict(prompt="a photo of a cat", negative_prompt="blurry", num_inference_steps=3, height=32, width=32,
             output_type="np")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
@@ -46,33 +45,14 @@ def loras(folder):
     text = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder")
     g = torch.Generator().manual_seed(0)
     return {
-        "a": {"unet": lora_pairs(unet, UNET_TARGETS, 2, g, conv_too=True), "text_encoder": lora_pairs(text, TEXT_TARGETS, 2, g)},
+        "a": {"unet": lora_pairs(unet, UNET_TARGETS, 2, g, conv_too=True),
+              "text_encoder": lora_pairs(text, TEXT_TARGETS, 2, g)},
         "b": {"unet": lora_pairs(unet, ("attn1.to_q", "attn2.to_v", "attn2.to_out.0"), 3, g)},
     }
 
 
-def load_both(folder):
-    import diffusers
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = diffusers.StableDiffusionPipeline.from_pretrained(folder)
-    ours = diffpipe.StableDiffusionPipeline.from_pretrained(folder)
-    for p in (ref, ours):
-        p.set_progress_bar_config(disable=True)
-    return ref, ours
-
-
 def run(pipe, seed=0, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pipe(generator=torch.Generator().manual_seed(seed), **{**ARGS, **kwargs}).images
-
-
-def assert_close(expected, got):
-    assert got.shape == expected.shape
-    diff = np.abs(got - expected).max()
-    assert diff <= TOL, f"max abs difference {diff:.5f} > 2/255"
+    return images(pipe, {**ARGS, **kwargs}, seed)
 
 
 def load_into_both(ref, ours, source, **kwargs):
@@ -246,7 +226,8 @@ def test_adapter_names_are_checked(folder, loras):
         ours.load_lora_weights(peft_lora(loras["a"])[0], adapter_name="b")
     ours.load_lora_weights(peft_lora(loras["a"])[0])
     assert ours.get_list_adapters()["unet"] == ["b", "default_1"]
-    with pytest.raises(ValueError, match=r"unknown adapter name\(s\) \['zoom-in'\]; loaded adapters: \['b', 'default_1'\]"):
+    with pytest.raises(ValueError, match=r"unknown adapter name\(s\) \['zoom-in'\]; loaded adapters: "
+                                         r"\['b', 'default_1'\]"):
         ours.set_adapters(["b", "zoom-in"], adapter_weights=[1.0, 0.5])
     with pytest.raises(ValueError, match="2 adapter names but 3 weights"):
         ours.set_adapters(["b", "default_1"], adapter_weights=[1.0, 0.5, 0.2])

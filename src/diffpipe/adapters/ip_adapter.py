@@ -218,7 +218,8 @@ def split_flat_ip_state(tensors: dict[str, torch.Tensor], where: str) -> dict[st
         else:
             other.append(key)
     if other:
-        logger.warning("%s: ignoring %d key(s) outside image_proj./ip_adapter.: %s", where, len(other), summarize(other))
+        logger.warning("%s: ignoring %d key(s) outside image_proj./ip_adapter.: %s", where, len(other),
+                       summarize(other))
     return nested
 
 
@@ -282,8 +283,9 @@ def build_image_projection(image_proj: dict[str, torch.Tensor], where: str) -> t
             raise StateDictMismatchError(f"{where}: proj.weight {tuple(weight.shape)} is not a multiple of the "
                                          f"token width {width} (norm.weight)")
         tokens = weight.shape[0] // width
-        module = ImageProjection(image_embed_dim=weight.shape[1], cross_attention_dim=width, num_image_text_embeds=tokens)
-        state = {k.replace("proj.", "image_embeds.", 1) if k.startswith("proj.") else k: v for k, v in image_proj.items()}
+        module = ImageProjection(image_embed_dim=weight.shape[1], cross_attention_dim=width,
+                                 num_image_text_embeds=tokens)
+        state = {("image_embeds." + k[5:] if k.startswith("proj.") else k): v for k, v in image_proj.items()}
     elif kind == "full":
         module = IPAdapterFullImageProjection(image_embed_dim=image_proj["proj.0.weight"].shape[1],
                                               cross_attention_dim=image_proj["proj.3.weight"].shape[0])
@@ -322,9 +324,10 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) 
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     if missing or unexpected or wrong:
-        details = [f"missing {summarize(missing)}" if missing else "", f"unexpected {summarize(unexpected)}"
-                   if unexpected else "", "wrong shapes " + ", ".join(
-                       f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in wrong[:5]) if wrong else ""]
+        shapes = ", ".join(f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in wrong[:5])
+        details = [f"missing {summarize(missing)}" if missing else "",
+                   f"unexpected {summarize(unexpected)}" if unexpected else "",
+                   f"wrong shapes {shapes}" if wrong else ""]
         raise StateDictMismatchError(f"{where}: the weights do not fit: " + "; ".join(d for d in details if d))
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
@@ -480,7 +483,8 @@ def layer_scales(unet: nn.Module, config, *, default: float, what: str) -> float
         value = config.get(side, default)
         if not isinstance(value, dict):
             value = {f"block_{i}": value for i in with_attention}
-        bad = sorted(k for k in value if not (k.startswith("block_") and k[6:].isdigit() and int(k[6:]) in with_attention))
+        bad = sorted(k for k in value
+                     if not (k.startswith("block_") and k[6:].isdigit() and int(k[6:]) in with_attention))
         if bad:
             raise ValueError(f"{what}: {side} has no attention block(s) {bad}; the {side} blocks with attention "
                              f"are {[f'block_{i}' for i in with_attention]}")
@@ -548,7 +552,8 @@ def check_config_free(unet: nn.Module, where: str) -> None:
     """Refuse UNets whose own encoder projection is of a kind an IP-Adapter cannot sit beside."""
     kind = ip_host(unet).config.get("encoder_hid_dim_type")
     if kind not in (None, "text_proj", IP_PROJECTION):
-        raise ConfigError(f"{where}: the UNet has encoder_hid_dim_type={kind!r}; an IP-Adapter needs None or 'text_proj'")
+        raise ConfigError(f"{where}: the UNet has encoder_hid_dim_type={kind!r}; an IP-Adapter needs None or "
+                          "'text_proj'")
 
 
 # ----------------------------------------------------------------------------------- pipeline methods
@@ -636,7 +641,8 @@ class IPAdapterMixin:
         detach(self.unet)
         if getattr(self, "image_encoder", None) is not None:
             self.register_modules(image_encoder=None)
-        if "safety_checker" not in type(self).component_names() and getattr(self, "feature_extractor", None) is not None:
+        keeps_extractor = "safety_checker" in type(self).component_names()
+        if not keeps_extractor and getattr(self, "feature_extractor", None) is not None:
             self.register_modules(feature_extractor=None)
 
     # ------------------------------------------------------------------ image embeddings
@@ -706,7 +712,8 @@ class IPAdapterMixin:
             if not isinstance(ip_adapter_image_embeds, list) or not all(
                     torch.is_tensor(e) and e.ndim in (3, 4) for e in ip_adapter_image_embeds):
                 raise ValueError("ip_adapter_image_embeds must be a list of 3-d or 4-d tensors, one per IP-Adapter "
-                                 f"([batch, images, dim] or [batch, images, tokens, dim]); got {ip_adapter_image_embeds!r:.80}")
+                                 "([batch, images, dim] or [batch, images, tokens, dim]); got "
+                                 f"{ip_adapter_image_embeds!r:.80}")
             if len(ip_adapter_image_embeds) != projection.num_ip_adapters:
                 raise ValueError(f"ip_adapter_image_embeds has {len(ip_adapter_image_embeds)} tensors for "
                                  f"{projection.num_ip_adapters} loaded IP-Adapters")

@@ -108,7 +108,8 @@ def _parse_kohya(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module],
     if unknown:
         raise StateDictMismatchError(
             f"kohya-style LoRA keys of a kind diffpipe does not read (LoHa/LoKr/other networks?): "
-            f"{summarize(sorted(unknown))}; a kohya LoRA has <name>.lora_down.weight, <name>.lora_up.weight, <name>.alpha"
+            f"{summarize(sorted(unknown))}; a kohya LoRA has <name>.lora_down.weight, <name>.lora_up.weight and "
+            "<name>.alpha"
         )
 
 

@@ -111,7 +111,7 @@ def lora_file(source, *, weight_name: str | None, subfolder: str | None, use_saf
 
 
 def _guess(names: list[str], use_safetensors: bool | None, label: str) -> str:
-    suffixes = (".safetensors",) if use_safetensors else (".bin",) if use_safetensors is False else (".safetensors", ".bin")
+    suffixes = {True: (".safetensors",), False: (".bin",)}.get(use_safetensors, (".safetensors", ".bin"))
     for suffix in suffixes:
         found = [n for n in names if n.endswith(suffix) and not any(s in n for s in _NOT_LORA)]
         preferred = [n for n in found if n in LORA_FILE_NAMES]
