@@ -245,3 +245,20 @@ def test_lora_file_is_found_in_a_folder(folder, loras, tmp_path):
         ours.load_lora_weights(str(repo), adapter_name="two-files")
     ours.load_lora_weights(str(repo), weight_name="other.safetensors", adapter_name="named")
     assert ours.get_list_adapters()["unet"] == ["only-file", "named"]
+
+
+def test_sdxl_lora_on_the_unet_and_both_text_encoders(tmp_path):
+    from sdxl_factory import save_reference_sdxl
+
+    ref, ours = load_both(save_reference_sdxl(tmp_path / "sdxl"), "StableDiffusionXLPipeline")
+    g = torch.Generator().manual_seed(1)
+    pairs = {"unet": lora_pairs(ref.unet, ("to_q", "to_v", "conv1"), 2, g, conv_too=True),
+             "text_encoder": lora_pairs(ref.text_encoder, TEXT_TARGETS, 2, g),
+             "text_encoder_2": lora_pairs(ref.text_encoder_2, TEXT_TARGETS, 2, g)}
+    kwargs = {**ARGS, "negative_prompt": None}
+    without = images(ours, kwargs)
+    load_into_both(ref, ours, peft_lora(pairs)[0], adapter_name="xl")
+    got = images(ours, kwargs)
+    assert_close(images(ref, kwargs), got)
+    assert np.abs(got - without).max() > 0.02
+    assert ours.get_list_adapters() == {"unet": ["xl"], "text_encoder": ["xl"], "text_encoder_2": ["xl"]}
