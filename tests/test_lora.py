@@ -262,3 +262,15 @@ def test_sdxl_lora_on_the_unet_and_both_text_encoders(tmp_path):
     assert_close(images(ref, kwargs), got)
     assert np.abs(got - without).max() > 0.02
     assert ours.get_list_adapters() == {"unet": ["xl"], "text_encoder": ["xl"], "text_encoder_2": ["xl"]}
+
+
+def test_cross_attention_scale_scales_every_lora_for_one_call(folder, loras):
+    ref, ours = load_both(folder)
+    load_into_both(ref, ours, peft_lora(loras["a"])[0], adapter_name="a")
+    full = run(ours)
+    half = run(ours, cross_attention_kwargs={"scale": 0.5})
+    assert_close(run(ref, cross_attention_kwargs={"scale": 0.5}), half)
+    assert np.abs(half - full).max() > 0.02
+    assert np.array_equal(run(ours), full)  # only for that call
+    with pytest.raises(TypeError, match="LoRA strength"):
+        run(ours, cross_attention_kwargs={"scale": "half"})

@@ -20,7 +20,10 @@ the layer, as any state of a shared component does.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +124,7 @@ class ModelLora:
         # adapters it still has (peft's rules, which the reference follows)
         self.active_at: dict[str, list[str]] = {}
         self.enabled = True
+        self.multiplier = 1.0  # a call's cross_attention_kwargs["scale"], on every adapter
         self.fused: dict[str, dict[str, float]] = {}  # adapter -> {path: scale folded into the weights}
 
     @classmethod
@@ -133,7 +137,7 @@ class ModelLora:
 
     def scale(self, name: str, path: str) -> float:
         layer = self.paths[name][path]
-        return scale_for(path, self.weights.get(name, 1.0), 1.0) * layer.alpha / layer.rank
+        return self.multiplier * scale_for(path, self.weights.get(name, 1.0), 1.0) * layer.alpha / layer.rank
 
     def add(self, name: str, layers: dict[str, lora_formats.LoraWeights]) -> None:
         """Attach adapter ``name`` (already checked by :func:`check_fits`) and make it the active one."""
@@ -290,6 +294,28 @@ class LoraLoaderMixin:
 
     _lora_components = ("unet", "text_encoder", "text_encoder_2")
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is not None:
+            cls.__call__ = _scaled_by_cross_attention_kwargs(call)
+
+    @contextmanager
+    def _lora_call_scale(self, scale: float):
+        """Every LoRA of the pipeline times ``scale`` inside the block (a call's ``cross_attention_kwargs
+        ["scale"]``, which the reference applies to the UNet's and the text encoder's LoRAs)."""
+        states = list(self._lora_states().values())
+        before = [state.multiplier for state in states]
+        try:
+            for state in states:
+                state.multiplier = float(scale)
+                state.refresh()
+            yield
+        finally:
+            for state, value in zip(states, before):
+                state.multiplier = value
+                state.refresh()
+
     def _lora_models(self) -> dict[str, nn.Module]:
         return {name: m for name in self._lora_components
                 if isinstance(m := getattr(self, name, None), nn.Module)}
@@ -442,6 +468,26 @@ class LoraLoaderMixin:
         for component, state in self._lora_states().items():
             if components is None or component in components:
                 state.unfuse()
+
+
+def _scaled_by_cross_attention_kwargs(call):
+    """``call`` run with the pipeline's LoRAs scaled by ``cross_attention_kwargs["scale"]`` when given."""
+    signature = inspect.signature(call)
+    if "cross_attention_kwargs" not in signature.parameters:
+        return call
+
+    @functools.wraps(call)
+    def scaled(self, *args, **kwargs):
+        attention_kwargs = signature.bind_partial(self, *args, **kwargs).arguments.get("cross_attention_kwargs")
+        scale = (attention_kwargs or {}).get("scale")
+        if scale is None or not self._lora_states():
+            return call(self, *args, **kwargs)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"cross_attention_kwargs['scale'] (the LoRA strength) must be a number, got {scale!r}")
+        with self._lora_call_scale(scale):
+            return call(self, *args, **kwargs)
+
+    return scaled
 
 
 def _slot_has(model: nn.Module, path: str, name: str) -> bool:
