@@ -224,3 +224,17 @@ def test_without_an_image_encoder_embeds_are_needed(folders):
         run(sd, ip_adapter_image=an_image())
     embeds = [torch.randn(2, 1, 24, generator=torch.Generator().manual_seed(0))]
     assert run(sd, ip_adapter_image_embeds=embeds).shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("task", ["StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"])
+def test_image_to_image_and_inpainting(folders, task):
+    ref, ours = load_both(folders["sd"], task)
+    for pipe in (ref, ours):
+        pipe.load_ip_adapter(str(folders["repo"]), subfolder="models", weight_name="ip-plain.bin")
+        pipe.set_ip_adapter_scale(0.8)
+    mask = PIL.Image.fromarray((np.arange(32 * 32).reshape(32, 32) % 32 > 12).astype(np.uint8) * 255)
+    image = an_image(5).resize((32, 32))
+    kwargs = dict(image=image, strength=0.8, ip_adapter_image=an_image(),
+                  **({"mask_image": mask} if "Inpaint" in task else {}))
+    args = {k: v for k, v in ARGS.items() if k not in ("height", "width")}
+    assert_close(images(ref, {**args, **kwargs}), images(ours, {**args, **kwargs}))

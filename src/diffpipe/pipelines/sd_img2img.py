@@ -88,6 +88,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         generator: torch.Generator | list[torch.Generator] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
@@ -105,7 +107,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
                           negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
                           generator=generator, guidance_scale=guidance_scale, guidance_rescale=0.0,
                           clip_skip=clip_skip, output_type=output_type,
-                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
         steps, num_inference_steps = strength_timesteps(self.scheduler, num_inference_steps, strength, run.device,
                                                         timesteps, sigmas)
         latents = noised_image_latents(self, pixels, steps[:1], batch=run.total, generator=generator,
