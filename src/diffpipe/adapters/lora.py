@@ -88,12 +88,14 @@ class _Slot:
                     self.active.append((entry[2], state.scale(name, path)))
 
 
-def _hook(module: nn.Module, args, output):
+def _hook(module: nn.Module, args, kwargs, output):
     slot: _Slot = module.__dict__[_SLOT]
     if not slot.active:
         return output
-    x = args[0]
+    x = args[0] if args else kwargs["input"]
     for layer, scale in slot.active:
+        if layer.down.weight.device != x.device:  # the layer moved with another model sharing it
+            layer.to(x.device)
         output = output + (layer(x) * scale).to(output.dtype)
     return output
 
@@ -160,7 +162,7 @@ class ModelLora:
             slot = target.__dict__.get(_SLOT)
             if slot is None:
                 slot = _Slot()
-                slot.handle = target.register_forward_hook(_hook)
+                slot.handle = target.register_forward_hook(_hook, with_kwargs=True)
                 target.__dict__[_SLOT] = slot
             slot.entries[name] = (self, path, built[path])
         self.set_active([name])
@@ -210,14 +212,18 @@ class ModelLora:
                 self.model.get_submodule(path).__dict__[_SLOT].refresh()
 
     def fuse(self, lora_scale: float, names: list[str] | None) -> None:
-        for path, active in self.active_at.items():
-            for name in (names if names is not None else active):
-                layer = self.paths.get(name, {}).get(path)
-                if layer is None or path in self.fused.get(name, {}):
-                    continue
-                scale = self.scale(name, path) * lora_scale
-                _add_delta(self.model.get_submodule(path), layer, scale)
-                self.fused.setdefault(name, {})[path] = scale
+        todo = [(name, path) for path, active in self.active_at.items()
+                for name in (names if names is not None else active)
+                if path in self.paths.get(name, {}) and path not in self.fused.get(name, {})]
+        biased = [f"{name}: {path}" for name, path in todo
+                  if self.paths[name][path].up.bias is not None and self.model.get_submodule(path).bias is None]
+        if biased:
+            raise ValueError(f"fuse_lora: LoRA biases cannot be fused into layers without a bias ({biased[:3]}); "
+                             "run them unfused")
+        for name, path in todo:
+            scale = self.scale(name, path) * lora_scale
+            _add_delta(self.model.get_submodule(path), self.paths[name][path], scale)
+            self.fused.setdefault(name, {})[path] = scale
         self.refresh()
 
     def unfuse(self, names: list[str] | None = None) -> None:
