@@ -274,3 +274,39 @@ def test_cross_attention_scale_scales_every_lora_for_one_call(folder, loras):
     assert np.array_equal(run(ours), full)  # only for that call
     with pytest.raises(TypeError, match="LoRA strength"):
         run(ours, cross_attention_kwargs={"scale": "half"})
+
+
+# kohya's SDXL LoRAs name UNet layers as the original (SGM) UNet does; here for the tiny SDXL UNet
+# (one layer per block), spelled out by hand.
+SGM_NAMES = {
+    "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+    "input_blocks_3_0_emb_layers_1": "down_blocks.1.resnets.0.time_emb_proj",
+    "input_blocks_3_1_proj_in": "down_blocks.1.attentions.0.proj_in",
+    "input_blocks_3_1_transformer_blocks_1_attn2_to_k": "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k",
+    "middle_block_1_transformer_blocks_0_ff_net_2": "mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+    "middle_block_2_out_layers_3": "mid_block.resnets.1.conv2",
+    "output_blocks_1_1_transformer_blocks_0_attn1_to_out_0":
+        "up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0",
+    "output_blocks_3_0_skip_connection": "up_blocks.1.resnets.1.conv_shortcut",
+}
+
+
+def test_kohya_sdxl_lora_with_original_unet_names(tmp_path):
+    from sdxl_factory import save_reference_sdxl
+
+    ref, ours = load_both(save_reference_sdxl(tmp_path / "sdxl"), "StableDiffusionXLPipeline")
+    g = torch.Generator().manual_seed(2)
+    tensors = {}
+    for name, path in SGM_NAMES.items():
+        (down, up), = lora_pairs(ref.unet, (path,), 2, g, conv_too=True).values()
+        tensors.update({f"lora_unet_{name}.lora_down.weight": down, f"lora_unet_{name}.lora_up.weight": up,
+                        f"lora_unet_{name}.alpha": torch.tensor(3.0)})
+    kwargs = {**ARGS, "negative_prompt": None}
+    without = images(ours, kwargs)
+    load_into_both(ref, ours, tensors, adapter_name="sgm")
+    got = images(ours, kwargs)
+    assert_close(images(ref, kwargs), got)
+    assert np.abs(got - without).max() > 0.02
+    from diffpipe.adapters.lora import ModelLora
+
+    assert sorted(ModelLora.of(ours.unet).paths["sgm"]) == sorted(SGM_NAMES.values())

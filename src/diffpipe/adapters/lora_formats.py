@@ -12,7 +12,8 @@ Layouts read (the names a file uses decide; a file mixing them is read key by ke
   layout of the published AnimateDiff motion LoRAs;
 - kohya / A1111: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
   ``lora_te_`` (``lora_te1_``, ``lora_te2_``) for the text encoders; the underscored names are
-  matched against the model's own module names, and the scaling is ``alpha / rank``.
+  matched against the model's own module names (for a UNet also against the original LDM/SGM names,
+  ``input_blocks_4_1_...``, which kohya's SDXL LoRAs use), and the scaling is ``alpha / rank``.
 """
 
 from __future__ import annotations
@@ -115,13 +116,64 @@ def _parse_kohya(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module],
 
 def _underscored_names(model: nn.Module) -> dict[str, str]:
     """``down_blocks_0_attentions_0_proj_in`` -> ``down_blocks.0.attentions.0.proj_in`` for every
-    Linear / Conv2d of ``model`` (a name two layers share maps to None)."""
+    Linear / Conv2d of ``model``, and for a UNet also the original (LDM/SGM) spelling kohya uses for
+    SDXL, ``input_blocks_4_1_proj_in``; a name two layers share maps to None."""
     names: dict[str, str] = {}
+    ldm = _LdmNames(model) if hasattr(model, "down_blocks") and hasattr(model, "up_blocks") else None
     for path, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)) and "diffpipe_lora" not in path:
-            flat = path.replace(".", "_")
-            names[flat] = None if flat in names else path
+            for spelling in (path, ldm and ldm.name(path)):
+                if spelling:
+                    flat = spelling.replace(".", "_")
+                    names[flat] = None if names.get(flat, path) != path else path
     return names
+
+
+class _LdmNames:
+    """A diffusers UNet module path -> its name in the original (LDM / SGM) UNet: ``input_blocks``
+    numbered across the down blocks (conv_in is 0), ``middle_block.0..2``, ``output_blocks``."""
+
+    _RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+               "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
+    _FIXED = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+              "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+              "add_embedding.linear_2": "label_emb.0.2"}
+
+    def __init__(self, unet: nn.Module):
+        self.down = [len(b.resnets) for b in unet.down_blocks]  # layers per down block
+        self.up = [len(b.resnets) for b in unet.up_blocks]
+        self.up_attention = [bool(getattr(b, "attentions", None)) for b in unet.up_blocks]
+
+    def _inner(self, kind: str, rest: str) -> str:
+        if kind == "attentions":
+            return f"1.{rest}"
+        head, _, tail = rest.partition(".")
+        return f"0.{self._RESNET.get(head, head)}" + (f".{tail}" if tail else "")
+
+    def name(self, path: str) -> str | None:
+        if path in self._FIXED:
+            return self._FIXED[path]
+        m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path)
+        if m:
+            side, block, kind, layer, rest = m.groups()
+            block, layer = int(block), int(layer)
+            if side == "down":
+                index = 1 + sum(n + 1 for n in self.down[:block]) + layer
+                return f"input_blocks.{index}.{self._inner(kind, rest)}"
+            index = sum(self.up[:block]) + layer
+            return f"output_blocks.{index}.{self._inner(kind, rest)}"
+        m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(downsamplers|upsamplers)\.0\.conv", path)
+        if m:
+            block = int(m.group(2))
+            if m.group(1) == "down":
+                return f"input_blocks.{sum(n + 1 for n in self.down[:block + 1])}.0.op"
+            return f"output_blocks.{sum(self.up[:block + 1]) - 1}.{2 if self.up_attention[block] else 1}.conv"
+        m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", path)
+        if m:
+            kind, layer, rest = m.groups()
+            index = 1 if kind == "attentions" else 2 * int(layer)
+            return f"middle_block.{index}.{self._inner(kind, rest)[2:]}"
+        return None
 
 
 # ------------------------------------------------------------------------------------- diffusers / peft
