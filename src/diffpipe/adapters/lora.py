@@ -1,8 +1,11 @@
 """LoRA without peft: low-rank updates added to a model's ``nn.Linear`` / ``nn.Conv2d`` layers.
 
-Why not peft: transformers 5 gates its own adapter API on peft versions newer than the registry
-carries here, and peft replaces each target layer by a wrapper (``to_q`` -> ``to_q.base_layer``),
-which renames the base model's state-dict keys. This module keeps the model as it is:
+Why not peft: peft replaces each target layer by a wrapper (``to_q`` -> ``to_q.base_layer``), which
+renames the base model's state-dict keys (a save of the base model is no longer the base model); the
+text-encoder side goes through transformers' adapter API, whose peft requirements move with each
+transformers release; and layers shared between pipelines (``from_pipe``, a motion UNet around an
+image UNet) need one place that knows every model's adapters. About 300 lines here avoid a runtime
+dependency (peft is only the reference's backend in the tests). This module keeps the model as it is:
 
 - each adapter's weights live in :class:`LoraLayer` modules inside one ``nn.ModuleDict`` registered on
   the model under ``diffpipe_lora`` (so ``.to()``, ``parameters()`` and memory figures see them), and
