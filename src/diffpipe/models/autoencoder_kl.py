@@ -23,7 +23,8 @@ from ..nn.activations import get_activation
 from ..nn.attention import AttentionHostMixin
 from .modeling import ModelMixin
 from .outputs import AutoencoderKLOutput, DecoderOutput
-from .unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
+from .unet_2d_blocks import UNetMidBlock2D
+from .unet_block_factory import get_down_block, get_up_block
 
 
 class DiagonalGaussianDistribution:

@@ -28,7 +28,7 @@ from ..nn.embeddings import TimestepEmbedding, Timesteps
 from ..nn.transformer_2d import mask_to_bias
 from .modeling import ModelMixin
 from .outputs import UNet2DConditionOutput
-from .unet_2d_blocks import get_down_block, get_mid_block, get_up_block
+from .unet_block_factory import get_down_block, get_mid_block, get_up_block
 
 logger = logging.getLogger(__name__)
 
