@@ -136,10 +136,9 @@ def regularized_incomplete_beta(x: np.ndarray, a: float, b: float) -> np.ndarray
     return out
 
 
-def beta_ppf(q: np.ndarray, a: float, b: float) -> np.ndarray:
-    """The x with I_x(a, b) = q (bisection, I_x being increasing in x), to an absolute accuracy of
-    about 1e-19 (plenty for sigma schedules, whose smallest q is 1 / (num_steps - 1))."""
-    q = np.asarray(q, dtype=np.float64)
+def _bisect_quantile(q: np.ndarray, a: float, b: float) -> np.ndarray:
+    """The x with I_x(a, b) = q by bisection (I_x is increasing in x); 64 halvings of [0, 1] leave an
+    absolute error of about 1e-19."""
     lo = np.zeros_like(q)
     hi = np.ones_like(q)
     for _ in range(64):
@@ -147,7 +146,18 @@ def beta_ppf(q: np.ndarray, a: float, b: float) -> np.ndarray:
         below = regularized_incomplete_beta(mid, a, b) < q
         lo = np.where(below, mid, lo)
         hi = np.where(below, hi, mid)
-    x = (lo + hi) / 2
+    return (lo + hi) / 2
+
+
+def beta_ppf(q: np.ndarray, a: float, b: float) -> np.ndarray:
+    """The Beta(a, b) quantile: the x with I_x(a, b) = q.
+
+    Above the median the quantile is found from the other tail, 1 - x solving I_{1-x}(b, a) = 1 - q:
+    1 - q is exact there, whereas near q = 1 a q rounded to float64 leaves the distribution function
+    too flat to pin x down (at q = 1 - 1e-16, Beta(1, 2) would otherwise be off by 2e-9)."""
+    q = np.asarray(q, dtype=np.float64)
+    upper = q > 0.5
+    x = np.where(upper, 1 - _bisect_quantile(np.where(upper, 1 - q, 0.5), b, a), _bisect_quantile(np.where(upper, 0.5, q), a, b))
     x = np.where(q <= 0, 0.0, x)
     return np.where(q >= 1, 1.0, x)
 
