@@ -195,6 +195,45 @@ def test_loaded_tensors_are_views_of_the_mapped_file(tmp_path):
     }
 
 
+def test_loading_assigns_trainable_parameters_and_restores_the_garbage_collector(tmp_path):
+    import gc
+
+    tiny_model(width=16).save_pretrained(tmp_path)
+    model = TinyModel.from_pretrained(tmp_path)
+    assert gc.isenabled()  # paused only while loading
+    for name, p in model.named_parameters():  # what load_state_dict(assign=True) would give
+        assert type(p) is torch.nn.Parameter and p.requires_grad and not p.is_meta, name
+    assert same_weights(model, tiny_model(width=16))
+    with pytest.raises(StateDictMismatchError):
+        TinyModel.from_pretrained(tmp_path, width=8)
+    assert gc.isenabled()  # also after a failed load
+    gc.disable()
+    try:  # a caller that paused it itself keeps it paused
+        TinyModel.from_pretrained(tmp_path)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+class HookedModel(TinyModel):
+    """A model whose submodule renames a key when loading: assignment must go through its hook."""
+
+    def __init__(self, width: int = 8, depth: int = 2, groups: int = 2):
+        super().__init__(width, depth, groups)
+        self.norm._register_load_state_dict_pre_hook(self._note)
+        self.hook_calls = 0
+
+    def _note(self, *args, **kwargs):
+        self.hook_calls += 1
+
+
+def test_modules_with_load_hooks_are_loaded_through_load_state_dict(tmp_path):
+    tiny_model(width=8).save_pretrained(tmp_path)
+    model = HookedModel.from_pretrained(tmp_path)
+    assert model.hook_calls == 1
+    assert same_weights(model, tiny_model(width=8))
+
+
 def test_shape_mismatch_names_the_parameter_both_shapes_and_the_file(tmp_path):
     tiny_model(width=8).save_pretrained(tmp_path)
     with pytest.raises(StateDictMismatchError) as err:

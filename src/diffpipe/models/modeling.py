@@ -14,7 +14,7 @@ from .. import hub
 from ..config import ConfigMixin, read_json_file
 from ..errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, UnsafeCheckpointError
 from ..io.atomic import StagedFolder, folder_lock
-from ..nn.construction import empty_modules
+from ..nn.construction import empty_modules, gc_paused
 from ..io.files import (
     PICKLE,
     SAFETENSORS,
@@ -58,6 +58,7 @@ class ModelMixin(nn.Module, ConfigMixin):
 
     # ------------------------------------------------------------------ loading
     @classmethod
+    @gc_paused
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,

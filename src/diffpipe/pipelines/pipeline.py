@@ -27,6 +27,7 @@ from ..errors import (
 from ..io.atomic import StagedFolder, folder_lock
 from ..io.files import check_plain_name
 from ..io.load_model import check_hashes, resolve_dtype
+from ..nn.construction import gc_paused
 from . import loading
 from .loading import ComponentSpec, LoadReport
 from .offload import OffloadMixin
@@ -140,6 +141,7 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
 
     # ------------------------------------------------------------------ loading
     @classmethod
+    @gc_paused
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
