@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..io.key_fixes import rename_old_vae_attention
 from ..nn.activations import get_activation
 from ..nn.attention import AttentionHostMixin
+from ..nn.cpu_kernels import with_float32_kernels
 from .modeling import ModelMixin
 from .outputs import AutoencoderKLOutput, DecoderOutput
 from .unet_2d_blocks import UNetMidBlock2D
@@ -344,6 +345,7 @@ class AutoencoderKL(ModelMixin, AttentionHostMixin):
             moments = self.quant_conv(moments)
         return moments
 
+    @with_float32_kernels(lambda self: (self,))
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         """Images ``[B, in_channels, H, W]`` (in [-1, 1]) -> ``latent_dist`` over ``[B, latent_channels, H/f, W/f]``."""
         c = self.config.in_channels
@@ -379,6 +381,7 @@ class AutoencoderKL(ModelMixin, AttentionHostMixin):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
+    @with_float32_kernels(lambda self: (self,))
     def decode(
         self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None
     ) -> DecoderOutput | tuple:

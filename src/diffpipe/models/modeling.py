@@ -15,6 +15,7 @@ from ..config import ConfigMixin, read_json_file
 from ..errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, UnsafeCheckpointError
 from ..io.atomic import StagedFolder, folder_lock
 from ..nn.construction import empty_modules, gc_paused
+from ..nn.cpu_kernels import float32_kernels_for
 from ..io.files import (
     PICKLE,
     SAFETENSORS,
@@ -52,6 +53,11 @@ class ModelMixin(nn.Module, ConfigMixin):
         for p in self.parameters():
             return p.device
         return torch.device("cpu")
+
+    def __call__(self, *args, **kwargs):
+        # bf16/fp16 weights on a CPU without instructions for them: heavy kernels in fp32
+        with float32_kernels_for(self):
+            return super().__call__(*args, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -21,6 +21,7 @@ from ..models.outputs import ModelOutput
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.unet_motion import UNetMotionModel
 from . import stages
+from .pipeline import pipeline_call
 from .stable_diffusion import StableDiffusionBase
 
 
@@ -84,7 +85,7 @@ class AnimateDiffPipeline(StableDiffusionBase):
         if isinstance(decode_chunk_size, bool) or not isinstance(decode_chunk_size, int) or decode_chunk_size < 1:
             raise ValueError(f"decode_chunk_size must be a positive integer, got {decode_chunk_size!r}")
 
-    @torch.no_grad()
+    @pipeline_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

@@ -28,6 +28,7 @@ from ..io.atomic import StagedFolder, folder_lock
 from ..io.files import check_plain_name
 from ..io.load_model import check_hashes, resolve_dtype
 from ..nn.construction import gc_paused
+from ..nn.cpu_kernels import with_float32_kernels
 from . import loading
 from .loading import ComponentSpec, LoadReport
 from .offload import OffloadMixin
@@ -43,6 +44,12 @@ def _dtype_for(spec, name: str):
         return spec.get(name, spec.get("default"))
     return spec
 
+
+
+def pipeline_call(method):
+    """Decorator for every pipeline's ``__call__``: no autograd, and bf16/fp16 components on a CPU
+    without instructions for them run their heavy kernels in fp32 (see ``nn/cpu_kernels.py``)."""
+    return torch.no_grad()(with_float32_kernels(lambda self: self.components.values())(method))
 
 class DiffusionPipeline(ConfigMixin, OffloadMixin):
     """Base of all pipelines. Subclasses declare their components as ``__init__`` parameters."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..nn.attention import AttnProcessorMath
 from . import stages
+from .pipeline import pipeline_call
 from .stable_diffusion import IMAGE_EMBEDS, StableDiffusionBase
 
 BLUR_KERNEL = 9
@@ -169,7 +170,7 @@ class StableDiffusionSAGPipeline(StableDiffusionBase):
 
         return on_step_end
 
-    @torch.no_grad()
+    @pipeline_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

@@ -7,6 +7,7 @@ import torch
 from .. import images as imgs
 from ..schedulers.base import randn
 from . import stages
+from .pipeline import pipeline_call
 from .stable_diffusion import StableDiffusionBase
 
 
@@ -72,7 +73,7 @@ def noised_image_latents(pipeline, image: torch.Tensor, timestep, *, batch: int,
 class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
     """Image to image with Stable Diffusion 1.x / 2.x."""
 
-    @torch.no_grad()
+    @pipeline_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

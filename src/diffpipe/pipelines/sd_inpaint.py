@@ -12,6 +12,7 @@ import torch
 from .. import images as imgs
 from ..schedulers.base import randn
 from . import stages
+from .pipeline import pipeline_call
 from .sd_img2img import check_strength, strength_timesteps, tile_to_batch
 from .stable_diffusion import StableDiffusionBase
 
@@ -21,7 +22,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
 
     callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
 
-    @torch.no_grad()
+    @pipeline_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import stages
-from .pipeline import DiffusionPipeline
+from .pipeline import DiffusionPipeline, pipeline_call
 from .stable_diffusion import StableDiffusionBase
 
 # The 48-bit message Stability AI's reference code embeds (generative-models, streamlit_helpers.py).
@@ -337,7 +337,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
 class StableDiffusionXLPipeline(StableDiffusionXLBase):
     """Text to image with Stable Diffusion XL (base models; ``denoising_end`` hands over to a refiner)."""
 
-    @torch.no_grad()
+    @pipeline_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import stages
+from .pipeline import pipeline_call
 from .sd_img2img import check_strength, image_or_latents, noised_image_latents, strength_timesteps
 from .sd_xl import StableDiffusionXLBase, check_fraction, cut_at_denoising_end
 
@@ -67,7 +68,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
                 "with pipe.register_to_config(requires_aesthetics_score=...) if the UNet wants the other.")
         return self._time_ids(rows[0], run, hint), self._time_ids(rows[1], run, hint)
 
-    @torch.no_grad()
+    @pipeline_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

@@ -13,7 +13,7 @@ from .. import images as imgs
 from ..adapters import IPAdapterMixin, LoraLoaderMixin
 from ..config import fix_scheduler_for_sd, fix_unet_for_sd
 from . import stages
-from .pipeline import DiffusionPipeline
+from .pipeline import DiffusionPipeline, pipeline_call
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ class StableDiffusionPipeline(StableDiffusionBase):
                 raise TypeError(f"{name}= has no meaning for {type(task).__name__}, which this call runs")
         return task(**kwargs)
 
-    @torch.no_grad()
+    @pipeline_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
