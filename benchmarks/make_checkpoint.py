@@ -67,8 +67,11 @@ def build(folder: Path = DEFAULT) -> Path:
                                 skip_prk_steps=True, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.save_pretrained(folder)
+    # The fp16 variant first: transformers writes the dtype into the text encoder's config.json, and
+    # published repos' configs describe their main (fp32) weights. Saved the other way round, the
+    # reference (which leaves transformers' dtype at "auto") would load the fp32 text encoder as fp16.
     pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+    pipe.to(torch.float32).save_pretrained(folder)
     print(f"built {folder} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return folder
 
