@@ -33,6 +33,36 @@ def touch(*modules) -> float:
     return total
 
 
+def compute_rates(lib, folder: str) -> dict:
+    """FLOPs of one UNet step (64x64 latents, batch 2), counted by torch's FlopCounterMode on the meta
+    device, and the machine's measured matmul rate in fp32 and bf16: the floors the steps are held to."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffpipe.nn.construction import empty_modules
+
+    config = json.loads((Path(folder) / "unet" / "config.json").read_text())
+    with empty_modules():
+        unet = lib.UNet2DConditionModel.from_config(config)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(torch.randn(2, 4, 64, 64, device="meta"), torch.tensor([500, 500], device="meta"),
+             encoder_hidden_states=torch.randn(2, 77, 768, device="meta"))
+    rates = {"unet_step_flops": counter.get_total_flops()}
+    for dtype, n in ((torch.float32, 4096), (torch.bfloat16, 1024)):  # bf16 may be very slow: smaller
+        a = torch.randn(n, n).to(dtype)
+        a @ a
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - start)
+        rates[f"matmul_flops_per_s_{str(dtype).split('.')[-1]}"] = 2 * n**3 / best
+    return rates
+
+
 def library(name: str):
     warnings.simplefilter("ignore")
     if name == "diffusers":
@@ -54,6 +84,9 @@ def main() -> None:
     parser.add_argument("folder")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--variant", default=None)
+    parser.add_argument("--latent", type=int, default=64, help="unet_step: latent height and width")
+    parser.add_argument("--batch", type=int, default=2, help="unet_step: batch size")
+    parser.add_argument("--calls", type=int, default=3, help="unet_step: calls (the first is a warm-up)")
     args = parser.parse_args()
 
     if args.task == "import":
@@ -95,12 +128,12 @@ def main() -> None:
         result["seconds"] = time.perf_counter() - start
     elif args.task == "unet_step":
         unet = lib.UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet", torch_dtype=dtype)
-        x = torch.randn(2, 4, 64, 64, dtype=dtype)
-        context = torch.randn(2, 77, 768, dtype=dtype)
-        t = torch.tensor([500, 500])
+        x = torch.randn(args.batch, 4, args.latent, args.latent, dtype=dtype)
+        context = torch.randn(args.batch, 77, 768, dtype=dtype)
+        t = torch.tensor([500] * args.batch)
         times = []
         with torch.no_grad():
-            for _ in range(3):  # the first call warms allocators and kernels
+            for _ in range(args.calls):  # the first call warms allocators and kernels
                 start = time.perf_counter()
                 unet(x, t, encoder_hidden_states=context)
                 times.append(time.perf_counter() - start)
@@ -123,6 +156,8 @@ def main() -> None:
         pipe("a photo of an astronaut", height=256, width=256, num_inference_steps=4,
              generator=torch.Generator().manual_seed(0))
         result["seconds"] = time.perf_counter() - start
+    elif args.task == "rates":  # the machine's compute floor, diffpipe only (no library involved)
+        result.update(compute_rates(lib, args.folder))
     else:
         sys.exit(f"unknown task {args.task}")
     result["peak_rss"] = peak_rss()
