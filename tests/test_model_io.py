@@ -234,6 +234,42 @@ def test_modules_with_load_hooks_are_loaded_through_load_state_dict(tmp_path):
     assert same_weights(model, tiny_model(width=8))
 
 
+def _resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if not line.split(maxsplit=1)[0].endswith(":"):  # a mapping's header line, not a field
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc to see resident pages")
+def test_casting_while_reading_releases_the_files_pages_and_keeps_other_tensors_intact(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "big": torch.randn(2048, 1024, generator=g),  # 8 MiB of fp32, cast to fp16 while reading
+        "odd": torch.randn(3, 7, generator=g).half(),  # already fp16: stays a view of the mapping
+        "steps": torch.arange(5),  # integers are never cast
+    }
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+
+    plain = load_safetensors(path)
+    assert float(plain["big"].sum()) == float(tensors["big"].sum())
+    assert _resident_kib(path) >= 8 * 1024 - 64  # read through the mapping: resident
+    del plain
+
+    cast = load_safetensors(path, cast_to=torch.float16)
+    assert cast["big"].dtype == torch.float16 and torch.equal(cast["big"], tensors["big"].half())
+    assert torch.equal(cast["odd"], tensors["odd"]) and torch.equal(cast["steps"], tensors["steps"])
+    assert cast["odd"].untyped_storage().nbytes() == path.stat().st_size  # still a view of the file
+    assert _resident_kib(path) <= 128  # the 8 MiB the cast read were let go
+
+
 def test_shape_mismatch_names_the_parameter_both_shapes_and_the_file(tmp_path):
     tiny_model(width=8).save_pretrained(tmp_path)
     with pytest.raises(StateDictMismatchError) as err:

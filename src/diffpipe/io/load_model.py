@@ -39,11 +39,14 @@ def read_index(folder: Path, choice: WeightChoice) -> dict[str, str]:
     return weight_map
 
 
-def read_weights(folder: Path, choice: WeightChoice) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict, key -> file it came from) for the chosen files in ``folder``."""
+def read_weights(
+    folder: Path, choice: WeightChoice, *, cast_to: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, key -> file it came from) for the chosen files in ``folder``; ``cast_to`` converts
+    floating tensors while reading (see :func:`load_safetensors`)."""
     if choice.index is None:
         path = folder / choice.files[0]
-        tensors = load_tensors(path)
+        tensors = load_tensors(path, cast_to=cast_to)
         return tensors, dict.fromkeys(tensors, path.name)
     weight_map = read_index(folder, choice)
     shards = sorted(set(weight_map.values()))
@@ -56,7 +59,7 @@ def read_weights(folder: Path, choice: WeightChoice) -> tuple[dict[str, torch.Te
     state: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     for shard in shards:
-        tensors = load_tensors(folder / shard)
+        tensors = load_tensors(folder / shard, cast_to=cast_to)
         expected = {k for k, s in weight_map.items() if s == shard}
         absent = sorted(expected - tensors.keys())
         if absent:

@@ -9,12 +9,16 @@ only, so a pickle that carries code is refused instead of run.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
+import mmap
 import os
 import pickle
 import re
 import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -157,8 +161,13 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
     return tensors, metadata, 8 + n
 
 
-def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a checked safetensors file, as views of a private memory map (nothing is copied)."""
+def load_safetensors(path: str | os.PathLike, *, cast_to: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a checked safetensors file, as views of a private memory map (nothing is copied).
+
+    ``cast_to``: floating tensors of another dtype are converted as they are read, and the file's
+    pages each one occupied are dropped from this process right after (they stay in the page cache):
+    loading an fp32 file as fp16 then peaks at the fp16 size plus one tensor, not at both sizes.
+    """
     path = Path(path)
     tensors, _, data_start = read_safetensors_header(path)
     if not tensors:
@@ -175,8 +184,41 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         itemsize = _itemsize(dtype)
         if (data_start + start) % itemsize:  # unaligned: copy just this tensor
             raw = raw.clone()
-        out[name] = raw.view(dtype).reshape(shape)
+        tensor = raw.view(dtype).reshape(shape)
+        if cast_to is not None and tensor.is_floating_point() and dtype != cast_to:
+            tensor = tensor.to(cast_to)
+            _drop_pages(raw)
+        out[name] = tensor
     return out
+
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4  # Linux
+
+
+@functools.cache
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _drop_pages(mapped: torch.Tensor) -> None:
+    """Unmap from this process the whole pages inside ``mapped``'s bytes (a part of a private file
+    mapping this module made and never wrote to, so the pages re-read the file if touched again)."""
+    madvise = _madvise()
+    start = mapped.data_ptr()
+    first = -(-start // _PAGE) * _PAGE
+    last = (start + mapped.nbytes) // _PAGE * _PAGE
+    if madvise is not None and last > first:
+        madvise(first, last - first, _MADV_DONTNEED)  # advisory: a failure only keeps the pages
 
 
 def load_pickle(path: str | os.PathLike, *, nested: bool = False) -> dict[str, torch.Tensor]:
@@ -217,10 +259,12 @@ def _tensor_or_nested(value, nested: bool) -> bool:
     return nested and isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
-def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_tensors(path: str | os.PathLike, *, cast_to: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A weight file's tensors; ``cast_to`` as for :func:`load_safetensors` (pickles are cast later,
+    by the caller)."""
     path = Path(path)
     if path.name.endswith(".safetensors"):
-        return load_safetensors(path)
+        return load_safetensors(path, cast_to=cast_to)
     return load_pickle(path)
 
 

@@ -137,7 +137,9 @@ class ModelMixin(nn.Module, ConfigMixin):
             if verify:
                 check_hashes({prefix + f: folder / f for f in choice.all_files}, hashes, where=where)
             try:
-                state, origin = read_weights(folder, choice)
+                # cast while reading unless the NaN scan must see the file's own values first
+                cast_to = None if verify or target_dtype == "auto" else (target_dtype or torch.get_default_dtype())
+                state, origin = read_weights(folder, choice, cast_to=cast_to)
             except (CorruptCheckpointError, UnsafeCheckpointError, CheckpointNotFoundError) as e:
                 raise type(e)(f"{where}: {e}") from e  # name the model; the file's own error is the cause
         if verify:
