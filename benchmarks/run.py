@@ -29,6 +29,8 @@ CASES = {
     "load_unet_fp32": ("load_unet", ["--dtype", "float32"], "UNet from_pretrained + touch every weight, fp32"),
     "load_unet_fp16": ("load_unet", ["--dtype", "float16", "--variant", "fp16"],
                        "UNet from_pretrained + touch, fp16 variant as fp16"),
+    "load_unet_fp32_as_fp16": ("load_unet", ["--dtype", "float16"],
+                               "UNet from the fp32 file with torch_dtype=float16 (no variant) + touch"),
     "load_vae_fp32": ("load_vae", ["--dtype", "float32"], "VAE from_pretrained + touch, fp32"),
     "load_vae_fp16": ("load_vae", ["--dtype", "float16", "--variant", "fp16"], "VAE from_pretrained + touch, fp16 variant"),
     "load_pipeline_fp32": ("load_pipeline", ["--dtype", "float32"], "pipeline from_pretrained + touch, fp32"),
