@@ -89,6 +89,12 @@ def _operand_dtype(values) -> torch.dtype | None:
     return found
 
 
+# Operands up to 64 MiB in fp32 (every weight of an SD/SDXL UNet but a few) reuse scratch memory; the
+# scratch lives as long as the mode (a whole pipeline call), so larger ones, which would keep that much
+# memory through the rest of the call (a VAE encode's activations during the denoising loop), do not.
+_SCRATCH_MAX_ELEMENTS = 16 * 2**20
+
+
 class Float32Kernels(TorchFunctionMode):
     """Inside this mode, the kernels above run in fp32 when their operands are bf16/fp16 CPU tensors
     that :func:`upcast_wanted` says to upcast; the result is rounded back to the operands' dtype.
@@ -107,6 +113,8 @@ class Float32Kernels(TorchFunctionMode):
             return type(value)(self._float32(v, slots) for v in value)
         if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
             return value
+        if value.numel() > _SCRATCH_MAX_ELEMENTS:  # big activations: their compute dwarfs the faults
+            return value.float()
         slot = slots[0]
         slots[0] += 1
         if slot == len(self._scratch):
