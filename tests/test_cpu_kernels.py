@@ -153,3 +153,21 @@ def test_model_calls_and_vae_decode_use_the_mode(folder, always):
     assert seen == [("unet", 1), ("vae", 1)]
     assert out.dtype == image.dtype == torch.bfloat16
     assert not _modes()
+
+
+def test_scratch_is_reused_and_large_operands_are_not_kept(always, monkeypatch):
+    h, w = torch.randn(2, 8).bfloat16(), torch.randn(4, 8).bfloat16()
+    mode = Float32Kernels()
+    with mode:
+        first = F.linear(h, w)
+        kept = [t.data_ptr() for t in mode._scratch]
+        second = F.linear(h, w)
+    assert len(kept) == 2 and [t.data_ptr() for t in mode._scratch] == kept  # the same memory again
+    assert torch.equal(first, second) and torch.equal(first, F.linear(h.float(), w.float()).bfloat16())
+
+    monkeypatch.setattr(cpu_kernels, "_SCRATCH_MAX_ELEMENTS", 16)  # the 32-element weight is "large"
+    mode = Float32Kernels()
+    with mode:
+        out = F.linear(h, w)
+    assert [t.numel() for t in mode._scratch] == [16]  # only the 16-element input was kept
+    assert torch.equal(out, first)
