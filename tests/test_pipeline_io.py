@@ -169,6 +169,31 @@ def test_torch_dtype_dict_per_component(sd_folder):
         DiffusionPipeline.from_pretrained(sd_folder, torch_dtype=torch.float16, dtype=torch.float16)
 
 
+def test_an_fp16_variant_saved_beside_the_original_keeps_the_configs_of_the_original(sd_folder, tmp_path):
+    """transformers writes the saved dtype into config.json; the reference loads transformers models
+    with dtype "auto", so a config saying float16 beside fp32 weights would give it an fp16 text
+    encoder next to an fp32 UNet. The original's config stays."""
+    import diffusers
+
+    out = tmp_path / "both"
+    StableDiffusionPipeline.from_pretrained(sd_folder).save_pretrained(out)
+    before = (out / "text_encoder" / "config.json").read_bytes()
+    StableDiffusionPipeline.from_pretrained(sd_folder, torch_dtype=torch.float16).save_pretrained(out, variant="fp16")
+    assert (out / "text_encoder" / "model.fp16.safetensors").is_file()
+    assert (out / "text_encoder" / "config.json").read_bytes() == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(out)
+        ref_fp16 = diffusers.StableDiffusionPipeline.from_pretrained(out, variant="fp16", torch_dtype=torch.float16)
+    assert ref.text_encoder.dtype == ref.unet.dtype == torch.float32
+    assert ref_fp16.text_encoder.dtype == torch.float16
+    np.testing.assert_allclose(images(ref), images(StableDiffusionPipeline.from_pretrained(sd_folder)), atol=2 / 255)
+
+    alone = tmp_path / "fp16-only"  # a variant saved on its own: its config is the only one, it stays
+    StableDiffusionPipeline.from_pretrained(sd_folder, torch_dtype=torch.float16).save_pretrained(alone, variant="fp16")
+    assert "float16" in (alone / "text_encoder" / "config.json").read_text()
+
+
 def test_partial_variant_falls_back_per_component(sd_copy, caplog):
     import diffusers
 

@@ -294,10 +294,21 @@ def save_component(obj, stage, name: str, *, variant, safe_serialization: bool, 
             kwargs["variant"] = variant
     with as_os_error(target):  # tokenizers and safetensors report a full disk as a bare Exception
         save(target, **kwargs)
+    if variant is not None and hasattr(obj, "state_dict") and _has_original_weights(stage.target / name):
+        # transformers writes the variant's dtype into config.json, and the reference loads transformers
+        # models with dtype "auto": the folder's fp32 weights would then load as fp16 beside an fp32
+        # UNet. The config already there describes the original weights (as on published repos): keep it.
+        (target / "config.json").unlink(missing_ok=True)
     if hasattr(obj, "state_dict"):  # stale shards of this variant from an earlier save
         v = f".{variant}" if variant else ""
         stage.remove_stale(name, [f"model{v}.safetensors", f"model.safetensors.index{v}.json",
                                   f"model{v}-?????-of-?????.safetensors"])
+
+
+def _has_original_weights(folder: Path) -> bool:
+    """Whether a transformers component folder already holds its config and non-variant weights."""
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    return (folder / "config.json").is_file() and any((folder / n).is_file() for n in names)
 
 
 def parse_model_index_bytes(data: bytes, *, where: str) -> dict:
