@@ -171,3 +171,28 @@ def test_scratch_is_reused_and_large_operands_are_not_kept(always, monkeypatch):
         out = F.linear(h, w)
     assert [t.numel() for t in mode._scratch] == [16]  # only the 16-element input was kept
     assert torch.equal(out, first)
+
+
+def test_models_offloaded_to_an_accelerator_need_no_mode(always, folder):
+    from diffpipe.nn.cpu_kernels import EXECUTION_DEVICE_ATTR
+    from diffpipe.pipelines.offload import attach, attach_sequential, detach, OffloadGroup
+
+    waiting = torch.nn.Linear(4, 4).bfloat16()  # bf16 on the CPU, but it will run on the accelerator
+    attach(OffloadGroup(torch.device("cuda")), "unet", waiting)
+    assert getattr(waiting, EXECUTION_DEVICE_ATTR) == torch.device("cuda")
+    with float32_kernels_for(waiting):
+        assert not _modes()
+    detach(waiting)
+    with float32_kernels_for(waiting):  # back to a plain CPU model
+        assert len(_modes()) == 1
+    sequential = torch.nn.Sequential(torch.nn.Linear(4, 4)).bfloat16()
+    attach_sequential(sequential, torch.device("cuda"), torch.device("cpu"))
+    with float32_kernels_for(sequential):
+        assert not _modes()
+
+    # offload whose "accelerator" is the CPU itself still computes through the mode
+    pipe = diffpipe.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    pipe.enable_model_cpu_offload(device="cpu")
+    seen: list[int] = []
+    _run(pipe, seen)
+    assert seen and set(seen) == {1}

@@ -138,9 +138,17 @@ class Float32Kernels(TorchFunctionMode):
 _state = threading.local()  # torch's mode stack is per thread; so is whether ours is on
 
 
+# CPU offload sets this on a model whose weights wait on the CPU but run on an accelerator: its calls
+# need no mode (the kernels it runs are not CPU kernels).
+EXECUTION_DEVICE_ATTR = "_diffpipe_execution_device"
+
+
 def _needs_mode(modules) -> bool:
     for module in modules:
         if not isinstance(module, torch.nn.Module):
+            continue
+        runs_on = getattr(module, EXECUTION_DEVICE_ATTR, None)
+        if runs_on is not None and torch.device(runs_on).type != "cpu":
             continue
         for p in module.parameters():
             if p.device.type == "cpu" and upcast_wanted(p.dtype):

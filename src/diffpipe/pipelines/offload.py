@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..nn.cpu_kernels import EXECUTION_DEVICE_ATTR
+
 _HOOK_ATTR = "_diffpipe_offload"
 
 
@@ -62,6 +64,7 @@ def attach(group: OffloadGroup, name: str, module: torch.nn.Module) -> None:
     if previous is group:
         return
     object.__setattr__(module, _HOOK_ATTR, group)
+    object.__setattr__(module, EXECUTION_DEVICE_ATTR, group.device)
     handle = module.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     object.__setattr__(module, "_diffpipe_offload_handle", handle)
     module.to(group.home)
@@ -71,7 +74,7 @@ def detach(module: torch.nn.Module) -> None:
     handle = getattr(module, "_diffpipe_offload_handle", None)
     if handle is not None:
         handle.remove()
-    for attr in (_HOOK_ATTR, "_diffpipe_offload_handle"):
+    for attr in (_HOOK_ATTR, "_diffpipe_offload_handle", EXECUTION_DEVICE_ATTR):
         if attr in module.__dict__:
             object.__delattr__(module, attr)
 
@@ -97,6 +100,7 @@ def _sequential_post(module, args, kwargs, output):
 
 def attach_sequential(module: torch.nn.Module, device: torch.device, home: torch.device) -> None:
     """Per leaf module: onto ``device`` just before its forward, home right after."""
+    object.__setattr__(module, EXECUTION_DEVICE_ATTR, torch.device(device))
     for leaf in module.modules():
         if any(True for _ in leaf.parameters(recurse=False)) or any(True for _ in leaf.buffers(recurse=False)):
             if getattr(leaf, "_diffpipe_seq_handles", None):
