@@ -49,8 +49,9 @@ CASES = {
 # Cases run for diffpipe only, and why.
 OURS_ONLY = {
     "unet_step_bf16": "on a CPU without bf16 instructions the reference's bf16 UNet step runs PyTorch's "
-                      "emulated bf16 kernels (conv 146x slower than fp32): most of an hour at this size, so "
-                      "it is compared at 16x16 latents (unet_step_bf16_small) and here against the floor",
+                      "emulated bf16 kernels (conv 146x slower than fp32): an estimated 15-20 minutes per step "
+                      "at this size (7.2 s of fp32 convolution x 146; not run), so it is compared at 16x16 "
+                      "latents (unet_step_bf16_small) and here against the floor",
 }
 
 REFERENCE_SCRIPT = """

@@ -1,10 +1,11 @@
 """bf16 / fp16 on CPUs without instructions for them: run the heavy kernels in fp32.
 
-On a CPU without AVX512-BF16 or AMX (most AMD EPYC and older Intel parts), PyTorch's bf16 and fp16
-convolutions fall back to reference code: measured on an AVX2 EPYC, a 3x3 convolution at 320
-channels is 146x slower in bf16 than in fp32, a linear layer 8x, a batched matmul 5x. A full-size
-UNet step that takes 15 s in fp32 then takes most of an hour in bf16, which is what a user who asks
-for ``torch_dtype=torch.bfloat16`` to save memory gets from the reference.
+On a CPU without AVX512-BF16 or AMX (AMD before Zen 4, most Intel before Sapphire Rapids), PyTorch's
+bf16 and fp16 convolutions fall back to reference code: measured on an AVX2 EPYC, a 3x3 convolution
+at 320 channels is 146x slower in bf16 than in fp32, a linear layer 8x, a batched matmul 5x. A
+full-size UNet step that takes 13-15 s in fp32 there would take an estimated 15-20 minutes in bf16,
+which is what a user who asks for ``torch_dtype=torch.bfloat16`` to save memory gets from the
+reference.
 
 Those kernels accumulate in fp32 and round the result to bf16 anyway, so running them on the exact
 fp32 upcast of their inputs and rounding the result computes the same thing (up to summation
