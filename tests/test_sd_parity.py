@@ -205,6 +205,24 @@ def test_legacy_unet_sample_size_gets_the_references_default_size(folders):
     assert ours.unet.config.sample_size == ref.unet.config.sample_size == 64
 
 
+
+def test_a_unet_built_in_code_keeps_its_sample_size_as_in_the_reference(folders, caplog):
+    """No version recorded (a model constructed, not loaded): the reference leaves sample_size alone,
+    so the default image size follows it; a mended 64 would change every default-size image."""
+    import diffusers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_loaded = diffusers.StableDiffusionPipeline.from_pretrained(folders["nosafety"])
+    ours_loaded = diffpipe.StableDiffusionPipeline.from_pretrained(folders["nosafety"])
+    ref_unet = diffusers.UNet2DConditionModel(**{k: v for k, v in ref_loaded.unet.config.items() if not k.startswith("_")})
+    ours_unet = diffpipe.UNet2DConditionModel(**{k: v for k, v in ours_loaded.unet.config.items() if not k.startswith("_")})
+    assert ours_unet.config.sample_size == ref_unet.config.sample_size < 64
+    ref = diffusers.StableDiffusionPipeline(**{**ref_loaded.components, "unet": ref_unet})
+    ours = diffpipe.StableDiffusionPipeline(**{**ours_loaded.components, "unet": ours_unet})
+    assert ours.unet.config.sample_size == ref.unet.config.sample_size == ours_loaded.unet.config.sample_size
+    assert "an old value" not in caplog.text
+
 def test_bfloat16_on_cpu_end_to_end(folders):
     """bf16 on the CPU: runs end to end, stays close to our fp32 image (PSNR >= 30 dB) and to the
     reference's bf16 image."""

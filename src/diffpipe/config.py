@@ -359,14 +359,15 @@ def _version_tuple(text) -> tuple[int, ...]:
 def fix_unet_for_sd(unet) -> None:
     """SD 1.x UNet configs written before diffusers 0.9 say ``sample_size: 32`` for 512px models.
 
-    The reference rewrites it to 64 in the pipeline (so default image sizes come out right); this
-    does the same, in place, with a warning.
+    The reference rewrites it to 64 in the pipeline (so default image sizes come out right) when the
+    config records a version below 0.9; this does the same, in place, with a warning.
     """
     config = getattr(unet, "config", None)
     if config is None or not isinstance(config.get("sample_size"), int) or config["sample_size"] >= 64:
         return
-    if _version_tuple(config.get("_diffusers_version")) >= (0, 9, 0):
-        return
+    version = config.get("_diffusers_version")
+    if version is None or _version_tuple(version) >= (0, 9, 0):
+        return  # a model built in code (no version recorded) keeps what it was given, as in the reference
     logger.warning(
         "UNet config from diffusers %s has sample_size=%s, an old value for 512px Stable Diffusion; using 64 "
         "(update the checkpoint's unet/config.json to silence this)",
