@@ -15,7 +15,6 @@ accepted and, as in the reference with these blocks, have no effect.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
 import torch
@@ -29,8 +28,7 @@ from ..nn.transformer_2d import mask_to_bias
 from .modeling import ModelMixin
 from .outputs import UNet2DConditionOutput
 from .unet_block_factory import get_down_block, get_mid_block, get_up_block
-
-logger = logging.getLogger(__name__)
+from .unet_body import unet_body
 
 _UNIMPLEMENTED_ADDITION_EMBEDS = ("text", "text_image", "image", "image_hint")
 _UNIMPLEMENTED_ENCODER_HID = ("text_image_proj", "image_proj")
@@ -527,83 +525,3 @@ class UNet2DConditionModel(ModelMixin, AttentionHostMixin):
         if not return_dict:
             return (sample,)
         return UNet2DConditionOutput(sample=sample)
-
-
-def unet_body(
-    unet: nn.Module,
-    sample: torch.Tensor,
-    emb: torch.Tensor,
-    attn_kwargs: dict[str, Any],
-    *,
-    down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
-    mid_block_additional_residual: torch.Tensor | None = None,
-    down_intrablock_additional_residuals: Sequence[torch.Tensor] | None = None,
-    block_kwargs: dict[str, Any] | None = None,
-) -> torch.Tensor:
-    """``conv_in`` -> down blocks (saving skips) -> mid block -> up blocks -> ``conv_out``.
-
-    ``unet`` is any model with the UNet's attributes (``conv_in``, ``down_blocks``, ``mid_block``,
-    ``up_blocks``, ``conv_norm_out``/``conv_act``/``conv_out``, ``num_upsamplers``): the 2-D UNet, or
-    AnimateDiff's motion UNet, whose blocks also take ``block_kwargs`` (``num_frames``).
-    ``attn_kwargs`` go to the blocks with cross-attention.
-    """
-    block_kwargs = block_kwargs or {}
-    # Sizes that are not a multiple of the total upsampling factor need explicit upsample sizes.
-    factor = 2**unet.num_upsamplers
-    forward_upsample_size = any(s % factor != 0 for s in sample.shape[-2:])
-
-    sample = unet.conv_in(sample)
-
-    # ControlNet gives both down and mid residuals; T2I-Adapters give intra-block residuals. The old
-    # convention passed adapter residuals as down_block_additional_residuals without a mid residual.
-    is_controlnet = mid_block_additional_residual is not None and down_block_additional_residuals is not None
-    adapter = down_intrablock_additional_residuals
-    if adapter is None and mid_block_additional_residual is None and down_block_additional_residuals is not None:
-        logger.warning(
-            "passing T2I-Adapter residuals as `down_block_additional_residuals` is deprecated; "
-            "use `down_intrablock_additional_residuals`"
-        )
-        adapter = down_block_additional_residuals
-    adapter = list(adapter) if adapter is not None else []  # consumed front to back; caller's list untouched
-
-    skips: tuple[torch.Tensor, ...] = (sample,)
-    for block in unet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            extra = {"additional_residuals": adapter.pop(0)} if adapter else {}
-            sample, res = block(sample, emb, **attn_kwargs, **extra, **block_kwargs)
-        else:
-            sample, res = block(sample, emb, **block_kwargs)
-            if adapter:
-                # the block's last skip is its output: the residual reaches both
-                sample = sample + adapter.pop(0)
-                res = res[:-1] + (sample,)
-        skips += res
-
-    if is_controlnet:
-        skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
-
-    if unet.mid_block is not None:
-        if getattr(unet.mid_block, "has_cross_attention", False):
-            sample = unet.mid_block(sample, emb, **attn_kwargs, **block_kwargs)
-        else:
-            sample = unet.mid_block(sample, emb, **block_kwargs)
-        if adapter and sample.shape == adapter[0].shape:  # T2I-Adapter-XL has a mid residual
-            sample = sample + adapter.pop(0)
-
-    if is_controlnet:
-        sample = sample + mid_block_additional_residual
-
-    upsample_size = None
-    for i, block in enumerate(unet.up_blocks):
-        n = len(block.resnets)
-        res, skips = skips[-n:], skips[:-n]
-        if i < len(unet.up_blocks) - 1 and forward_upsample_size:
-            upsample_size = skips[-1].shape[2:]
-        if getattr(block, "has_cross_attention", False):
-            sample = block(sample, res, emb, upsample_size=upsample_size, **attn_kwargs, **block_kwargs)
-        else:
-            sample = block(sample, res, emb, upsample_size=upsample_size, **block_kwargs)
-
-    if unet.conv_norm_out is not None:
-        sample = unet.conv_act(unet.conv_norm_out(sample))
-    return unet.conv_out(sample)

@@ -29,7 +29,8 @@ from .modeling import ModelMixin
 from .motion import MotionAdapter, MotionModules, motion_stacks, per_block
 from .outputs import ModelOutput
 from .unet_2d_blocks import UNetMidBlock2DCrossAttn
-from .unet_2d_condition import UNet2DConditionModel, unet_body
+from .unet_2d_condition import UNet2DConditionModel
+from .unet_body import unet_body
 
 logger = logging.getLogger(__name__)
 
