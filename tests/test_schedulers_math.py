@@ -1,4 +1,4 @@
-"""The shared scheduler math (base.py, sigmas.py, prediction.py, the LMS quadrature) against the
+"""The shared scheduler math (base.py, schedules.py, sigmas.py, prediction.py, the LMS quadrature) against the
 reference's own helpers and scipy, including property-based checks over many inputs."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffpipe.registry import find_class
-from diffpipe.schedulers import base, prediction, sigmas
+from diffpipe.schedulers import base, prediction, schedules, sigmas
 from diffpipe.schedulers.lms import lagrange_basis_integral
 
 diffusers = pytest.importorskip("diffusers")
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("kind", ["cosine", "exp", "laplace"])
 @pytest.mark.parametrize("n", [1000, 37])
 def test_alpha_bar_betas_equal_the_references(kind, n):
-    ours = base.betas_from_alpha_bar(n, kind)
+    ours = schedules.betas_from_alpha_bar(n, kind)
     ref = scheduling_ddpm.betas_for_alpha_bar(n, alpha_transform_type=kind)
     assert ours.dtype == ref.dtype == torch.float32
     assert torch.equal(ours, ref)
@@ -40,8 +40,8 @@ def test_alpha_bar_betas_equal_the_references(kind, n):
 
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
 def test_rescale_zero_terminal_snr_equals_the_references(schedule):
-    betas = base.make_betas("t", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule=schedule)
-    ours = base.rescale_zero_terminal_snr(betas)
+    betas = schedules.make_betas("t", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule=schedule)
+    ours = schedules.rescale_zero_terminal_snr(betas)
     ref = scheduling_ddpm.rescale_zero_terminal_snr(betas.clone())
     assert torch.equal(ours, ref)
     assert torch.cumprod(1 - ours, 0)[-1].abs() < 1e-6  # the point: alphabar_T = 0 (zero terminal SNR)

@@ -7,16 +7,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .base import (
-    KARRAS_COMPATIBLES,
-    TIMESTEP_SPACINGS,
-    SchedulerMixin,
-    SchedulerOutput,
-    check_num_inference_steps,
-    clip_or_threshold,
-    randn,
-    spaced_timesteps,
-)
+from .base import KARRAS_COMPATIBLES, SchedulerMixin, SchedulerOutput, clip_or_threshold, randn
+from .checks import check_num_inference_steps
+from .schedules import TIMESTEP_SPACINGS, spaced_timesteps
 from .prediction import PREDICTION_TYPES, eps_from_x0, vp_x0_eps
 
 

@@ -7,17 +7,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .base import (
-    KARRAS_COMPATIBLES,
-    TIMESTEP_SPACINGS,
-    SchedulerMixin,
-    SchedulerOutput,
-    check_descending,
-    check_num_inference_steps,
-    clip_or_threshold,
-    randn,
-    spaced_timesteps,
-)
+from .base import KARRAS_COMPATIBLES, SchedulerMixin, SchedulerOutput, clip_or_threshold, randn
+from .checks import check_descending, check_num_inference_steps
+from .schedules import TIMESTEP_SPACINGS, spaced_timesteps
 from .prediction import PREDICTION_TYPES, vp_x0
 
 # None (as DPM-Solver configs carry it) behaves like "fixed_small", as in the reference

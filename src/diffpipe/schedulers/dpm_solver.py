@@ -23,16 +23,14 @@ import torch
 from ..errors import ConfigError
 from .base import (
     KARRAS_COMPATIBLES,
-    TIMESTEP_SPACINGS,
     SchedulerMixin,
     SchedulerOutput,
     SigmaScheduleMixin,
-    check_num_inference_steps,
-    check_positive_int,
     dynamic_threshold,
     randn,
-    spaced_timesteps_one_extra,
 )
+from .checks import check_num_inference_steps, check_positive_int
+from .schedules import TIMESTEP_SPACINGS, spaced_timesteps_one_extra
 from .prediction import PREDICTION_TYPES, eps_from_x0, flow_x0, vp_eps, vp_x0, x0_from_eps
 from .sigmas import alpha_sigma_from_ve, interpolate_sigmas, lu_log_sigmas, respace_sigmas, sigma_to_t
 

@@ -16,14 +16,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .base import (
-    KARRAS_COMPATIBLES,
-    SchedulerOutput,
-    check_num_inference_steps,
-    logger,
-    randn,
-    spaced_timesteps_one_extra,
-)
+from .base import KARRAS_COMPATIBLES, SchedulerOutput, logger, randn
+from .checks import check_num_inference_steps
+from .schedules import spaced_timesteps_one_extra
 from .dpm_solver import DPMSolverBase, first_order_update, second_order_terms, third_order_terms
 
 

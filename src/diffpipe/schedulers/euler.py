@@ -10,15 +10,14 @@ import torch
 
 from .base import (
     KARRAS_COMPATIBLES,
-    TIMESTEP_SPACINGS,
     KarrasSigmaMixin,
     SchedulerMixin,
     SchedulerOutput,
-    check_num_inference_steps,
     randn,
     reject_integer_timestep,
-    spaced_timesteps,
 )
+from .checks import check_num_inference_steps
+from .schedules import TIMESTEP_SPACINGS, spaced_timesteps
 from .prediction import PREDICTION_TYPES, ve_x0
 from .sigmas import interpolate_sigmas, respace_sigmas, sigma_to_t, vp_to_ve_sigmas
 

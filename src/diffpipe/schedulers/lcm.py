@@ -12,16 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import (
-    TIMESTEP_SPACINGS,
-    BaseOutput,
-    SchedulerMixin,
-    StepIndexMixin,
-    check_descending,
-    clip_or_threshold,
-    logger,
-    randn,
-)
+from .base import BaseOutput, SchedulerMixin, StepIndexMixin, clip_or_threshold, logger, randn
+from .checks import check_descending
+from .schedules import TIMESTEP_SPACINGS
 from .prediction import PREDICTION_TYPES, vp_x0
 
 

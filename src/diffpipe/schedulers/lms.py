@@ -23,15 +23,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .base import (
-    KARRAS_COMPATIBLES,
-    TIMESTEP_SPACINGS,
-    KarrasSigmaMixin,
-    SchedulerMixin,
-    SchedulerOutput,
-    check_num_inference_steps,
-    spaced_timesteps,
-)
+from .base import KARRAS_COMPATIBLES, KarrasSigmaMixin, SchedulerMixin, SchedulerOutput
+from .checks import check_num_inference_steps
+from .schedules import TIMESTEP_SPACINGS, spaced_timesteps
 from .prediction import PREDICTION_TYPES, ve_x0
 from .sigmas import interpolate_sigmas, karras_sigmas, respace_sigmas, sigma_to_t
 

@@ -14,14 +14,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .base import (
-    KARRAS_COMPATIBLES,
-    TIMESTEP_SPACINGS,
-    SchedulerMixin,
-    SchedulerOutput,
-    check_num_inference_steps,
-    spaced_timesteps,
-)
+from .base import KARRAS_COMPATIBLES, SchedulerMixin, SchedulerOutput
+from .checks import check_num_inference_steps
+from .schedules import TIMESTEP_SPACINGS, spaced_timesteps
 from .prediction import vp_eps
 
 # Runge-Kutta 4 weights of the four model calls

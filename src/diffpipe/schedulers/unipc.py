@@ -21,17 +21,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .base import (
-    KARRAS_COMPATIBLES,
-    TIMESTEP_SPACINGS,
-    SchedulerMixin,
-    SchedulerOutput,
-    SigmaScheduleMixin,
-    check_num_inference_steps,
-    check_positive_int,
-    dynamic_threshold,
-    spaced_timesteps_one_extra,
-)
+from .base import KARRAS_COMPATIBLES, SchedulerMixin, SchedulerOutput, SigmaScheduleMixin, dynamic_threshold
+from .checks import check_num_inference_steps, check_positive_int
+from .schedules import TIMESTEP_SPACINGS, spaced_timesteps_one_extra
 from .prediction import PREDICTION_TYPES, flow_x0, vp_eps, vp_x0
 from .sigmas import alpha_sigma_from_ve, interpolate_sigmas, respace_sigmas, sigma_to_t
 
