@@ -181,13 +181,13 @@ def load_safetensors(path: str | os.PathLike, *, cast_to: torch.dtype | None = N
         if dtype == torch.bool:
             out[name] = raw.view(torch.bool).reshape(shape)
             continue
-        itemsize = _itemsize(dtype)
-        if (data_start + start) % itemsize:  # unaligned: copy just this tensor
+        mapped = raw
+        if (data_start + start) % _itemsize(dtype):  # unaligned: copy just this tensor
             raw = raw.clone()
         tensor = raw.view(dtype).reshape(shape)
         if cast_to is not None and tensor.is_floating_point() and dtype != cast_to:
             tensor = tensor.to(cast_to)
-            _drop_pages(raw)
+            _drop_pages(mapped)  # the mapping's pages, never the copy's
         out[name] = tensor
     return out
 
