@@ -213,7 +213,7 @@ def _assign_in_place(model: torch.nn.Module, ready: dict[str, torch.Tensor]) -> 
     for key, tensor in ready.items():
         owner, _, leaf = key.rpartition(".")
         module = modules.get(owner)
-        if module is None or module._state_dict_hooks or module._load_state_dict_pre_hooks:
+        if module is None or _custom_loading(module):
             return False
         if leaf in module._parameters and module._parameters[leaf] is not None:
             places.append((module._parameters, leaf, tensor, module._parameters[leaf].requires_grad))
@@ -224,6 +224,12 @@ def _assign_in_place(model: torch.nn.Module, ready: dict[str, torch.Tensor]) -> 
     for table, leaf, tensor, grad in places:
         table[leaf] = tensor if grad is None else torch.nn.Parameter(tensor, requires_grad=grad)
     return True
+
+
+def _custom_loading(module: torch.nn.Module) -> bool:
+    """Whether loading ``module`` runs code of its own (hooks, or an overridden ``_load_from_state_dict``)."""
+    return bool(module._state_dict_hooks or module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks
+                or type(module)._load_from_state_dict is not torch.nn.Module._load_from_state_dict)
 
 
 def _materialize(model: torch.nn.Module, keys: set[str]) -> None:
