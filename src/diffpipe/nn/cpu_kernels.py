@@ -70,24 +70,22 @@ def upcast_wanted(dtype: torch.dtype) -> bool:
     return _upcast_native_default(dtype)
 
 
+def _floating_tensors(values):
+    for v in values:
+        if isinstance(v, (list, tuple)):  # einsum's operand list
+            yield from _floating_tensors(v)
+        elif isinstance(v, torch.Tensor) and v.is_floating_point():
+            yield v
+
+
 def _operand_dtype(values) -> torch.dtype | None:
     """The one low-precision dtype all floating CPU tensors among ``values`` share, else None (mixed
     dtypes or devices go to PyTorch unchanged, errors included)."""
-    found = None
-    for v in values:
-        if isinstance(v, (list, tuple)):  # einsum's operand list
-            inner = _operand_dtype(v)
-            if inner is None:
-                if any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in v):
-                    return None
-                continue
-            v = torch.empty(0, dtype=inner)
-        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-            continue
-        if v.device.type != "cpu" or v.dtype not in LOW_PRECISION or (found is not None and v.dtype != found):
-            return None
-        found = v.dtype
-    return found
+    kinds = {(t.device.type, t.dtype) for t in _floating_tensors(values)}
+    if len(kinds) != 1:
+        return None
+    device, dtype = kinds.pop()
+    return dtype if device == "cpu" and dtype in LOW_PRECISION else None
 
 
 # Operands up to 64 MiB in fp32 (every weight of an SD/SDXL UNet but a few) reuse scratch memory; the
@@ -108,6 +106,7 @@ class Float32Kernels(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self._scratch: list[torch.Tensor] = []
+        self._upcast = frozenset(d for d in LOW_PRECISION if upcast_wanted(d))  # decided once per mode
 
     def _float32(self, value, slots: list[int]):
         if isinstance(value, (list, tuple)):
@@ -128,7 +127,7 @@ class Float32Kernels(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _KERNELS and "out" not in kwargs:
             dtype = _operand_dtype(list(args) + list(kwargs.values()))
-            if dtype is not None and upcast_wanted(dtype):
+            if dtype in self._upcast:
                 slots = [0]
                 args = self._float32(args, slots)
                 kwargs = {k: self._float32(v, slots) for k, v in kwargs.items()}
