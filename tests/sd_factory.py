@@ -23,8 +23,10 @@ def write_tokenizer(folder: Path) -> int:
 
 
 def reference_components(seed: int = 0, *, safety_checker: bool = True, flag_everything: bool = False,
-                         scheduler: str = "PNDMScheduler", in_channels: int = 4, tmp: Path | None = None):
-    """Tiny components built with the reference, seeded."""
+                         scheduler: str = "PNDMScheduler", in_channels: int = 4, tmp: Path | None = None,
+                         unet_kwargs: dict | None = None):
+    """Tiny components built with the reference, seeded. ``unet_kwargs`` add to the UNet's config
+    (``time_cond_proj_dim=`` for an LCM-distilled UNet)."""
     import diffusers
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -33,7 +35,7 @@ def reference_components(seed: int = 0, *, safety_checker: bool = True, flag_eve
         block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=in_channels, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=4,
-        attention_head_dim=4,
+        attention_head_dim=4, **(unet_kwargs or {}),
     )
     vae = diffusers.AutoencoderKL(
         block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,

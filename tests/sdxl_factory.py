@@ -28,9 +28,10 @@ def _text_config(vocab_size: int, hidden: int, **extra):
 
 
 def sdxl_components(seed: int = 0, *, tmp: Path, refiner: bool = False, scheduler: str = "EulerDiscreteScheduler",
-                    force_upcast: bool = True, latents_stats: bool = False) -> dict:
+                    force_upcast: bool = True, latents_stats: bool = False, unet_kwargs: dict | None = None) -> dict:
     """Tiny SDXL components built with the reference, seeded. ``refiner``: only text_encoder_2 and the
-    aesthetic-score UNet. ``latents_stats``: a VAE with per-channel latents_mean / latents_std."""
+    aesthetic-score UNet. ``latents_stats``: a VAE with per-channel latents_mean / latents_std.
+    ``unet_kwargs`` add to the UNet's config (``time_cond_proj_dim=`` for an LCM-distilled UNet)."""
     import diffusers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -43,7 +44,7 @@ def sdxl_components(seed: int = 0, *, tmp: Path, refiner: bool = False, schedule
         attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
         projection_class_embeddings_input_dim=PROJECTION + n_ids * TIME_DIM, cross_attention_dim=cross,
-        norm_num_groups=4,
+        norm_num_groups=4, **(unet_kwargs or {}),
     )
     vae_extra = {}
     if latents_stats:

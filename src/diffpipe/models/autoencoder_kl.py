@@ -175,6 +175,19 @@ class Decoder(nn.Module):
     ):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[-1], kernel_size=3, stride=1, padding=1)
+        # The mid block is built before the up blocks (the reference's order, so a seeded construction
+        # draws the reference's initial weights) but registered after them (the checkpoint order).
+        mid_block = UNetMidBlock2D(
+            in_channels=block_out_channels[-1],
+            temb_channels=None,
+            resnet_eps=1e-6,
+            resnet_act_fn=act_fn,
+            output_scale_factor=1,
+            resnet_time_scale_shift="default",
+            attention_head_dim=block_out_channels[-1],
+            resnet_groups=norm_num_groups,
+            add_attention=mid_block_add_attention,
+        )
         reversed_channels = list(reversed(block_out_channels))
         blocks = []
         output_channel = reversed_channels[0]
@@ -196,17 +209,7 @@ class Decoder(nn.Module):
                 )
             )
         self.up_blocks = nn.ModuleList(blocks)
-        self.mid_block = UNetMidBlock2D(
-            in_channels=block_out_channels[-1],
-            temb_channels=None,
-            resnet_eps=1e-6,
-            resnet_act_fn=act_fn,
-            output_scale_factor=1,
-            resnet_time_scale_shift="default",
-            attention_head_dim=block_out_channels[-1],
-            resnet_groups=norm_num_groups,
-            add_attention=mid_block_add_attention,
-        )
+        self.mid_block = mid_block
         self.conv_norm_out = nn.GroupNorm(num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=1e-6)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)

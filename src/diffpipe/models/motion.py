@@ -179,6 +179,6 @@ class MotionAdapter(ModelMixin):
         down, middle, up = motion_stacks(block_out_channels, layers, depths, depths[::-1], heads,
                                          motion_norm_num_groups, motion_max_seq_length,
                                          mid if use_motion_mid_block else None)
+        self.mid_block = middle  # registered first, as in the reference's state dict
         self.down_blocks = nn.ModuleList(down)
-        self.mid_block = middle
         self.up_blocks = nn.ModuleList(up)

@@ -79,6 +79,27 @@ def _attend(attn: Transformer2DModel, hidden_states: torch.Tensor, ctx: dict) ->
     )
 
 
+def _paired_layers(
+    num_layers: int, resnet: Callable[[int], nn.Module], attention: Callable[[int], nn.Module | None], *,
+    mid: bool = False,
+) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """(attentions, resnets) of a block, built in the reference's construction order: each layer's
+    resnet, then its attention; a mid block (``mid``) has a lone first resnet, then each attention
+    followed by its resnet. Registration order (``attentions`` before ``resnets``) is the checkpoint's;
+    construction order is the order in which ``torch.manual_seed(0); Model(**config)`` draws the
+    initial weights, so matching it gives the reference's weights for the same seed.
+    ``resnet(k)`` builds the k-th resnet, ``attention(i)`` the i-th attention (None: no attention)."""
+    resnets = [resnet(0)] if mid else []
+    attentions = []
+    for i in range(num_layers):
+        if mid:
+            attentions.append(attention(i))
+        resnets.append(resnet(len(resnets)))
+        if not mid:
+            attentions.append(attention(i))
+    return nn.ModuleList(a for a in attentions if a is not None), nn.ModuleList(resnets)
+
+
 def _block_spec(
     resnet_eps: float = 1e-6,
     resnet_act_fn: str = "swish",
@@ -155,12 +176,10 @@ class CrossAttnDownBlock2D(nn.Module):
         spec = _block_spec(**spec)
         self.num_attention_heads = spec["num_attention_heads"]
         layers = _per_layer(transformer_layers_per_block, num_layers)
-        self.attentions = nn.ModuleList(
-            _transformer(out_channels, layers[i], spec, only_cross_attention) for i in range(num_layers)
-        )
-        self.resnets = nn.ModuleList(
-            _resnet(in_channels if i == 0 else out_channels, out_channels, temb_channels, spec)
-            for i in range(num_layers)
+        self.attentions, self.resnets = _paired_layers(
+            num_layers,
+            lambda i: _resnet(in_channels if i == 0 else out_channels, out_channels, temb_channels, spec),
+            lambda i: _transformer(out_channels, layers[i], spec, only_cross_attention),
         )
         self.downsamplers = (
             nn.ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding)])
@@ -251,10 +270,12 @@ class UNetMidBlock2DCrossAttn(nn.Module):
             spec["resnet_groups"] = min(in_channels // 4, 32)
         self.num_attention_heads = spec["num_attention_heads"]
         layers = _per_layer(transformer_layers_per_block, num_layers)
-        self.attentions = nn.ModuleList(
-            _transformer(in_channels, layers[i], spec, only_cross_attention=False) for i in range(num_layers)
+        self.attentions, self.resnets = _paired_layers(
+            num_layers,
+            lambda _: _resnet(in_channels, in_channels, temb_channels, spec),
+            lambda i: _transformer(in_channels, layers[i], spec, only_cross_attention=False),
+            mid=True,
         )
-        self.resnets = nn.ModuleList(_resnet(in_channels, in_channels, temb_channels, spec) for _ in range(num_layers + 1))
 
     def forward(
         self,
@@ -303,8 +324,10 @@ class UNetMidBlock2D(nn.Module):
             attn_groups = spec["resnet_groups"]
         head_dim = in_channels if attention_head_dim is None else attention_head_dim
         self.add_attention = add_attention
-        self.attentions = nn.ModuleList(
-            Attention(
+        self.attentions, self.resnets = _paired_layers(
+            num_layers,
+            lambda _: _resnet(in_channels, in_channels, temb_channels, spec),
+            lambda _: Attention(
                 in_channels,
                 heads=in_channels // head_dim,
                 dim_head=head_dim,
@@ -314,10 +337,9 @@ class UNetMidBlock2D(nn.Module):
                 residual_connection=True,
                 bias=True,
                 upcast_softmax=True,
-            )
-            for _ in range(num_layers if add_attention else 0)
+            ) if add_attention else None,
+            mid=True,
         )
-        self.resnets = nn.ModuleList(_resnet(in_channels, in_channels, temb_channels, spec) for _ in range(num_layers + 1))
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         hidden_states = self.resnets[0](hidden_states, temb)
@@ -329,16 +351,14 @@ class UNetMidBlock2D(nn.Module):
 
 
 # ====================================================================================== up blocks
-def _up_resnets(
-    in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int | None, num_layers: int, spec
-) -> nn.ModuleList:
-    """Up-block resnets: each takes the running features concatenated with one skip connection."""
-    resnets = []
-    for i in range(num_layers):
-        skip_channels = in_channels if i == num_layers - 1 else out_channels
-        running_channels = prev_output_channel if i == 0 else out_channels
-        resnets.append(_resnet(running_channels + skip_channels, out_channels, temb_channels, spec))
-    return nn.ModuleList(resnets)
+def _up_resnet(
+    i: int, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int | None, num_layers: int,
+    spec,
+) -> ResnetBlock2D:
+    """An up block's i-th resnet: it takes the running features concatenated with one skip connection."""
+    skip_channels = in_channels if i == num_layers - 1 else out_channels
+    running_channels = prev_output_channel if i == 0 else out_channels
+    return _resnet(running_channels + skip_channels, out_channels, temb_channels, spec)
 
 
 class UpBlock2D(nn.Module):
@@ -358,7 +378,10 @@ class UpBlock2D(nn.Module):
         super().__init__()
         spec = _block_spec(**spec)
         self.resolution_idx = resolution_idx
-        self.resnets = _up_resnets(in_channels, prev_output_channel, out_channels, temb_channels, num_layers, spec)
+        self.resnets = nn.ModuleList(
+            _up_resnet(i, in_channels, prev_output_channel, out_channels, temb_channels, num_layers, spec)
+            for i in range(num_layers)
+        )
         self.upsamplers = (
             nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)]) if add_upsample else None
         )
@@ -403,10 +426,11 @@ class CrossAttnUpBlock2D(nn.Module):
         self.resolution_idx = resolution_idx
         self.num_attention_heads = spec["num_attention_heads"]
         layers = _per_layer(transformer_layers_per_block, num_layers)
-        self.attentions = nn.ModuleList(
-            _transformer(out_channels, layers[i], spec, only_cross_attention) for i in range(num_layers)
+        self.attentions, self.resnets = _paired_layers(
+            num_layers,
+            lambda i: _up_resnet(i, in_channels, prev_output_channel, out_channels, temb_channels, num_layers, spec),
+            lambda i: _transformer(out_channels, layers[i], spec, only_cross_attention),
         )
-        self.resnets = _up_resnets(in_channels, prev_output_channel, out_channels, temb_channels, num_layers, spec)
         self.upsamplers = (
             nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)]) if add_upsample else None
         )

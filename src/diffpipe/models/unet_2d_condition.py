@@ -256,6 +256,17 @@ class UNet2DConditionModel(ModelMixin, AttentionHostMixin):
                 )
             )
 
+        # Built between the down and the up blocks, as the reference builds it, so that a model made
+        # under a seed draws the reference's initial weights; registered last (the checkpoint order).
+        mid_block = get_mid_block(
+            mid_block_type,
+            in_channels=block_out_channels[-1],
+            output_scale_factor=mid_block_scale_factor,
+            transformer_layers_per_block=transformer_layers[-1],
+            num_attention_heads=heads[-1],
+            cross_attention_dim=cross_dims[-1],
+            **shared,
+        )
         up_transformer_layers = (
             list(reversed(transformer_layers))
             if reverse_transformer_layers_per_block is None
@@ -289,15 +300,7 @@ class UNet2DConditionModel(ModelMixin, AttentionHostMixin):
             )
         self.down_blocks = nn.ModuleList(down_blocks)
         self.up_blocks = nn.ModuleList(up_blocks)
-        self.mid_block = get_mid_block(
-            mid_block_type,
-            in_channels=block_out_channels[-1],
-            output_scale_factor=mid_block_scale_factor,
-            transformer_layers_per_block=transformer_layers[-1],
-            num_attention_heads=heads[-1],
-            cross_attention_dim=cross_dims[-1],
-            **shared,
-        )
+        self.mid_block = mid_block
 
         # ---- output
         if norm_num_groups is not None:
@@ -312,7 +315,7 @@ class UNet2DConditionModel(ModelMixin, AttentionHostMixin):
 
         # What forward validates encoder_hidden_states against.
         self._has_cross_attention = any(getattr(b, "has_cross_attention", False) for b in (*down_blocks, *up_blocks)) or bool(
-            getattr(self.mid_block, "has_cross_attention", False)
+            getattr(mid_block, "has_cross_attention", False)
         )
 
     @staticmethod

@@ -61,8 +61,10 @@ class AnimateDiffPipeline(StableDiffusionBase):
                               motion_adapter=motion_adapter, scheduler=scheduler,
                               feature_extractor=feature_extractor, image_encoder=image_encoder)
 
+    embeds_guidance_scale = False  # the reference guides every motion UNet by CFG, LCM-distilled or not
+
     def _guidance(self, guidance_scale: float, guidance_rescale: float) -> stages.Guidance:
-        return stages.Guidance(scale=guidance_scale)  # the reference guides every motion UNet the same way
+        return stages.Guidance(scale=guidance_scale)  # and takes no guidance_rescale
 
     def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int = 16) -> torch.Tensor:
         """``[B, C, F, h, w]`` latents -> ``[B, C, F, H, W]`` float32 frames in ``[-1, 1]``, decoding

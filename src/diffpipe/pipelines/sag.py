@@ -117,6 +117,8 @@ class StableDiffusionSAGPipeline(StableDiffusionBase):
     DPM-Solver multistep/singlestep), as the reference does.
     """
 
+    embeds_guidance_scale = False  # the reference's SAG runs CFG and no guidance embedding on any UNet
+
     def _check_scheduler(self, timesteps: torch.Tensor) -> None:
         scheduler = self.scheduler
         name = type(scheduler).__name__

@@ -45,6 +45,7 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
     _optional_components = ("safety_checker", "feature_extractor", "image_encoder")
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
     callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
+    embeds_guidance_scale = True  # see _embeds_guidance
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
                  feature_extractor=None, image_encoder=None, requires_safety_checker: bool = True):
@@ -117,9 +118,15 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
             raise ValueError("with prompt_embeds=, pass the negative side as negative_prompt_embeds=")
         return batch
 
+    def _embeds_guidance(self) -> bool:
+        """Whether the UNet is guidance-distilled (LCM: ``time_cond_proj_dim``) and this task gives it the
+        scale as an embedding instead of running classifier-free guidance. The reference does so in its
+        SD and SDXL tasks; its SAG and AnimateDiff pipelines guide every UNet with CFG and no embedding."""
+        return self.embeds_guidance_scale and self.unet.config.get("time_cond_proj_dim") is not None
+
     def _guidance(self, guidance_scale: float, guidance_rescale: float) -> stages.Guidance:
-        if self.unet.config.get("time_cond_proj_dim") is not None:
-            return stages.Guidance(scale=1.0)  # guidance-distilled UNets take the scale as an embedding
+        if self._embeds_guidance():
+            return stages.Guidance(scale=1.0)
         return stages.Guidance(scale=guidance_scale, rescale=guidance_rescale)
 
     def _unet_predictor(self, cross_attention_kwargs, timestep_cond=None, added_cond=None, concat=()):
@@ -138,17 +145,25 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
 
         return predict
 
-    def _guidance_embedding(self, guidance_scale: float, batch: int, device, dtype):
-        dim = self.unet.config.get("time_cond_proj_dim")
-        if dim is None:
-            return None
-        w = torch.full((batch,), guidance_scale - 1.0) * 1000.0
-        half = dim // 2
-        freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-        emb = w[:, None] * freqs[None, :]
+    def get_guidance_scale_embedding(self, w: torch.Tensor, embedding_dim: int = 512,
+                                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[len(w), embedding_dim]`` sinusoidal code of ``1000 * w`` (``w`` = guidance scale - 1), the
+        condition a guidance-distilled (LCM) UNet reads through ``timestep_cond``."""
+        if w.ndim != 1:
+            raise ValueError(f"w must be a 1-d tensor of guidance scales, got shape {tuple(w.shape)}")
+        half = embedding_dim // 2
+        freqs = torch.exp(torch.arange(half, dtype=dtype) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+        emb = (w * 1000.0).to(dtype)[:, None] * freqs[None, :]
         emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-        if dim % 2 == 1:
+        if embedding_dim % 2 == 1:
             emb = torch.nn.functional.pad(emb, (0, 1))
+        return emb
+
+    def _guidance_embedding(self, guidance_scale: float, batch: int, device, dtype):
+        if not self._embeds_guidance():
+            return None
+        w = torch.full((batch,), guidance_scale - 1.0)
+        emb = self.get_guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim)
         return emb.to(device=device, dtype=dtype)
 
     def run_safety_checker(self, image: torch.Tensor, device, dtype):
