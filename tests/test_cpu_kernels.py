@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import diffpipe
-from diffpipe.nn import cpu_kernels
-from diffpipe.nn.cpu_kernels import Float32Kernels, float32_kernels_for, upcast_wanted
+from diffpipe.runtime import cpu_kernels
+from diffpipe.runtime.cpu_kernels import Float32Kernels, float32_kernels_for, upcast_wanted
 from sd_factory import save_reference_pipeline
 
 
@@ -174,15 +174,15 @@ def test_scratch_is_reused_and_large_operands_are_not_kept(always, monkeypatch):
 
 
 def test_models_offloaded_to_an_accelerator_need_no_mode(always, folder):
-    from diffpipe.nn.cpu_kernels import EXECUTION_DEVICE_ATTR
-    from diffpipe.pipelines.offload import attach, attach_sequential, detach, OffloadGroup
+    from diffpipe.pipelines.offload import OffloadGroup, attach, attach_sequential
+    from diffpipe.runtime.hooks import OFFLOAD, get_hook, remove_hook
 
     waiting = torch.nn.Linear(4, 4).bfloat16()  # bf16 on the CPU, but it will run on the accelerator
     attach(OffloadGroup(torch.device("cuda")), "unet", waiting)
-    assert getattr(waiting, EXECUTION_DEVICE_ATTR) == torch.device("cuda")
+    assert get_hook(waiting, OFFLOAD).device == torch.device("cuda")
     with float32_kernels_for(waiting):
         assert not _modes()
-    detach(waiting)
+    remove_hook(waiting, OFFLOAD)
     with float32_kernels_for(waiting):  # back to a plain CPU model
         assert len(_modes()) == 1
     sequential = torch.nn.Sequential(torch.nn.Linear(4, 4)).bfloat16()

@@ -10,6 +10,7 @@ import torch
 
 from diffpipe import DiffusionPipeline, StableDiffusionImg2ImgPipeline
 from diffpipe.pipelines.offload import group_of
+from diffpipe.runtime.hooks import get_hook
 from sd_factory import save_reference_pipeline
 
 
@@ -76,7 +77,7 @@ def test_sequential_offload_gives_the_same_images(folder):
     plain = run(DiffusionPipeline.from_pretrained(folder))
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.enable_sequential_cpu_offload(device="cpu")
-    leaves = [m for m in pipe.unet.modules() if getattr(m, "_diffpipe_seq_handles", None)]
+    leaves = [m for m in pipe.unet.modules() if get_hook(m, "offload_leaf") is not None]
     assert len(leaves) > 10
     np.testing.assert_array_equal(run(pipe), plain)
     img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)

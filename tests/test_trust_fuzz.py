@@ -169,6 +169,11 @@ def test_fuzz_model_index(pipeline_folder, cls):
     @given(data=model_indexes())
     @example(data=b"\xff{")
     @example(data=b'{"unet": ["os", "system"]}')
+    # an unknown class in a slot the class needs: random draws reach this refusal for
+    # StableDiffusionPipeline in about 1 of 200 examples, so the count of kinds below was flaky
+    @example(data=b'{"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "NoSuchModel"], '
+                  b'"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"], '
+                  b'"scheduler": ["diffusers", "PNDMScheduler"]}')
     @example(data=b'{"../x": ["diffusers", "AutoencoderKL"]}')
     @example(data=b'{"_class_name": ["pipeline", "Custom"], "unet": ["diffusers", "UNet2DConditionModel"]}')
     def check(data):

@@ -23,6 +23,7 @@ processors ``(text states, [image tokens per adapter])``.
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from ..errors import ConfigError, StateDictMismatchError, summarize
 from ..nn.attention import Attention
+from ..runtime.hooks import ModuleHook, add_hook, get_hook, remove_hook
 from .ip_projection import (
     ImageProjection,
     IPAdapterFullImageProjection,
@@ -43,7 +45,10 @@ from .ip_projection import (
 logger = logging.getLogger(__name__)
 
 IP_PROJECTION = "ip_image_proj"  # the UNet config's encoder_hid_dim_type while an IP-Adapter is loaded
-_UNLOADED = "_ip_adapter_unloaded"  # set on a UNet whose IP-Adapter was unloaded (for a clear error later)
+_HOOK = "ip_adapter"  # on the UNet (a motion UNet's image UNet): the processors the adapter replaced
+# UNets whose IP-Adapter was unloaded, for a clearer error later; kept beside the modules, not on them,
+# so that unloading leaves a UNet exactly as it was before loading
+_UNLOADED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 # ----------------------------------------------------------------------------------- attention processor
@@ -195,33 +200,50 @@ def attach(unet: nn.Module, states: list[dict[str, dict[str, torch.Tensor]]], wh
         processors[name] = proc
     ref = next(host.parameters())
     multi = MultiIPAdapterImageProjection(projections).to(device=ref.device, dtype=ref.dtype)
-    before = host.__dict__.get("_ip_adapter_previous") or {name: layer.processor for name, layer in layers}
+    hook = get_hook(host, _HOOK)
+    if hook is None:
+        hook = add_hook(host, _HOOK, IPAdapterHook({name: layer.processor for name, layer in layers}, unet))
     for name, layer in layers:
         layer.set_processor(processors[name].to(device=ref.device, dtype=ref.dtype))
     if host.encoder_hid_proj is not None and host.config.get("encoder_hid_dim_type") == "text_proj":
         host.text_encoder_hid_proj = host.encoder_hid_proj  # a text projection (Kolors) keeps working
     _set_projection(unet, multi, IP_PROJECTION)
-    host.__dict__["_ip_adapter_previous"] = before
-    host.__dict__.pop(_UNLOADED, None)
+    _UNLOADED.discard(host)
+
+
+class IPAdapterHook(ModuleHook):
+    """On the UNet while an IP-Adapter is loaded: the attention processors it replaced, put back (with
+    the projection taken out) when the hook is removed."""
+
+    def __init__(self, previous: dict, unet: nn.Module):
+        self.previous = previous
+        self.unet = unet
+
+    def on_remove(self, host: nn.Module) -> None:
+        for name, layer in cross_attention_layers(host):
+            if isinstance(layer.processor, IPAdapterAttnProcessor):
+                previous = self.previous.get(name)
+                if previous is None or isinstance(previous, IPAdapterAttnProcessor):
+                    previous = _default_processor()
+                layer.set_processor(previous)
+        text_proj = host.__dict__.get("_modules", {}).get("text_encoder_hid_proj")
+        if text_proj is not None:
+            del host._modules["text_encoder_hid_proj"]
+            _set_projection(self.unet, text_proj, "text_proj")
+            return
+        _set_projection(self.unet, None, None)
+        for model in {id(m): m for m in (self.unet, host)}.values():
+            # no projection before: a plain attribute again, not an empty module slot
+            if model._modules.get("encoder_hid_proj", 0) is None:
+                del model._modules["encoder_hid_proj"]
+                object.__setattr__(model, "encoder_hid_proj", None)
 
 
 def detach(unet: nn.Module) -> None:
     """Take the IP-Adapter out of ``unet``: previous processors back, projection gone."""
     host = ip_host(unet)
-    before = host.__dict__.pop("_ip_adapter_previous", None) or {}
-    for name, layer in cross_attention_layers(host):
-        if isinstance(layer.processor, IPAdapterAttnProcessor):
-            previous = before.get(name)
-            if previous is None or isinstance(previous, IPAdapterAttnProcessor):
-                previous = _default_processor()
-            layer.set_processor(previous)
-    text_proj = host.__dict__.get("_modules", {}).get("text_encoder_hid_proj")
-    if text_proj is not None:
-        del host._modules["text_encoder_hid_proj"]
-        _set_projection(unet, text_proj, "text_proj")
-    else:
-        _set_projection(unet, None, None)
-    host.__dict__[_UNLOADED] = True
+    remove_hook(host, _HOOK)
+    _UNLOADED.add(host)
 
 
 def _default_processor():
@@ -260,7 +282,7 @@ def require_loaded(unet: nn.Module, what: str) -> MultiIPAdapterImageProjection:
     proj = loaded_projection(unet)
     if proj is not None:
         return proj
-    if ip_host(unet).__dict__.get(_UNLOADED):
+    if ip_host(unet) in _UNLOADED:
         raise ValueError(
             f"{what} needs an IP-Adapter, but the IP-Adapter of this pipeline's UNet was unloaded "
             "(unload_ip_adapter() was called on this pipeline or on another pipeline sharing the UNet, e.g. one "
@@ -504,8 +526,9 @@ class IPAdapterMixin:
             out.append(pos.to(device=device))
         return out
 
-    def _ip_adapter_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device, total: int, cfg: bool):
-        """The IP-Adapter stage of a call: checked inputs -> embeddings (None when there is no image prompt)."""
+    def _check_image_prompt(self, ip_adapter_image, ip_adapter_image_embeds, cfg: bool) -> None:
+        """The image-prompt arguments of a call against the loaded IP-Adapters (``cfg``: the call runs
+        classifier-free guidance)."""
         projection = loaded_projection(self.unet)
         if ip_adapter_image is None and ip_adapter_image_embeds is None:
             if projection is not None:
@@ -513,7 +536,7 @@ class IPAdapterMixin:
                     "this pipeline's UNet has an IP-Adapter loaded: pass ip_adapter_image= (or "
                     "ip_adapter_image_embeds=), or remove it with unload_ip_adapter()"
                 )
-            return None
+            return
         if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
             raise ValueError("pass either ip_adapter_image= or ip_adapter_image_embeds=, not both")
         projection = require_loaded(self.unet, "ip_adapter_image" if ip_adapter_image is not None
@@ -533,7 +556,6 @@ class IPAdapterMixin:
         elif getattr(self, "image_encoder", None) is None:
             raise ValueError("ip_adapter_image needs an image_encoder (the IP-Adapter was loaded with "
                              "image_encoder_folder=None): pass ip_adapter_image_embeds= instead")
-        return self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device, total, cfg)
 
 
 def _as_lists(sources, subfolders, names):

@@ -23,24 +23,22 @@ the layer, as any state of a shared component does.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import StateDictMismatchError, summarize
+from ..runtime.hooks import ModuleHook, add_hook, get_hook, remove_hook
 from . import lora_formats
 from .ip_adapter import layer_scales, scale_for
 
 logger = logging.getLogger(__name__)
 
 BANK = "diffpipe_lora"
-_STATE = "_diffpipe_lora"
-_SLOT = "_diffpipe_lora_slot"
+_ADAPTERS = "lora_adapters"  # the hook on a model that holds its adapters
+_LAYER = "lora"  # the hook on a target layer that adds the active adapters' updates
 
 
 class LoraLayer(nn.Module):
@@ -72,13 +70,12 @@ class LoraLayer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- per-layer hooks
-@dataclass
-class _Slot:
-    """The adapters on one target layer (from any model sharing it) and what its hook adds now."""
+class _Slot(ModuleHook):
+    """The adapters on one target layer (from any model sharing it) and what its forward adds now."""
 
-    handle: object = None
-    entries: dict = field(default_factory=dict)  # adapter name -> (owning state, module path, LoraLayer)
-    active: list = field(default_factory=list)  # [(LoraLayer, scale)] the hook adds, in order
+    def __init__(self):
+        self.entries: dict = {}  # adapter name -> (owning ModelLora, module path, LoraLayer)
+        self.active: list = []  # [(LoraLayer, scale)] added to the output, in order
 
     def refresh(self) -> None:
         self.active = []
@@ -90,17 +87,15 @@ class _Slot:
                 if entry is not None and entry[0] is state and path not in state.fused.get(name, {}):
                     self.active.append((entry[2], state.scale(name, path)))
 
-
-def _hook(module: nn.Module, args, kwargs, output):
-    slot: _Slot = module.__dict__[_SLOT]
-    if not slot.active:
+    def post_forward(self, module: nn.Module, args, kwargs, output):
+        if not self.active:
+            return output
+        x = args[0] if args else kwargs["input"]
+        for layer, scale in self.active:
+            if layer.down.weight.device != x.device:  # the layer moved with another model sharing it
+                layer.to(x.device)
+            output = output + (layer(x) * scale).to(output.dtype)
         return output
-    x = args[0] if args else kwargs["input"]
-    for layer, scale in slot.active:
-        if layer.down.weight.device != x.device:  # the layer moved with another model sharing it
-            layer.to(x.device)
-        output = output + (layer(x) * scale).to(output.dtype)
-    return output
 
 
 def _hide_from_state_dict(module, state_dict, prefix, local_metadata) -> None:
@@ -113,8 +108,9 @@ def _ignore_missing(module, incompatible_keys) -> None:
 
 
 # ------------------------------------------------------------------------------------- a model's LoRA
-class ModelLora:
-    """The LoRA adapters of one model (kept in the model's ``__dict__``, not in its module tree)."""
+class ModelLora(ModuleHook):
+    """The LoRA adapters of one model: a hook on the model holding their state; their weights live in
+    the bank module ``diffpipe_lora``, which removing the hook (the last adapter going) takes away."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -134,11 +130,13 @@ class ModelLora:
 
     @classmethod
     def of(cls, model: nn.Module, create: bool = False) -> "ModelLora | None":
-        state = model.__dict__.get(_STATE)
+        state = get_hook(model, _ADAPTERS)
         if state is None and create:
-            state = cls(model)
-            model.__dict__[_STATE] = state
+            state = add_hook(model, _ADAPTERS, cls(model))
         return state
+
+    def on_remove(self, module: nn.Module) -> None:
+        del module._modules[BANK]
 
     def scale(self, name: str, path: str) -> float:
         layer = self.paths[name][path]
@@ -162,11 +160,7 @@ class ModelLora:
         self.weights[name] = 1.0
         for path in built:
             target = self.model.get_submodule(path)
-            slot = target.__dict__.get(_SLOT)
-            if slot is None:
-                slot = _Slot()
-                slot.handle = target.register_forward_hook(_hook, with_kwargs=True)
-                target.__dict__[_SLOT] = slot
+            slot = get_hook(target, _LAYER) or add_hook(target, _LAYER, _Slot())
             slot.entries[name] = (self, path, built[path])
         self.set_active([name])
 
@@ -187,11 +181,10 @@ class ModelLora:
             self.unfuse([name])
         for path in self.paths.pop(name):
             target = self.model.get_submodule(path)
-            slot: _Slot = target.__dict__[_SLOT]
+            slot: _Slot = get_hook(target, _LAYER)
             slot.entries.pop(name, None)
             if not slot.entries:
-                slot.handle.remove()
-                del target.__dict__[_SLOT]
+                remove_hook(target, _LAYER)
             else:
                 slot.refresh()
         del self.bank[name]
@@ -206,13 +199,12 @@ class ModelLora:
                 del self.active_at[path]
         self.refresh()
         if not self.paths:
-            del self.model._modules[BANK]
-            del self.model.__dict__[_STATE]
+            remove_hook(self.model, _ADAPTERS)
 
     def refresh(self) -> None:
         for name in self.paths:
             for path in self.paths[name]:
-                self.model.get_submodule(path).__dict__[_SLOT].refresh()
+                get_hook(self.model.get_submodule(path), _LAYER).refresh()
 
     def fuse(self, lora_scale: float, names: list[str] | None) -> None:
         todo = [(name, path) for path, active in self.active_at.items()
@@ -303,17 +295,12 @@ class LoraLoaderMixin:
 
     _lora_components = ("unet", "text_encoder", "text_encoder_2")
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        call = cls.__dict__.get("__call__")
-        if call is not None:
-            cls.__call__ = _scaled_by_cross_attention_kwargs(call)
-
     @contextmanager
-    def _lora_call_scale(self, scale: float):
-        """Every LoRA of the pipeline times ``scale`` inside the block (a call's ``cross_attention_kwargs
-        ["scale"]``, which the reference applies to the UNet's and the text encoder's LoRAs)."""
-        states = list(self._lora_states().values())
+    def lora_scale_for_call(self, scale: float | None):
+        """Every LoRA of the pipeline times ``scale`` inside the block: a call's ``cross_attention_kwargs
+        ["scale"]``, which the reference applies to the UNet's and the text encoders' LoRAs. ``None``
+        (the call gave no scale) changes nothing."""
+        states = list(self._lora_states().values()) if scale is not None else []
         before = [state.multiplier for state in states]
         try:
             for state in states:
@@ -479,30 +466,10 @@ class LoraLoaderMixin:
                 state.unfuse()
 
 
-def _scaled_by_cross_attention_kwargs(call):
-    """``call`` run with the pipeline's LoRAs scaled by ``cross_attention_kwargs["scale"]`` when given."""
-    signature = inspect.signature(call)
-    if "cross_attention_kwargs" not in signature.parameters:
-        return call
-
-    @functools.wraps(call)
-    def scaled(self, *args, **kwargs):
-        attention_kwargs = signature.bind_partial(self, *args, **kwargs).arguments.get("cross_attention_kwargs")
-        scale = (attention_kwargs or {}).get("scale")
-        if scale is None or not self._lora_states():
-            return call(self, *args, **kwargs)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"cross_attention_kwargs['scale'] (the LoRA strength) must be a number, got {scale!r}")
-        with self._lora_call_scale(scale):
-            return call(self, *args, **kwargs)
-
-    return scaled
-
-
 def _slot_has(model: nn.Module, path: str, name: str) -> bool:
     try:
         target = model.get_submodule(path)
     except AttributeError:
         return False
-    slot = target.__dict__.get(_SLOT)
+    slot = get_hook(target, _LAYER)
     return slot is not None and name in slot.entries

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StateDictMismatchError, summarize
-from .files import SAFETENSORS, WeightChoice, check_plain_name
+from .files import WeightChoice, check_plain_name
 from .state_dict import load_tensors
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..io.key_fixes import rename_old_vae_attention
 from ..nn.activations import get_activation
 from ..nn.attention import AttentionHostMixin
-from ..nn.cpu_kernels import with_float32_kernels
+from ..runtime.cpu_kernels import with_float32_kernels
 from .modeling import ModelMixin
 from .outputs import AutoencoderKLOutput, DecoderOutput
 from .unet_2d_blocks import UNetMidBlock2D

@@ -14,8 +14,9 @@ from .. import hub
 from ..config import ConfigMixin, read_json_file
 from ..errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, UnsafeCheckpointError
 from ..io.atomic import StagedFolder, folder_lock
-from ..nn.construction import empty_modules, gc_paused
-from ..nn.cpu_kernels import float32_kernels_for
+from ..nn.construction import empty_modules
+from ..runtime.collector import gc_paused
+from ..runtime.cpu_kernels import float32_kernels_for
 from ..io.files import (
     PICKLE,
     SAFETENSORS,

@@ -21,8 +21,8 @@ from ..models.outputs import ModelOutput
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.unet_motion import UNetMotionModel
 from . import stages
-from .pipeline import pipeline_call
-from .stable_diffusion import StableDiffusionBase
+from .request import CallState, SDRequest
+from .stable_diffusion import StableDiffusionBase, encode_prompt_stage, text_timesteps
 
 
 @dataclass
@@ -31,6 +31,61 @@ class AnimateDiffPipelineOutput(ModelOutput):
     (``"np"``), ``[B, F, C, H, W]`` torch (``"pt"``), or the ``[B, C, F, h, w]`` latents (``"latent"``)."""
 
     frames: Any
+
+
+@dataclass(frozen=True)
+class VideoRequest(SDRequest):
+    """An AnimateDiff call: Stable Diffusion's fields and the video's length and decoding chunk."""
+
+    num_frames: int = 16
+    decode_chunk_size: int = 16
+    renamed = {"num_videos_per_prompt": "num_images_per_prompt"}
+
+    def check_task(self, pipe) -> None:
+        num_frames, chunk = self.num_frames, self.decode_chunk_size
+        longest = pipe.unet.config.motion_max_seq_length
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+        if num_frames > longest:
+            raise ValueError(
+                f"num_frames={num_frames} is more than this motion adapter's motion_max_seq_length={longest}; "
+                f"generate at most {longest} frames"
+            )
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"decode_chunk_size must be a positive integer, got {chunk!r}")
+        super().check_task(pipe)
+
+
+# ---------------------------------------------------------------------------------------- stages
+def video_latents(pipe, request: VideoRequest, state: CallState) -> CallState:
+    """``[B, C, F, h, w]`` noise, and the prompt embeddings repeated for every frame."""
+    state.height, state.width = request.size(pipe)
+    factor = pipe.vae_scale_factor
+    shape = (request.total, pipe.unet.config.in_channels, request.num_frames, state.height // factor,
+             state.width // factor)
+    state.latents = stages.initial_latents(shape, generator=request.generator, device=state.device, dtype=state.dtype,
+                                           latents=request.latents, init_noise_sigma=pipe.scheduler.init_noise_sigma)
+    state.tensors["prompt_embeds"] = state.condition.repeat_interleave(request.num_frames, dim=0)
+    return state
+
+
+def decode_video(pipe, request: VideoRequest, state: CallState) -> CallState:
+    if request.output_type == "latent":
+        state.images = state.latents
+        return state
+    video = pipe.decode_latents(state.latents, request.decode_chunk_size)
+    frames = [imgs.postprocess(v.permute(1, 0, 2, 3), output_type=request.output_type) for v in video]
+    if request.output_type == "np":
+        frames = np.stack(frames)
+    elif request.output_type == "pt":
+        frames = torch.stack(frames)
+    state.images = frames
+    return state
+
+
+def video_output(pipe, request: VideoRequest, state: CallState) -> CallState:
+    state.output = AnimateDiffPipelineOutput(frames=state.images) if request.return_dict else (state.images,)
+    return state
 
 
 class AnimateDiffPipeline(StableDiffusionBase):
@@ -62,9 +117,8 @@ class AnimateDiffPipeline(StableDiffusionBase):
                               feature_extractor=feature_extractor, image_encoder=image_encoder)
 
     embeds_guidance_scale = False  # the reference guides every motion UNet by CFG, LCM-distilled or not
-
-    def _guidance(self, guidance_scale: float, guidance_rescale: float) -> stages.Guidance:
-        return stages.Guidance(scale=guidance_scale)  # and takes no guidance_rescale
+    request_type = VideoRequest
+    call_stages = (encode_prompt_stage, text_timesteps, video_latents, stages.denoise, decode_video, video_output)
 
     def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int = 16) -> torch.Tensor:
         """``[B, C, F, h, w]`` latents -> ``[B, C, F, H, W]`` float32 frames in ``[-1, 1]``, decoding
@@ -75,19 +129,6 @@ class AnimateDiffPipeline(StableDiffusionBase):
                              for i in range(0, flat.shape[0], decode_chunk_size)])
         return decoded.reshape(batch, frames, *decoded.shape[1:]).permute(0, 2, 1, 3, 4).float()
 
-    def _check_video_inputs(self, num_frames, decode_chunk_size):
-        longest = self.unet.config.motion_max_seq_length
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
-        if num_frames > longest:
-            raise ValueError(
-                f"num_frames={num_frames} is more than this motion adapter's motion_max_seq_length={longest}; "
-                f"generate at most {longest} frames"
-            )
-        if isinstance(decode_chunk_size, bool) or not isinstance(decode_chunk_size, int) or decode_chunk_size < 1:
-            raise ValueError(f"decode_chunk_size must be a positive integer, got {decode_chunk_size!r}")
-
-    @pipeline_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -114,39 +155,4 @@ class AnimateDiffPipeline(StableDiffusionBase):
         decode_chunk_size: int = 16,
     ):
         """Generate ``num_frames``-frame videos from text; ``latents`` are ``[B, C, F, h, w]``."""
-        self._check_video_inputs(num_frames, decode_chunk_size)
-        default_h, default_w = self._default_size()
-        height, width = height or default_h, width or default_w
-        stages.check_size(height, width, self.vae_scale_factor)
-        run = self._begin(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-                          negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_videos_per_prompt,
-                          generator=generator, guidance_scale=guidance_scale, guidance_rescale=0.0,
-                          clip_skip=clip_skip, output_type=output_type,
-                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                          ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
-        steps, num_inference_steps = stages.set_timesteps(self.scheduler, num_inference_steps, run.device)
-        shape = (run.total, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
-        latents = stages.initial_latents(shape, generator=generator, device=run.device, dtype=run.dtype,
-                                         latents=latents, init_noise_sigma=self.scheduler.init_noise_sigma)
-        added_cond, tensors = run.with_image_prompt(None, {
-            "prompt_embeds": run.condition.repeat_interleave(num_frames, dim=0), "negative_prompt_embeds": run.negative})
-        latents = stages.denoise(
-            self, latents=latents, timesteps=steps, num_inference_steps=num_inference_steps,
-            predict=self._unet_predictor(cross_attention_kwargs, added_cond=added_cond), guidance=run.guidance,
-            step_kwargs={"eta": eta, "generator": generator}, callback_on_step_end=callback_on_step_end,
-            callback_tensors=tensors, callback_tensor_names=callback_on_step_end_tensor_inputs,
-        )
-        if output_type == "latent":
-            frames = latents
-        else:
-            video = self.decode_latents(latents, decode_chunk_size)
-            frames = [imgs.postprocess(v.permute(1, 0, 2, 3), output_type=output_type) for v in video]
-            if output_type == "np":
-                frames = np.stack(frames)
-            elif output_type == "pt":
-                frames = torch.stack(frames)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (frames,)
-        return AnimateDiffPipelineOutput(frames=frames)
+        return self._generate(locals())

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..nn.cpu_kernels import EXECUTION_DEVICE_ATTR
+from ..runtime.hooks import OFFLOAD, ModuleHook, add_hook, get_hook, remove_hook
 
-_HOOK_ATTR = "_diffpipe_offload"
+_LEAF = "offload_leaf"
 
 
 class OffloadGroup:
@@ -50,66 +50,81 @@ class OffloadGroup:
             self.send_home(self.active)
 
 
-def _pre_hook(module, args, kwargs):
-    getattr(module, _HOOK_ATTR).bring(module)
-    return None
+class ModelOffload(ModuleHook):
+    """Model offload: the model joins its group's device whenever it is called. ``device`` is where its
+    forward runs (the CPU-kernel mode reads it)."""
+
+    def __init__(self, group: OffloadGroup):
+        self.group = group
+        self.device = group.device
+
+    def pre_forward(self, module, args, kwargs):
+        self.group.bring(module)
+
+
+class SequentialOffload(ModuleHook):
+    """Sequential offload, on the model: where its leaves run; removing it removes theirs too."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.group = None
+
+    def on_remove(self, module) -> None:
+        for leaf in module.modules():
+            remove_hook(leaf, _LEAF)
+
+
+class LeafOffload(ModuleHook):
+    """Sequential offload, on a module with weights of its own: on ``device`` for its forward only."""
+
+    def __init__(self, device: torch.device, home: torch.device):
+        self.device, self.home = torch.device(device), torch.device(home)
+
+    def pre_forward(self, module, args, kwargs):
+        module.to(self.device)
+
+    def post_forward(self, module, args, kwargs, output):
+        module.to(self.home)
+        return output
 
 
 def attach(group: OffloadGroup, name: str, module: torch.nn.Module) -> None:
-    """Give ``module`` a pre-hook that brings it to the group's device when called."""
-    previous = getattr(module, _HOOK_ATTR, None)
-    if previous is not None and previous is not group:
-        detach(module)
+    """Bring ``module`` to the group's device when called (replacing any other offload it had)."""
     group.names[id(module)] = name
-    if previous is group:
+    hook = get_hook(module, OFFLOAD)
+    if isinstance(hook, ModelOffload) and hook.group is group:
         return
-    object.__setattr__(module, _HOOK_ATTR, group)
-    object.__setattr__(module, EXECUTION_DEVICE_ATTR, group.device)
-    handle = module.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-    object.__setattr__(module, "_diffpipe_offload_handle", handle)
+    add_hook(module, OFFLOAD, ModelOffload(group))
     module.to(group.home)
-
-
-def detach(module: torch.nn.Module) -> None:
-    handle = getattr(module, "_diffpipe_offload_handle", None)
-    if handle is not None:
-        handle.remove()
-    for attr in (_HOOK_ATTR, "_diffpipe_offload_handle", EXECUTION_DEVICE_ATTR):
-        if attr in module.__dict__:
-            object.__delattr__(module, attr)
 
 
 def group_of(components: dict) -> OffloadGroup | None:
     """The offload group the components already belong to (shared through from_pipe), if any."""
     for component in components.values():
-        group = getattr(component, _HOOK_ATTR, None)
-        if isinstance(group, OffloadGroup):
-            return group
+        if isinstance(component, torch.nn.Module):
+            hook = get_hook(component, OFFLOAD)
+            if isinstance(hook, ModelOffload):
+                return hook.group
     return None
 
 
-def _sequential_pre(module, args, kwargs):
-    module.to(getattr(module, "_diffpipe_seq_device"))
-    return None
-
-
-def _sequential_post(module, args, kwargs, output):
-    module.to(getattr(module, "_diffpipe_seq_home"))
-    return output
+def bring_to_device(module: torch.nn.Module) -> None:
+    """Under model offload, bring ``module`` to the accelerator before calling a method other than
+    forward (a VAE's ``decode``)."""
+    hook = get_hook(module, OFFLOAD)
+    if isinstance(hook, ModelOffload):
+        hook.group.bring(module)
 
 
 def attach_sequential(module: torch.nn.Module, device: torch.device, home: torch.device) -> None:
     """Per leaf module: onto ``device`` just before its forward, home right after."""
-    object.__setattr__(module, EXECUTION_DEVICE_ATTR, torch.device(device))
+    if not isinstance(get_hook(module, OFFLOAD), SequentialOffload):
+        add_hook(module, OFFLOAD, SequentialOffload(device))
     for leaf in module.modules():
         if any(True for _ in leaf.parameters(recurse=False)) or any(True for _ in leaf.buffers(recurse=False)):
-            if getattr(leaf, "_diffpipe_seq_handles", None):
+            if get_hook(leaf, _LEAF) is not None:
                 continue
-            object.__setattr__(leaf, "_diffpipe_seq_device", torch.device(device))
-            object.__setattr__(leaf, "_diffpipe_seq_home", torch.device(home))
-            handles = (leaf.register_forward_pre_hook(_sequential_pre, with_kwargs=True),
-                       leaf.register_forward_hook(_sequential_post, with_kwargs=True))
-            object.__setattr__(leaf, "_diffpipe_seq_handles", handles)
+            add_hook(leaf, _LEAF, LeafOffload(device, home))
             leaf.to(home)
 
 
@@ -144,9 +159,15 @@ class OffloadMixin:
         if device.type != "cpu" and device.index is None and gpu_id is not None:
             device = torch.device(device.type, gpu_id)
         for _, module in self._modules_in_order():
-            detach(module)
+            remove_hook(module, OFFLOAD)
             attach_sequential(module, device, torch.device("cpu"))
         object.__setattr__(self, "_offload_device", device)
+
+    def remove_all_hooks(self) -> None:
+        """Turn CPU offload off: every model component loses its offload hooks (and stays where it is)."""
+        for _, module in self._modules_in_order():
+            remove_hook(module, OFFLOAD)
+        object.__setattr__(self, "_offload_device", None)
 
     def maybe_free_model_hooks(self) -> None:
         """After a call: the model left on the accelerator goes back to the CPU."""

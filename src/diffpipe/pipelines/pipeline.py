@@ -9,10 +9,10 @@ both diffpipe and the reference load, atomically.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from pathlib import Path
 
 import torch
 
@@ -27,8 +27,8 @@ from ..errors import (
 from ..io.atomic import StagedFolder, folder_lock
 from ..io.files import check_plain_name
 from ..io.load_model import check_hashes, resolve_dtype
-from ..nn.construction import gc_paused
-from ..nn.cpu_kernels import with_float32_kernels
+from ..runtime.collector import gc_paused
+from ..runtime.cpu_kernels import float32_kernels_for
 from . import loading
 from .loading import ComponentSpec, LoadReport
 from .offload import OffloadMixin
@@ -45,11 +45,6 @@ def _dtype_for(spec, name: str):
     return spec
 
 
-
-def pipeline_call(method):
-    """Decorator for every pipeline's ``__call__``: no autograd, and bf16/fp16 components on a CPU
-    without instructions for them run their heavy kernels in fp32 (see ``nn/cpu_kernels.py``)."""
-    return torch.no_grad()(with_float32_kernels(lambda self: self.components.values())(method))
 
 class DiffusionPipeline(ConfigMixin, OffloadMixin):
     """Base of all pipelines. Subclasses declare their components as ``__init__`` parameters."""
@@ -135,6 +130,71 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
     def memory_footprint(self) -> dict:
         """Bytes per component and dtype (see :func:`memory_footprint` for several pipelines)."""
         return memory_footprint(self)
+
+    # ------------------------------------------------------------------ the call path
+    # A task pipeline declares the type of its request and the stages its call runs; its ``__call__``
+    # (the reference's public signature) hands its arguments to ``_generate`` and nothing else.
+    request_type: type | None = None
+    call_stages: tuple = ()
+
+    def _generate(self, arguments: dict):
+        """The one call path of every pipeline: the request built from the call's arguments and checked
+        (every input rule, before any model runs), then each stage in order inside :meth:`_call_context`;
+        the last stage leaves the call's result in ``state.output``."""
+        request = self.request_type.of_call(arguments)
+        request.check(self)
+        with self._call_context(request) as state:
+            for stage in self.call_stages:
+                state = stage(self, request, state)
+            return state.output
+
+    @contextlib.contextmanager
+    def _call_context(self, request):
+        """What holds for the whole of a call, entered in this order and left in reverse:
+
+        1. no autograd;
+        2. bf16/fp16 components on a CPU without instructions for them run their heavy kernels in fp32
+           (``nn/cpu_kernels.py``);
+        3. every LoRA scaled by ``cross_attention_kwargs["scale"]`` if the call gives one;
+        4. under CPU offload, the model left on the accelerator goes back to the CPU at the end;
+        5. the call's state: ``num_timesteps`` and ``interrupt`` read it, and a step-end callback may
+           set ``pipe._interrupt = True`` to skip the remaining steps.
+        """
+        from .request import CallState
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(float32_kernels_for(*self.components.values()))
+            if hasattr(self, "lora_scale_for_call"):
+                stack.enter_context(self.lora_scale_for_call(request.lora_scale))
+            stack.callback(self.maybe_free_model_hooks)
+            state = CallState(device=self._execution_device)
+            object.__setattr__(self, "_interrupt", False)
+            object.__setattr__(self, "_call_state", state)
+            stack.callback(self._end_call, state)
+            yield state
+
+    def _end_call(self, state) -> None:
+        """Keep what the pipeline's properties report after a call, not the call's tensors."""
+        object.__setattr__(self, "_call_state", None)
+        object.__setattr__(self, "_last_num_timesteps", 0 if state.timesteps is None else len(state.timesteps))
+
+    @property
+    def _execution_device(self) -> torch.device:
+        device = getattr(self, "_offload_device", None)
+        return device if device is not None else self.device
+
+    @property
+    def num_timesteps(self) -> int:
+        """Timesteps of the current (or last) call's denoising loop."""
+        state = getattr(self, "_call_state", None)
+        if state is None:
+            return getattr(self, "_last_num_timesteps", 0)
+        return 0 if state.timesteps is None else len(state.timesteps)
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
 
     # ------------------------------------------------------------------ progress bars
     def set_progress_bar_config(self, **kwargs) -> None:

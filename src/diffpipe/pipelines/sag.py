@@ -12,19 +12,22 @@ The map is read through the attention-processor interface: for the length of a c
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from ..nn.attention import AttnProcessorMath
+from ..runtime.hooks import ModuleHook, add_hook, remove_hook
 from . import stages
-from .pipeline import pipeline_call
-from .stable_diffusion import IMAGE_EMBEDS, StableDiffusionBase
+from .request import CallState, SDRequest
+from .stable_diffusion import StableDiffusionBase, decode_images, encode_prompt_stage, noise_latents, output, text_timesteps
 
 BLUR_KERNEL = 9
 BLUR_SIGMA = 1.0
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+_CAPTURE = "sag_capture"
 
 
 class AttentionMapCapture(AttnProcessorMath):
@@ -56,26 +59,34 @@ def _mid_self_attention(unet):
     return transformer, transformer.transformer_blocks[0].attn1
 
 
+class MidAttentionCapture(ModuleHook):
+    """On the mid block's first transformer for the length of a call: its first self-attention runs an
+    :class:`AttentionMapCapture`, and each forward records the feature map's size. Removing the hook
+    puts that layer's processor back."""
+
+    def __init__(self, attn1):
+        self.attn1, self.previous = attn1, attn1.processor
+        self.capture = AttentionMapCapture()
+        attn1.set_processor(self.capture)
+
+    def pre_forward(self, module, args, kwargs):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        self.capture.map_size = tuple(hidden_states.shape[-2:])
+
+    def on_remove(self, module) -> None:
+        self.attn1.set_processor(self.previous)
+
+
 @contextmanager
 def capturing_mid_attention(unet) -> Iterator[AttentionMapCapture]:
-    """Run the mid block's self-attention through an :class:`AttentionMapCapture` inside the block;
-    the UNet's processors are restored on leaving, also after an exception."""
+    """The mid block's self-attention map, captured inside the block (the hook is removed on leaving,
+    also after an exception)."""
     transformer, attn1 = _mid_self_attention(unet)
-    key = next(f"{name}.processor" for name, module in unet.named_modules() if module is attn1)
-    capture = AttentionMapCapture()
-
-    def record_size(module, args, kwargs):
-        hidden_states = args[0] if args else kwargs["hidden_states"]
-        capture.map_size = tuple(hidden_states.shape[-2:])
-
-    before = unet.attn_processors
-    unet.set_attn_processor({**before, key: capture})
-    handle = transformer.register_forward_pre_hook(record_size, with_kwargs=True)
+    hook = add_hook(transformer, _CAPTURE, MidAttentionCapture(attn1))
     try:
-        yield capture
+        yield hook.capture
     finally:
-        handle.remove()
-        unet.set_attn_processor(before)
+        remove_hook(transformer, _CAPTURE)
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int = BLUR_KERNEL, sigma: float = BLUR_SIGMA) -> torch.Tensor:
@@ -110,14 +121,67 @@ def saliency_mask(probs: torch.Tensor, heads: int, map_size, size) -> torch.Tens
     return F.interpolate(mask, size)
 
 
+@dataclass(frozen=True)
+class SAGRequest(SDRequest):
+    """A SAG call: Stable Diffusion's fields, the guidance strength and the legacy per-step callback."""
+
+    sag_scale: float = 0.75
+    callback: Callable[[int, int, torch.Tensor], None] | None = None
+    callback_steps: int = 1
+
+    def check_task(self, pipe) -> None:
+        if isinstance(self.sag_scale, bool) or not isinstance(self.sag_scale, (int, float)):
+            raise TypeError(f"sag_scale must be a number (0 turns self-attention guidance off), got {self.sag_scale!r}")
+        if self.callback is not None and (not isinstance(self.callback_steps, int) or self.callback_steps < 1):
+            raise ValueError(f"callback_steps must be a positive integer, got {self.callback_steps!r}")
+        if self.sag_scale > 0.0:
+            _mid_self_attention(pipe.unet)
+        super().check_task(pipe)
+
+
+# ---------------------------------------------------------------------------------------- stages
+def check_scheduler(pipe, request: SAGRequest, state: CallState) -> CallState:
+    """SAG needs integer timesteps and ``alphas_cumprod`` (known once the schedule is set)."""
+    if request.sag_scale > 0.0:
+        pipe._check_scheduler(state.timesteps)
+    return state
+
+
+def legacy_callback(pipe, request: SAGRequest, state: CallState) -> CallState:
+    """The reference's ``callback(step, t, latents)`` every ``callback_steps`` progress steps, as a
+    step-end callback chained before the caller's own ``callback_on_step_end``."""
+    callback, every, after = request.callback, request.callback_steps, request.callback_on_step_end
+    if callback is None:
+        return state
+    steps, order = state.timesteps, getattr(pipe.scheduler, "order", 1)
+    warmup = len(steps) - state.num_inference_steps * order
+
+    def on_step_end(pipe, i, t, tensors):
+        at_progress = i == len(steps) - 1 or ((i + 1) > warmup and (i + 1) % order == 0)
+        if at_progress and i % every == 0:
+            callback(i // order, t, tensors["latents"])
+        return {} if after is None else after(pipe, i, t, tensors)
+
+    state.callback = on_step_end
+    state.callback_names = ("latents", *(request.callback_on_step_end_tensor_inputs or ()))
+    return state
+
+
+def denoise_with_sag(pipe, request: SAGRequest, state: CallState) -> CallState:
+    """The denoising loop, with the mid block's self-attention map captured for the SAG term."""
+    if request.sag_scale <= 0.0:
+        return stages.denoise(pipe, request, state)
+    with capturing_mid_attention(pipe.unet) as capture:
+        state.guide = pipe._sag_term(capture, request.sag_scale, state)
+        return stages.denoise(pipe, request, state)
+
+
 class StableDiffusionSAGPipeline(StableDiffusionBase):
     """Text to image with Stable Diffusion and self-attention guidance.
 
     Needs a scheduler on integer timesteps that has ``alphas_cumprod`` (DDIM, PNDM, DDPM, DEIS, UniPC,
     DPM-Solver multistep/singlestep), as the reference does.
     """
-
-    embeds_guidance_scale = False  # the reference's SAG runs CFG and no guidance embedding on any UNet
 
     def _check_scheduler(self, timesteps: torch.Tensor) -> None:
         scheduler = self.scheduler
@@ -135,44 +199,31 @@ class StableDiffusionSAGPipeline(StableDiffusionBase):
             raise ValueError(f"self-attention guidance supports prediction_type {PREDICTION_TYPES}, "
                              f"but {name} has {kind!r}")
 
-    def _sag_term(self, capture: AttentionMapCapture, sag_scale: float, guidance: stages.Guidance) -> Callable:
-        """The ``guide`` of the denoising loop: ``+ sag_scale * (eps - eps(degraded latents))``, where
-        eps is the unconditional prediction under classifier-free guidance, else the prediction."""
-        scheduler = self.scheduler
+    def _sag_term(self, capture: AttentionMapCapture, sag_scale: float, state: CallState) -> Callable:
+        """The loop's ``guide``: ``+ sag_scale * (eps - eps(degraded latents))``, where eps is the
+        unconditional prediction under classifier-free guidance, else the prediction."""
+        scheduler, guidance, image_prompt = self.scheduler, state.guidance, state.image_embeds
+        if guidance.active and image_prompt is not None:
+            image_prompt = [e.chunk(2)[0] for e in image_prompt]
 
-        def guide(noise_pred, *, model_output, latents, t, i, tensors, predict):
+        def guide(noise_pred, *, model_output, latents, t, tensors, predict):
             own, probs, condition = model_output, capture.probs, tensors["prompt_embeds"]
-            image_prompt = tensors.get(IMAGE_EMBEDS)
             if guidance.active:  # the unconditional half, as in eq. (25) of the paper
                 own, probs, condition = own.chunk(2)[0], probs.chunk(2)[0], condition.chunk(2)[0]
-                image_prompt = image_prompt and [e.chunk(2)[0] for e in image_prompt]
             x0, eps = clean_and_noise(scheduler, latents, own, t)
             mask = saliency_mask(probs, capture.heads, capture.map_size, x0.shape[-2:])
             degraded = gaussian_blur(x0) * mask + x0 * (1 - mask)
             degraded = scheduler.add_noise(degraded, eps, t[None])
-            degraded_pred = predict(degraded, t, i,
-                                    {**tensors, "prompt_embeds": condition, IMAGE_EMBEDS: image_prompt})
+            degraded_pred = predict(degraded, t, {**tensors, "prompt_embeds": condition}, image_prompt)
             return noise_pred + sag_scale * (own - degraded_pred)
 
         return guide
 
-    def _legacy_callback(self, callback, callback_steps, steps, num_inference_steps, callback_on_step_end):
-        """The reference's ``callback(step, t, latents)`` every ``callback_steps`` progress steps, as a
-        step-end callback (chained before the caller's own ``callback_on_step_end``)."""
-        order = getattr(self.scheduler, "order", 1)
-        warmup = len(steps) - num_inference_steps * order
+    request_type = SAGRequest
+    embeds_guidance_scale = False  # the reference's SAG runs CFG and no guidance embedding on any UNet
+    call_stages = (text_timesteps, check_scheduler, encode_prompt_stage, noise_latents, legacy_callback,
+                   denoise_with_sag, decode_images, output)
 
-        def on_step_end(pipe, i, t, tensors):
-            at_progress = i == len(steps) - 1 or ((i + 1) > warmup and (i + 1) % order == 0)
-            if at_progress and i % callback_steps == 0:
-                callback(i // order, t, tensors["latents"])
-            if callback_on_step_end is None:
-                return {}
-            return callback_on_step_end(pipe, i, t, tensors)
-
-        return on_step_end
-
-    @pipeline_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -201,43 +252,4 @@ class StableDiffusionSAGPipeline(StableDiffusionBase):
     ):
         """Generate images from text with self-attention guidance of strength ``sag_scale`` (0 turns
         it off), with or without classifier-free guidance (``guidance_scale`` > 1 or <= 1)."""
-        if isinstance(sag_scale, bool) or not isinstance(sag_scale, (int, float)):
-            raise TypeError(f"sag_scale must be a number (0 turns self-attention guidance off), got {sag_scale!r}")
-        if callback is not None and (not isinstance(callback_steps, int) or callback_steps < 1):
-            raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
-        use_sag = sag_scale > 0.0
-        if use_sag:
-            _mid_self_attention(self.unet)
-        default_h, default_w = self._default_size()
-        height, width = height or default_h, width or default_w
-        stages.check_size(height, width, self.vae_scale_factor)
-        device = self._execution_device
-        steps, num_inference_steps = stages.set_timesteps(self.scheduler, num_inference_steps, device)
-        if use_sag:
-            self._check_scheduler(steps)
-        run = self._begin(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-                          negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-                          generator=generator, guidance_scale=guidance_scale, guidance_rescale=0.0,
-                          clip_skip=clip_skip, output_type=output_type,
-                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                          ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
-        shape = (run.total, self.unet.config.in_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
-        latents = stages.initial_latents(shape, generator=generator, device=run.device, dtype=run.dtype,
-                                         latents=latents, init_noise_sigma=self.scheduler.init_noise_sigma)
-        if callback is not None:
-            callback_on_step_end = self._legacy_callback(callback, callback_steps, steps, num_inference_steps,
-                                                         callback_on_step_end)
-            callback_on_step_end_tensor_inputs = ("latents", *callback_on_step_end_tensor_inputs)
-
-        def finish(guide=None):
-            return self._denoise_and_finish(
-                run, latents, steps, num_inference_steps, eta=eta, generator=generator,
-                cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, output_type=output_type,
-                return_dict=return_dict, guide=guide)
-
-        if not use_sag:
-            return finish()
-        with capturing_mid_attention(self.unet) as capture:
-            return finish(self._sag_term(capture, sag_scale, run.guidance))
+        return self._generate(locals())

@@ -7,8 +7,8 @@ import torch
 from .. import images as imgs
 from ..schedulers.base import randn
 from . import stages
-from .pipeline import pipeline_call
-from .stable_diffusion import StableDiffusionBase
+from .request import CallState, SDRequest
+from .stable_diffusion import DENOISE_AND_DECODE, StableDiffusionBase, encode_prompt_stage
 
 
 def strength_timesteps(scheduler, num_inference_steps: int, strength: float, device, timesteps=None,
@@ -38,11 +38,6 @@ def image_or_latents(pipeline, image, *, height: int | None = None, width: int |
     return imgs.preprocess(image, height=height, width=width, multiple=pipeline.vae_scale_factor, what="image")
 
 
-def check_strength(strength: float) -> None:
-    if not (0.0 <= strength <= 1.0):
-        raise ValueError(f"strength must be between 0 and 1, got {strength}")
-
-
 def tile_to_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     """Repeat a batch of images/latents (whole-batch tiling, as the reference does) up to ``batch``."""
     if x.shape[0] == batch:
@@ -70,10 +65,33 @@ def noised_image_latents(pipeline, image: torch.Tensor, timestep, *, batch: int,
     return pipeline.scheduler.add_noise(latents, noise, timestep.repeat(batch))
 
 
+# ---------------------------------------------------------------------------------------- stages
+def preprocess_image(pipe, request: SDRequest, state: CallState) -> CallState:
+    state.pixels = image_or_latents(pipe, request.image, height=request.height, width=request.width)
+    return state
+
+
+def strength_schedule(pipe, request: SDRequest, state: CallState) -> CallState:
+    """The schedule without its first ``1 - strength`` (the image gives the start)."""
+    state.timesteps, state.num_inference_steps = strength_timesteps(
+        pipe.scheduler, request.num_inference_steps, request.strength, state.device, request.timesteps,
+        request.sigmas)
+    return state
+
+
+def image_latents(pipe, request: SDRequest, state: CallState) -> CallState:
+    """The encoded image noised to the first timestep left."""
+    state.latents = noised_image_latents(pipe, state.pixels, state.timesteps[:1], batch=request.total,
+                                         generator=request.generator, device=state.device, dtype=state.dtype)
+    return state
+
+
 class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
     """Image to image with Stable Diffusion 1.x / 2.x."""
 
-    @pipeline_call
+    task = "image"
+    call_stages = (preprocess_image, encode_prompt_stage, strength_schedule, image_latents, *DENOISE_AND_DECODE)
+
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -100,22 +118,4 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         height: int | None = None,
         width: int | None = None,
     ):
-        if image is None:
-            raise ValueError("StableDiffusionImg2ImgPipeline needs image= (a PIL image, array or tensor)")
-        check_strength(strength)
-        pixels = image_or_latents(self, image, height=height, width=width)
-        run = self._begin(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-                          negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-                          generator=generator, guidance_scale=guidance_scale, guidance_rescale=0.0,
-                          clip_skip=clip_skip, output_type=output_type,
-                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                          ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
-        steps, num_inference_steps = strength_timesteps(self.scheduler, num_inference_steps, strength, run.device,
-                                                        timesteps, sigmas)
-        latents = noised_image_latents(self, pixels, steps[:1], batch=run.total, generator=generator,
-                                       device=run.device, dtype=run.dtype)
-        return self._denoise_and_finish(
-            run, latents, steps, num_inference_steps, eta=eta, generator=generator,
-            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, output_type=output_type,
-            return_dict=return_dict)
+        return self._generate(locals())

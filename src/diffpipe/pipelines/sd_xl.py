@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +19,9 @@ import numpy as np
 import torch
 
 from . import stages
-from .pipeline import DiffusionPipeline, pipeline_call
-from .stable_diffusion import StableDiffusionBase
+from .pipeline import DiffusionPipeline
+from .request import CallState, SDRequest, check_fraction
+from .stable_diffusion import DENOISE_AND_DECODE, StableDiffusionBase, encode_prompt_stage, noise_latents, text_timesteps
 
 # The 48-bit message Stability AI's reference code embeds (generative-models, streamlit_helpers.py).
 WATERMARK_MESSAGE = 0b101100111110110010010000011110111011000110011110
@@ -71,13 +71,6 @@ def watermark_available() -> bool:
     return importlib.util.find_spec("imwatermark") is not None
 
 
-def check_fraction(name: str, value) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be a fraction of the schedule in (0, 1], got {value!r}")
-
-
 def cut_at_denoising_end(scheduler, timesteps: torch.Tensor, num_inference_steps: int, denoising_end):
     """Keep the timesteps above ``denoising_end``'s point of the training schedule (SDXL base -> refiner)."""
     check_fraction("denoising_end", denoising_end)
@@ -102,6 +95,42 @@ def _check_text_list(name: str, value, batch: int) -> None:
         raise TypeError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
     if len(value) != batch:
         raise ValueError(f"{name} has {len(value)} entries but the batch has {batch} prompts; pass one per prompt")
+
+
+@dataclass(frozen=True)
+class SDXLRequest(SDRequest):
+    """An SDXL call: the SD fields, the second prompt and pooled embeddings, the micro-conditioning
+    (sizes, crop corner, aesthetic scores) and the base/refiner hand-over fractions."""
+
+    prompt_2: str | list[str] | None = None
+    negative_prompt_2: str | list[str] | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+
+    def check_task(self, pipe) -> None:
+        if pipe.task == "image" and self.image is None:
+            raise ValueError(f"{type(pipe).__name__} needs image= (a PIL image, array or tensor, or latents)")
+        super().check_task(pipe)
+        check_fraction("denoising_end", self.denoising_end)
+        check_fraction("denoising_start", self.denoising_start)
+        start, end = self.denoising_start, self.denoising_end
+        if start is not None and start >= 1.0:
+            raise ValueError(f"denoising_start={start} leaves nothing to denoise; pass a value below 1")
+        if start is not None and end is not None and start >= end:
+            raise ValueError(f"denoising_start ({start}) must be below denoising_end ({end})")
+        if self.latents is not None and pipe.task == "image" and self.latents.ndim != 4:
+            raise ValueError(f"latents must be a (B, C, H, W) tensor, got shape {tuple(self.latents.shape)}")
+        pipe._check_xl(self)
 
 
 class StableDiffusionXLBase(StableDiffusionBase):
@@ -206,21 +235,21 @@ class StableDiffusionXLBase(StableDiffusionBase):
 
         return tuple(per_image(x) for x in (prompt_embeds, negative, pooled_prompt_embeds, negative_pooled))
 
-    def _check_xl(self, prompt, prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
-                  pooled_prompt_embeds, negative_pooled_prompt_embeds) -> None:
+    def _check_xl(self, request: SDXLRequest) -> None:
         """SDXL's own input rules, checked before any model runs (the common ones are the base's)."""
-        if prompt_2 is not None and prompt_embeds is not None:
+        prompt, prompt_embeds = request.prompt, request.prompt_embeds
+        if request.prompt_2 is not None and prompt_embeds is not None:
             raise ValueError("pass either prompt_2= or prompt_embeds=, not both")
-        if negative_prompt_2 is not None and negative_prompt_embeds is not None:
+        if request.negative_prompt_2 is not None and request.negative_prompt_embeds is not None:
             raise ValueError("pass either negative_prompt_2= or negative_prompt_embeds=, not both")
         batch = len(prompt) if isinstance(prompt, list) else 1
         if prompt is None and torch.is_tensor(prompt_embeds):
             batch = prompt_embeds.shape[0]
-        _check_text_list("prompt_2", prompt_2, batch)
-        _check_text_list("negative_prompt_2", negative_prompt_2, batch)
-        if prompt_embeds is not None and pooled_prompt_embeds is None:
+        _check_text_list("prompt_2", request.prompt_2, batch)
+        _check_text_list("negative_prompt_2", request.negative_prompt_2, batch)
+        if prompt_embeds is not None and request.pooled_prompt_embeds is None:
             raise ValueError("with prompt_embeds=, pass pooled_prompt_embeds= too (the second encoder's pooled output)")
-        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+        if request.negative_prompt_embeds is not None and request.negative_pooled_prompt_embeds is None:
             raise ValueError("with negative_prompt_embeds=, pass negative_pooled_prompt_embeds= too")
         if self.unet.config.get("addition_embed_type") != "text_time":
             raise ValueError(
@@ -230,6 +259,11 @@ class StableDiffusionXLBase(StableDiffusionBase):
         if prompt_embeds is None:
             self._check_text_encoder_2()
 
+    def _more_prompt_arguments(self, request: SDXLRequest) -> dict:
+        return dict(prompt_2=request.prompt_2, negative_prompt_2=request.negative_prompt_2,
+                    pooled_prompt_embeds=request.pooled_prompt_embeds,
+                    negative_pooled_prompt_embeds=request.negative_pooled_prompt_embeds)
+
     def _check_text_encoder_2(self) -> None:
         if self.text_encoder_2 is None:
             raise ValueError(
@@ -238,35 +272,30 @@ class StableDiffusionXLBase(StableDiffusionBase):
             )
 
     # ------------------------------------------------------------------ micro-conditioning
-    def _projection_dim(self, run) -> int:
+    def _projection_dim(self, state: CallState) -> int:
         if self.text_encoder_2 is not None:
             return int(self.text_encoder_2.config.projection_dim)
-        return int(run.pooled.shape[-1])
+        return int(state.pooled.shape[-1])
 
-    def _time_ids(self, values, run, hint: str = "") -> torch.Tensor:
+    def _time_ids(self, values, state: CallState, hint: str = "") -> torch.Tensor:
         """One row of micro-conditioning ids, checked against the UNet's added-embedding width."""
         values = [float(v) for v in values]
         cfg = self.unet.config
-        made = cfg.addition_time_embed_dim * len(values) + self._projection_dim(run)
+        made = cfg.addition_time_embed_dim * len(values) + self._projection_dim(state)
         wanted = cfg.projection_class_embeddings_input_dim
         if made != wanted:
             raise ValueError(
                 f"the UNet expects an added embedding of width {wanted} (projection_class_embeddings_input_dim), "
                 f"but {len(values)} time ids x {cfg.addition_time_embed_dim} + the text encoder's projection "
-                f"{self._projection_dim(run)} make {made}.{hint} Check unet.config and "
+                f"{self._projection_dim(state)} make {made}.{hint} Check unet.config and "
                 "text_encoder_2.config.projection_dim."
             )
-        return torch.tensor([values], dtype=run.dtype)
+        return torch.tensor([values], dtype=state.dtype)
 
-    def _added_conditions(self, run, time_ids: torch.Tensor, negative_time_ids: torch.Tensor) -> dict:
-        """The pooled embeddings and time ids in the UNet's (guidance-batched) layout."""
-        rows = run.total
-        return {
-            "add_text_embeds": run.paired(run.pooled, run.negative_pooled).to(run.device),
-            "add_time_ids": run.paired(time_ids.repeat(rows, 1), negative_time_ids.repeat(rows, 1)).to(run.device),
-        }
-
-    ADDED_COND = {"text_embeds": "add_text_embeds", "time_ids": "add_time_ids"}
+    def _time_id_rows(self, request: SDXLRequest, state: CallState) -> tuple[list, list, str]:
+        """(positive row, negative row, hint for a width mismatch) of micro-conditioning values; each
+        SDXL task says which (text-to-image: original size, crop corner, target size)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ VAE
     @contextlib.contextmanager
@@ -315,29 +344,57 @@ class StableDiffusionXLBase(StableDiffusionBase):
             latents = (latents - mean * self.vae.config.scaling_factor) / std
         return latents
 
-    def _output(self, image, nsfw, return_dict: bool):
-        if not return_dict:
-            return (image,)
-        return StableDiffusionXLPipelineOutput(images=image)
+    def _output(self, state: CallState, request: SDXLRequest):
+        if not request.return_dict:
+            return (state.images,)
+        return StableDiffusionXLPipelineOutput(images=state.images)
 
-    # ------------------------------------------------------------------ the common start
-    def _begin_xl(self, *, prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
-                  pooled_prompt_embeds, negative_pooled_prompt_embeds, **common):
-        self._check_xl(prompt, prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
-                       pooled_prompt_embeds, negative_pooled_prompt_embeds)
-        return self._begin(
-            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            prompt_kwargs=dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
-                               pooled_prompt_embeds=pooled_prompt_embeds,
-                               negative_pooled_prompt_embeds=negative_pooled_prompt_embeds),
-            **common)
+
+# ============================================================================ SDXL's own stages
+def micro_conditioning(pipe: StableDiffusionXLBase, request: SDXLRequest, state: CallState) -> CallState:
+    """The pooled text embeddings and the time ids, as the UNet's ``added_cond_kwargs`` (guidance-batched)."""
+    row, negative_row, hint = pipe._time_id_rows(request, state)
+    time_ids = pipe._time_ids(row, state, hint)
+    negative_time_ids = time_ids if negative_row is None else pipe._time_ids(negative_row, state, hint)
+    rows = request.total
+    state.tensors.update(
+        add_text_embeds=state.paired(state.pooled, state.negative_pooled).to(state.device),
+        add_time_ids=state.paired(time_ids.repeat(rows, 1), negative_time_ids.repeat(rows, 1)).to(state.device),
+    )
+    state.added_cond = {"text_embeds": "add_text_embeds", "time_ids": "add_time_ids"}
+    return state
+
+
+def stop_at_denoising_end(pipe, request: SDXLRequest, state: CallState) -> CallState:
+    """Keep only the timesteps above ``denoising_end`` (a base model handing over to a refiner)."""
+    state.timesteps, state.num_inference_steps = cut_at_denoising_end(
+        pipe.scheduler, state.timesteps, state.num_inference_steps, request.denoising_end)
+    return state
+
+
+def begin_at_the_start(pipe, request: SDXLRequest, state: CallState) -> CallState:
+    """Text to image runs the schedule from its first step (as the reference says to the scheduler)."""
+    if hasattr(pipe.scheduler, "set_begin_index"):
+        pipe.scheduler.set_begin_index(0)
+    return state
 
 
 class StableDiffusionXLPipeline(StableDiffusionXLBase):
     """Text to image with Stable Diffusion XL (base models; ``denoising_end`` hands over to a refiner)."""
 
-    @pipeline_call
+    request_type = SDXLRequest
+    call_stages = (encode_prompt_stage, micro_conditioning, text_timesteps, noise_latents, stop_at_denoising_end,
+                   begin_at_the_start, *DENOISE_AND_DECODE)
+
+    def _time_id_rows(self, request: SDXLRequest, state: CallState) -> tuple[list, list | None, str]:
+        size = request.size(self)
+        row = [*(request.original_size or size), *request.crops_coords_top_left, *(request.target_size or size)]
+        negative_row = None  # the positive ids, unless both negative sizes are given
+        if request.negative_original_size is not None and request.negative_target_size is not None:
+            negative_row = [*request.negative_original_size, *request.negative_crops_coords_top_left,
+                            *request.negative_target_size]
+        return row, negative_row, ""
+
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -381,36 +438,4 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
         both are given, condition the unconditional branch. ``denoising_end`` (a fraction) stops early
         and, with ``output_type="latent"``, hands the latents to a refiner's ``denoising_start``.
         """
-        default_h, default_w = self._default_size()
-        height, width = height or default_h, width or default_w
-        stages.check_size(height, width, self.vae_scale_factor)
-        check_fraction("denoising_end", denoising_end)
-        run = self._begin_xl(
-            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            num_images_per_prompt=num_images_per_prompt, generator=generator, guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale, clip_skip=clip_skip, output_type=output_type,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
-        time_ids = self._time_ids([*(original_size or (height, width)), *crops_coords_top_left,
-                                   *(target_size or (height, width))], run)
-        negative_time_ids = time_ids
-        if negative_original_size is not None and negative_target_size is not None:
-            negative_time_ids = self._time_ids([*negative_original_size, *negative_crops_coords_top_left,
-                                                *negative_target_size], run)
-        steps, num_inference_steps = stages.set_timesteps(self.scheduler, num_inference_steps, run.device,
-                                                          timesteps, sigmas)
-        shape = (run.total, self.unet.config.in_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
-        latents = stages.initial_latents(shape, generator=generator, device=run.device, dtype=run.dtype,
-                                         latents=latents, init_noise_sigma=self.scheduler.init_noise_sigma)
-        steps, num_inference_steps = cut_at_denoising_end(self.scheduler, steps, num_inference_steps, denoising_end)
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(0)
-        return self._denoise_and_finish(
-            run, latents, steps, num_inference_steps, eta=eta, generator=generator,
-            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, output_type=output_type,
-            return_dict=return_dict, extra_tensors=self._added_conditions(run, time_ids, negative_time_ids),
-            added_cond=self.ADDED_COND)
+        return self._generate(locals())

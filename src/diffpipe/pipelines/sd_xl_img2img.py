@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from . import stages
-from .pipeline import pipeline_call
-from .sd_img2img import check_strength, image_or_latents, noised_image_latents, strength_timesteps
-from .sd_xl import StableDiffusionXLBase, check_fraction, cut_at_denoising_end
+from .request import CallState
+from .sd_img2img import noised_image_latents, preprocess_image, strength_timesteps
+from .sd_xl import SDXLRequest, StableDiffusionXLBase, micro_conditioning, stop_at_denoising_end
+from .stable_diffusion import DENOISE_AND_DECODE, encode_prompt_stage
 
 
 def start_timesteps(scheduler, num_inference_steps: int, strength: float, device, denoising_start,
@@ -37,6 +38,25 @@ def start_timesteps(scheduler, num_inference_steps: int, strength: float, device
     return schedule[start:], kept
 
 
+def start_schedule(pipe, request: SDXLRequest, state: CallState) -> CallState:
+    state.timesteps, state.num_inference_steps = start_timesteps(
+        pipe.scheduler, request.num_inference_steps, request.strength, state.device, request.denoising_start,
+        request.timesteps, request.sigmas)
+    return state
+
+
+def start_latents(pipe, request: SDXLRequest, state: CallState) -> CallState:
+    """The caller's latents, else the encoded image, noised to the first timestep unless it continues
+    another pipeline's partly denoised latents (``denoising_start``)."""
+    if request.latents is not None:
+        state.latents = request.latents.to(device=state.device)
+        return state
+    state.latents = noised_image_latents(pipe, state.pixels, state.timesteps[:1], batch=request.total,
+                                         generator=request.generator, device=state.device, dtype=state.dtype,
+                                         add_noise=request.denoising_start is None)
+    return state
+
+
 class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
     """Image to image with Stable Diffusion XL; also the refiner (``requires_aesthetics_score=True``)."""
 
@@ -50,25 +70,32 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
                          force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=add_watermarker)
         self.register_to_config(requires_aesthetics_score=requires_aesthetics_score)
 
-    def _img2img_time_ids(self, run, size, original_size, crops_coords_top_left, target_size, negative_original_size,
-                          negative_crops_coords_top_left, negative_target_size, aesthetic_score,
-                          negative_aesthetic_score):
-        original_size = original_size or size
-        target_size = target_size or size
-        negative_original_size = negative_original_size or original_size
-        negative_target_size = negative_target_size or target_size
+    def _time_id_rows(self, request: SDXLRequest, state: CallState) -> tuple[list, list, str]:
+        # the micro-conditioning size is the latents' (checked before the VAE runs)
+        start = request.latents if request.latents is not None else state.pixels
+        factor = 1 if start.shape[1] == 3 else self.vae_scale_factor
+        size = (start.shape[-2] * factor, start.shape[-1] * factor)
+        original_size = request.original_size or size
+        target_size = request.target_size or size
+        negative_original_size = request.negative_original_size or original_size
+        negative_target_size = request.negative_target_size or target_size
+        crop = request.crops_coords_top_left
         if self.config.requires_aesthetics_score:
-            rows = ([*original_size, *crops_coords_top_left, aesthetic_score],
-                    [*negative_original_size, *negative_crops_coords_top_left, negative_aesthetic_score])
+            rows = ([*original_size, *crop, request.aesthetic_score],
+                    [*negative_original_size, *request.negative_crops_coords_top_left,
+                     request.negative_aesthetic_score])
         else:  # the reference's negative row keeps the positive crop corner here
-            rows = ([*original_size, *crops_coords_top_left, *target_size],
-                    [*negative_original_size, *crops_coords_top_left, *negative_target_size])
+            rows = ([*original_size, *crop, *target_size], [*negative_original_size, *crop, *negative_target_size])
         hint = (f" requires_aesthetics_score={self.config.requires_aesthetics_score} makes "
                 f"{len(rows[0])} ids (5 with an aesthetic score for refiners, 6 with the target size); change it "
                 "with pipe.register_to_config(requires_aesthetics_score=...) if the UNet wants the other.")
-        return self._time_ids(rows[0], run, hint), self._time_ids(rows[1], run, hint)
+        return rows[0], rows[1], hint
 
-    @pipeline_call
+    request_type = SDXLRequest
+    task = "image"
+    call_stages = (preprocess_image, encode_prompt_stage, micro_conditioning, start_schedule, start_latents,
+                   stop_at_denoising_end, *DENOISE_AND_DECODE)
+
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -110,44 +137,4 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """Rework ``image`` (PIL / array / tensor, or latents from a base pipeline) toward the prompt."""
-        if image is None:
-            raise ValueError(f"{type(self).__name__} needs image= (a PIL image, array or tensor, or latents)")
-        check_strength(strength)
-        check_fraction("denoising_end", denoising_end)
-        check_fraction("denoising_start", denoising_start)
-        if denoising_start is not None and denoising_start >= 1.0:
-            raise ValueError(f"denoising_start={denoising_start} leaves nothing to denoise; pass a value below 1")
-        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
-            raise ValueError(f"denoising_start ({denoising_start}) must be below denoising_end ({denoising_end})")
-        pixels = image_or_latents(self, image)
-        if latents is not None and latents.ndim != 4:
-            raise ValueError(f"latents must be a (B, C, H, W) tensor, got shape {tuple(latents.shape)}")
-        run = self._begin_xl(
-            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            num_images_per_prompt=num_images_per_prompt, generator=generator, guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale, clip_skip=clip_skip, output_type=output_type,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
-        # the micro-conditioning size is the latents' (checked before the VAE runs)
-        start = latents if latents is not None else pixels
-        factor = 1 if start.shape[1] == 3 else self.vae_scale_factor
-        size = (start.shape[-2] * factor, start.shape[-1] * factor)
-        time_ids, negative_time_ids = self._img2img_time_ids(
-            run, size, original_size, crops_coords_top_left, target_size, negative_original_size,
-            negative_crops_coords_top_left, negative_target_size, aesthetic_score, negative_aesthetic_score)
-        steps, num_inference_steps = start_timesteps(self.scheduler, num_inference_steps, strength, run.device,
-                                                     denoising_start, timesteps, sigmas)
-        if latents is None:
-            latents = noised_image_latents(self, pixels, steps[:1], batch=run.total, generator=generator,
-                                           device=run.device, dtype=run.dtype, add_noise=denoising_start is None)
-        else:
-            latents = latents.to(device=run.device)
-        steps, num_inference_steps = cut_at_denoising_end(self.scheduler, steps, num_inference_steps, denoising_end)
-        return self._denoise_and_finish(
-            run, latents, steps, num_inference_steps, eta=eta, generator=generator,
-            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, output_type=output_type,
-            return_dict=return_dict, extra_tensors=self._added_conditions(run, time_ids, negative_time_ids),
-            added_cond=self.ADDED_COND)
+        return self._generate(locals())

@@ -13,7 +13,8 @@ from .. import images as imgs
 from ..adapters import IPAdapterMixin, LoraLoaderMixin
 from ..config import fix_scheduler_for_sd, fix_unet_for_sd
 from . import stages
-from .pipeline import DiffusionPipeline, pipeline_call
+from .pipeline import DiffusionPipeline
+from .request import CallState, SDRequest
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
     callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
     embeds_guidance_scale = True  # see _embeds_guidance
+    request_type = SDRequest
+    task = "text"  # "text", "image" (image-to-image) or "inpaint": which inputs the request checks
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
                  feature_extractor=None, image_encoder=None, requires_safety_checker: bool = True):
@@ -73,20 +76,16 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
     @property
     def _execution_device(self) -> torch.device:
         device = getattr(self, "_offload_device", None)
-        return device if device is not None else self.unet.device
+        if device is not None:
+            return device
+        unet = getattr(self, "unet", None)
+        return unet.device if unet is not None else self.device  # a pipeline of only its text parts
 
     def _default_size(self) -> tuple[int, int]:
         size = self.unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else size
         return h * self.vae_scale_factor, w * self.vae_scale_factor
 
-    @property
-    def interrupt(self) -> bool:
-        return getattr(self, "_interrupt", False)
-
-    @property
-    def num_timesteps(self) -> int:
-        return getattr(self, "_num_timesteps", 0)
 
     def _prompt_dtype(self) -> torch.dtype:
         if self.text_encoder is not None:
@@ -104,19 +103,9 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
             device=device,
         )
 
-    def _check_common(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                      callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
-                      guidance_scale) -> int:
-        stages.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        stages.check_callback_inputs(callback_on_step_end_tensor_inputs, self.callback_tensor_inputs)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        batch = stages.batch_size_of(prompt, prompt_embeds)
-        stages.check_generators(generator, batch * num_images_per_prompt)
-        if guidance_scale > 1 and prompt_embeds is not None and negative_prompt_embeds is None \
-                and negative_prompt is not None:
-            raise ValueError("with prompt_embeds=, pass the negative side as negative_prompt_embeds=")
-        return batch
+    def _more_prompt_arguments(self, request: SDRequest) -> dict:
+        """Arguments of this family's ``encode_prompt`` beyond SD's (SDXL's second prompt, pooled embeds)."""
+        return {}
 
     def _embeds_guidance(self) -> bool:
         """Whether the UNet is guidance-distilled (LCM: ``time_cond_proj_dim``) and this task gives it the
@@ -124,26 +113,10 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
         SD and SDXL tasks; its SAG and AnimateDiff pipelines guide every UNet with CFG and no embedding."""
         return self.embeds_guidance_scale and self.unet.config.get("time_cond_proj_dim") is not None
 
-    def _guidance(self, guidance_scale: float, guidance_rescale: float) -> stages.Guidance:
+    def _guidance(self, request: SDRequest) -> stages.Guidance:
         if self._embeds_guidance():
             return stages.Guidance(scale=1.0)
-        return stages.Guidance(scale=guidance_scale, rescale=guidance_rescale)
-
-    def _unet_predictor(self, cross_attention_kwargs, timestep_cond=None, added_cond=None, concat=()):
-        """The UNet call of the loop. The (guidance-batched) condition is ``tensors["prompt_embeds"]``;
-        ``concat`` names tensors joined to the input channels (inpainting's mask and masked image);
-        ``added_cond`` maps ``added_cond_kwargs`` names to tensors (SDXL: ``{"text_embeds": "add_text_embeds"}``)."""
-        unet = self.unet
-
-        def predict(model_input, t, i, tensors):
-            if concat:
-                model_input = torch.cat([model_input, *(tensors[k] for k in concat)], dim=1)
-            added = {name: tensors[key] for name, key in added_cond.items()} if added_cond else None
-            return unet(model_input, t, encoder_hidden_states=tensors["prompt_embeds"], timestep_cond=timestep_cond,
-                        cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added,
-                        return_dict=False)[0]
-
-        return predict
+        return stages.Guidance(scale=request.guidance_scale, rescale=request.guidance_rescale)
 
     def get_guidance_scale_embedding(self, w: torch.Tensor, embedding_dim: int = 512,
                                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -159,13 +132,6 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
             emb = torch.nn.functional.pad(emb, (0, 1))
         return emb
 
-    def _guidance_embedding(self, guidance_scale: float, batch: int, device, dtype):
-        if not self._embeds_guidance():
-            return None
-        w = torch.full((batch,), guidance_scale - 1.0)
-        emb = self.get_guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim)
-        return emb.to(device=device, dtype=dtype)
-
     def run_safety_checker(self, image: torch.Tensor, device, dtype):
         if getattr(self, "safety_checker", None) is None:
             return image, None
@@ -174,17 +140,6 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
         pixels = inputs["pixel_values"].to(device=device, dtype=dtype)
         return self.safety_checker(images=image, clip_input=pixels)
 
-    def _finish(self, latents, *, output_type: str, return_dict: bool, device, dtype, generator=None):
-        if output_type == "latent":
-            image, nsfw = latents, None
-        else:
-            image = self._decode(latents, generator)
-            image, nsfw = self.run_safety_checker(image, device, dtype)
-        denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
-        image = imgs.postprocess(image, output_type=output_type, do_denormalize=denormalize)
-        self.maybe_free_model_hooks()
-        return self._output(image, nsfw, return_dict)
-
     def _decode(self, latents, generator=None) -> torch.Tensor:
         return stages.decode_latents(self.vae, latents, generator)
 
@@ -192,89 +147,77 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
         """Image in ``[-1, 1]`` -> scaled latents (img2img's and inpainting's start)."""
         return stages.encode_image_latents(self.vae, pixels, generator)
 
-    def _output(self, image, nsfw, return_dict: bool):
-        if not return_dict:
-            return image, nsfw
-        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
-
-    def _begin(self, *, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
-               generator, guidance_scale, guidance_rescale, clip_skip, output_type,
-               callback_on_step_end_tensor_inputs, prompt_kwargs: dict | None = None, ip_adapter_image=None,
-               ip_adapter_image_embeds=None) -> "_Run":
-        """Check the common inputs, then encode the prompt (and the IP-Adapter image prompt): what every
-        SD task does first. ``prompt_kwargs`` go to ``encode_prompt`` as they are (SDXL's ``prompt_2``,
-        pooled embeddings)."""
-        batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                   callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
-                                   guidance_scale)
-        imgs.check_output_type(output_type)
-        device = self._execution_device
-        guidance = self._guidance(guidance_scale, guidance_rescale)
-        image_embeds = self._ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
-                                               batch * num_images_per_prompt, guidance.active)
-        embeds, negative, *pooled = self.encode_prompt(
-            prompt=prompt, device=device, num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=guidance.active, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip, **(prompt_kwargs or {}))
-        condition = torch.cat([negative, embeds]) if guidance.active else embeds
-        run = _Run(device, guidance, embeds, negative, condition, batch * num_images_per_prompt, guidance_scale,
-                   *pooled)
-        run.image_embeds = image_embeds
-        return run
-
-    def _denoise_and_finish(self, run: "_Run", latents, steps, num_inference_steps, *, eta, generator,
-                            cross_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                            output_type, return_dict, extra_tensors=None, concat=(), after_step=None, guide=None,
-                            added_cond=None):
-        """The denoising loop on the UNet, then decoding, the safety checker and the output."""
-        timestep_cond = self._guidance_embedding(run.guidance_scale, run.total, run.device, latents.dtype)
-        added_cond, extra_tensors = run.with_image_prompt(added_cond, extra_tensors)
-        latents = stages.denoise(
-            self, latents=latents, timesteps=steps, num_inference_steps=num_inference_steps,
-            predict=self._unet_predictor(cross_attention_kwargs, timestep_cond, added_cond=added_cond, concat=concat),
-            guidance=run.guidance, step_kwargs={"eta": eta, "generator": generator},
-            callback_on_step_end=callback_on_step_end,
-            callback_tensors={"prompt_embeds": run.condition, "negative_prompt_embeds": run.negative,
-                              **(extra_tensors or {})},
-            callback_tensor_names=callback_on_step_end_tensor_inputs, after_step=after_step, guide=guide,
-        )
-        return self._finish(latents, output_type=output_type, return_dict=return_dict, device=run.device,
-                            dtype=run.dtype, generator=generator)
+    def _output(self, state: CallState, request: SDRequest):
+        if not request.return_dict:
+            return state.images, state.nsfw
+        return StableDiffusionPipelineOutput(images=state.images, nsfw_content_detected=state.nsfw)
 
 
-IMAGE_EMBEDS = "ip_adapter_image_embeds"  # the loop tensor holding the image prompt
+# ============================================================================ the SD family's stages
+# Each is ``stage(pipe, request, state) -> state``; a pipeline lists the ones its task runs.
+def encode_prompt_stage(pipe: StableDiffusionBase, request: SDRequest, state: CallState) -> CallState:
+    """The prompt (and the IP-Adapter image prompt) as embeddings; decides classifier-free guidance."""
+    state.guidance = pipe._guidance(request)
+    if request.ip_adapter_image is not None or request.ip_adapter_image_embeds is not None:
+        state.image_embeds = pipe.prepare_ip_adapter_image_embeds(
+            request.ip_adapter_image, request.ip_adapter_image_embeds, state.device, request.total,
+            state.guidance.active)
+    state.embeds, state.negative, *pooled = pipe.encode_prompt(
+        prompt=request.prompt, device=state.device, num_images_per_prompt=request.num_images_per_prompt,
+        do_classifier_free_guidance=state.guidance.active, negative_prompt=request.negative_prompt,
+        prompt_embeds=request.prompt_embeds, negative_prompt_embeds=request.negative_prompt_embeds,
+        clip_skip=request.clip_skip, **pipe._more_prompt_arguments(request))
+    if pooled:
+        state.pooled, state.negative_pooled = pooled
+    state.tensors.update(prompt_embeds=state.condition, negative_prompt_embeds=state.negative)
+    return state
 
 
-@dataclass
-class _Run:
-    """What the prompt stage hands the rest of a call."""
+def text_timesteps(pipe, request: SDRequest, state: CallState) -> CallState:
+    """The whole schedule (steps, or the caller's ``timesteps=`` / ``sigmas=``)."""
+    state.timesteps, state.num_inference_steps = stages.set_timesteps(
+        pipe.scheduler, request.num_inference_steps, state.device, request.timesteps, request.sigmas)
+    return state
 
-    device: torch.device
-    guidance: stages.Guidance
-    embeds: torch.Tensor
-    negative: torch.Tensor | None
-    condition: torch.Tensor  # [negative, embeds] under guidance, else embeds
-    total: int  # images in the batch
-    guidance_scale: float
-    pooled: torch.Tensor | None = None  # SDXL's pooled text embeddings
-    negative_pooled: torch.Tensor | None = None
-    image_embeds: list[torch.Tensor] | None = None  # IP-Adapter image prompt, one tensor per adapter
 
-    def with_image_prompt(self, added_cond: dict | None, tensors: dict | None) -> tuple[dict | None, dict | None]:
-        """The UNet's added conditions and the loop's tensors, plus the image prompt if the call has one
-        (the UNet reads ``added_cond_kwargs["image_embeds"]``)."""
-        if self.image_embeds is None:
-            return added_cond, tensors
-        return ({**(added_cond or {}), "image_embeds": IMAGE_EMBEDS},
-                {**(tensors or {}), IMAGE_EMBEDS: self.image_embeds})
+def noise_latents(pipe, request: SDRequest, state: CallState) -> CallState:
+    """Pure noise (or the caller's ``latents=``) at the image size, scaled for the scheduler."""
+    state.height, state.width = request.size(pipe)
+    factor = pipe.vae_scale_factor
+    shape = (request.total, pipe.unet.config.in_channels, state.height // factor, state.width // factor)
+    state.latents = stages.initial_latents(shape, generator=request.generator, device=state.device, dtype=state.dtype,
+                                           latents=request.latents, init_noise_sigma=pipe.scheduler.init_noise_sigma)
+    return state
 
-    def paired(self, positive: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
-        """``[negative, positive]`` under guidance (the UNet's batch layout), else ``positive``."""
-        return torch.cat([negative, positive]) if self.guidance.active else positive
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embeds.dtype
+def guidance_embedding(pipe: StableDiffusionBase, request: SDRequest, state: CallState) -> CallState:
+    """A guidance-distilled (LCM) UNet's ``timestep_cond``: the guidance scale as an embedding."""
+    if pipe._embeds_guidance():
+        w = torch.full((request.total,), request.guidance_scale - 1.0)
+        emb = pipe.get_guidance_scale_embedding(w, pipe.unet.config.time_cond_proj_dim)
+        state.timestep_cond = emb.to(device=state.device, dtype=state.latents.dtype)
+    return state
+
+
+def decode_images(pipe: StableDiffusionBase, request: SDRequest, state: CallState) -> CallState:
+    """Latents -> images through the VAE and the safety checker (unless ``output_type="latent"``)."""
+    if request.output_type == "latent":
+        state.images = state.latents
+        return state
+    image = pipe._decode(state.latents, request.generator)
+    image, state.nsfw = pipe.run_safety_checker(image, state.device, state.dtype)
+    denormalize = None if state.nsfw is None else [not flagged for flagged in state.nsfw]
+    state.images = imgs.postprocess(image, output_type=request.output_type, do_denormalize=denormalize)
+    return state
+
+
+def output(pipe: StableDiffusionBase, request: SDRequest, state: CallState) -> CallState:
+    state.output = pipe._output(state, request)
+    return state
+
+
+# The steps every SD-family image task ends with.
+DENOISE_AND_DECODE = (guidance_embedding, stages.denoise, decode_images, output)
 
 
 class StableDiffusionPipeline(StableDiffusionBase):
@@ -301,7 +244,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
                 raise TypeError(f"{name}= has no meaning for {type(task).__name__}, which this call runs")
         return task(**kwargs)
 
-    @pipeline_call
+    call_stages = (encode_prompt_stage, text_timesteps, noise_latents, *DENOISE_AND_DECODE)
+
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -331,35 +275,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
     ):
         """Generate images from text. Given ``image=`` (and ``mask_image=``), the same components run
         the image-to-image (inpainting) task instead, as the spec's loading guide promises."""
+        arguments = dict(locals())
+        del arguments["self"], arguments["task_inputs"]
         if task_inputs:
-            return self._other_task(prompt=prompt, height=height, width=width,
-                                    num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
-                                    guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                                    num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator,
-                                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                                    ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
-                                    output_type=output_type, return_dict=return_dict,
-                                    cross_attention_kwargs=cross_attention_kwargs, clip_skip=clip_skip,
-                                    callback_on_step_end=callback_on_step_end,
-                                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                                    latents=latents, guidance_rescale=guidance_rescale, **task_inputs)
-        default_h, default_w = self._default_size()
-        height, width = height or default_h, width or default_w
-        stages.check_size(height, width, self.vae_scale_factor)
-        run = self._begin(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-                          negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-                          generator=generator, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                          clip_skip=clip_skip, output_type=output_type,
-                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                          ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
-        steps, num_inference_steps = stages.set_timesteps(self.scheduler, num_inference_steps, run.device,
-                                                          timesteps, sigmas)
-        shape = (run.total, self.unet.config.in_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
-        latents = stages.initial_latents(shape, generator=generator, device=run.device, dtype=run.dtype,
-                                         latents=latents, init_noise_sigma=self.scheduler.init_noise_sigma)
-        return self._denoise_and_finish(
-            run, latents, steps, num_inference_steps, eta=eta, generator=generator,
-            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, output_type=output_type,
-            return_dict=return_dict)
+            return self._other_task(**arguments, **task_inputs)
+        return self._generate(arguments)

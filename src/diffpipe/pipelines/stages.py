@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from ..schedulers.base import randn
+from .offload import bring_to_device
 
 logger = logging.getLogger(__name__)
 
@@ -217,55 +218,66 @@ class Guidance:
         return guided
 
 
-def denoise(
-    pipeline,
-    *,
-    latents: torch.Tensor,
-    timesteps: torch.Tensor,
-    num_inference_steps: int,
-    predict: Callable[[torch.Tensor, Any, int, dict], torch.Tensor],
-    guidance: Guidance,
-    step_kwargs: dict,
-    callback_on_step_end=None,
-    callback_tensors: dict | None = None,
-    callback_tensor_names=("latents",),
-    after_step: Callable[[torch.Tensor, int, Any], torch.Tensor] | None = None,
-    guide: Callable[..., torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The denoising loop: every pipeline's, once.
+def unet_predictor(unet, cross_attention_kwargs: dict | None, state) -> Callable:
+    """The UNet call of the loop: ``predict(model_input, t, tensors, image_embeds)``.
 
-    ``predict(model_input, t, i, tensors)`` runs the model on the (guidance-batched, scheduler-scaled)
-    input; ``tensors`` holds the conditioning tensors a callback may replace (``prompt_embeds``);
-    ``after_step(latents, i, t)`` lets a task adjust latents after each step (inpainting's blend).
-    ``callback_on_step_end(pipeline, i, t, tensors)`` may return replacements for the named tensors.
-    ``guide(noise_pred, model_output=, latents=, t=, i=, tensors=, predict=)`` may add a further
-    guidance term to the guided prediction (self-attention guidance); ``model_output`` is the raw,
-    guidance-batched prediction and ``latents`` the step's unscaled input.
+    ``tensors`` are the step's conditioning tensors (``state.tensors``: ``prompt_embeds`` and what the
+    task adds); ``state.concat`` names those joined to the input channels (inpainting's mask and masked
+    image), ``state.added_cond`` maps ``added_cond_kwargs`` names to them (SDXL's pooled text and time
+    ids); ``image_embeds`` is the IP-Adapter image prompt (``added_cond_kwargs["image_embeds"]``)."""
+    concat, added_cond, timestep_cond = state.concat, state.added_cond, state.timestep_cond
+
+    def predict(model_input, t, tensors, image_embeds):
+        if concat:
+            model_input = torch.cat([model_input, *(tensors[k] for k in concat)], dim=1)
+        added = {name: tensors[key] for name, key in added_cond.items()}
+        if image_embeds is not None:
+            added["image_embeds"] = image_embeds
+        return unet(model_input, t, encoder_hidden_states=tensors["prompt_embeds"], timestep_cond=timestep_cond,
+                    cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added or None,
+                    return_dict=False)[0]
+
+    return predict
+
+
+def denoise(pipe, request, state):
+    """The denoising loop, every pipeline's, once: ``state.latents`` through ``state.timesteps``.
+
+    At each step: the scheduler-scaled (guidance-batched) latents through the UNet, classifier-free
+    guidance, an optional further term ``state.guide(noise_pred, model_output=, latents=, t=,
+    tensors=, predict=)`` (SAG; ``model_output`` is the raw guidance-batched prediction), the scheduler
+    step, an optional ``state.after_step(latents, i, t)`` (inpainting's blend), and the step-end
+    callback ``callback(pipe, i, t, tensors)``, which may return replacements for the tensors it was
+    given (the names in ``request.callback_on_step_end_tensor_inputs``; ``latents`` among them).
+    A callback that sets ``pipe._interrupt = True`` skips the remaining steps.
     """
-    scheduler = pipeline.scheduler
-    initial = latents
-    tensors = dict(callback_tensors or {})
+    scheduler, guidance = pipe.scheduler, state.guidance
+    latents = initial = state.latents
+    timesteps = state.timesteps
+    predict = unet_predictor(pipe.unet, request.cross_attention_kwargs, state)
+    callback, names = request.callback_on_step_end, request.callback_on_step_end_tensor_inputs or ()
+    if state.callback is not None:  # a task's own step-end callback (SAG's legacy ``callback=``)
+        callback, names = state.callback, state.callback_names
+    tensors = state.tensors
+    step_kwargs = {"eta": request.eta, "generator": request.generator}
     order = getattr(scheduler, "order", 1)
-    warmup = len(timesteps) - num_inference_steps * order
-    pipeline._num_timesteps = len(timesteps)
-    pipeline._interrupt = False
-    with pipeline.progress_bar(total=num_inference_steps) as bar:
+    warmup = len(timesteps) - state.num_inference_steps * order
+    with pipe.progress_bar(total=state.num_inference_steps) as bar:
         for i, t in enumerate(timesteps):
-            if pipeline._interrupt:
+            if pipe._interrupt:
                 continue
             model_input = scheduler.scale_model_input(guidance.batch(latents), t)
-            model_output = predict(model_input, t, i, tensors)
+            model_output = predict(model_input, t, tensors, state.image_embeds)
             noise_pred = guidance.combine(model_output)
-            if guide is not None:
-                noise_pred = guide(noise_pred, model_output=model_output, latents=latents, t=t, i=i, tensors=tensors,
-                                   predict=predict)
+            if state.guide is not None:
+                noise_pred = state.guide(noise_pred, model_output=model_output, latents=latents, t=t, tensors=tensors,
+                                         predict=predict)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if after_step is not None:
-                latents = after_step(latents, i, t)
-            if callback_on_step_end is not None:
+            if state.after_step is not None:
+                latents = state.after_step(latents, i, t)
+            if callback is not None:
                 tensors["latents"] = latents
-                wanted = {k: tensors[k] for k in callback_tensor_names if k in tensors}
-                replaced = callback_on_step_end(pipeline, i, t, wanted) or {}
+                replaced = callback(pipe, i, t, {k: tensors[k] for k in names if k in tensors}) or {}
                 latents = replaced.pop("latents", latents)
                 tensors.update(replaced)
             if i == len(timesteps) - 1 or ((i + 1) > warmup and (i + 1) % order == 0):
@@ -278,7 +290,8 @@ def denoise(
             warn_non_finite("the denoising loop (UNet and scheduler)",
                             "Run the UNet in float32 or bfloat16, and check its weights with "
                             "from_pretrained(..., verify=True).")
-    return latents
+    state.latents = latents
+    return state
 
 
 def warn_non_finite(stage: str, fix: str) -> None:
@@ -287,17 +300,9 @@ def warn_non_finite(stage: str, fix: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ decode
-def on_device(module) -> None:
-    """Under model offload, bring ``module`` to the accelerator before calling a method other than forward."""
-    from .offload import OffloadGroup
-
-    group = getattr(module, "_diffpipe_offload", None)
-    if isinstance(group, OffloadGroup):
-        group.bring(module)
-
 def decode_latents(vae, latents: torch.Tensor, generator=None) -> torch.Tensor:
     """Latents -> images in ``[-1, 1]``, undoing the VAE's scaling (and shift) factor."""
-    on_device(vae)
+    bring_to_device(vae)
     config = vae.config
     latents = latents / config.scaling_factor
     if config.get("shift_factor") is not None:
@@ -314,7 +319,7 @@ def decode_latents(vae, latents: torch.Tensor, generator=None) -> torch.Tensor:
 
 def encode_image_latents(vae, image: torch.Tensor, generator, *, sample_mode: str = "sample") -> torch.Tensor:
     """Image in ``[-1, 1]`` -> scaled latents; a list of generators encodes one image with each."""
-    on_device(vae)
+    bring_to_device(vae)
     image = image.to(device=vae.device, dtype=vae.dtype)
     if isinstance(generator, list):
         if len(generator) != image.shape[0]:

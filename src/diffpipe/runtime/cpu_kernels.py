@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .hooks import OFFLOAD, get_hook
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 # The kernels worth upcasting: their cost is arithmetic, which is what these CPUs lack for bf16/fp16.
@@ -138,16 +140,14 @@ class Float32Kernels(TorchFunctionMode):
 _state = threading.local()  # torch's mode stack is per thread; so is whether ours is on
 
 
-# CPU offload sets this on a model whose weights wait on the CPU but run on an accelerator: its calls
-# need no mode (the kernels it runs are not CPU kernels).
-EXECUTION_DEVICE_ATTR = "_diffpipe_execution_device"
 
 
 def _needs_mode(modules) -> bool:
     for module in modules:
         if not isinstance(module, torch.nn.Module):
             continue
-        runs_on = getattr(module, EXECUTION_DEVICE_ATTR, None)
+        # a model offloaded to an accelerator waits on the CPU but runs its kernels elsewhere
+        runs_on = getattr(get_hook(module, OFFLOAD), "device", None)
         if runs_on is not None and torch.device(runs_on).type != "cpu":
             continue
         for p in module.parameters():
