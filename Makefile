@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/diffpipe demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

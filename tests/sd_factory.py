@@ -137,3 +137,22 @@ def make_legacy(folder: Path) -> None:
     if index.get("feature_extractor", [None])[0] == "transformers":
         index["feature_extractor"] = ["transformers", "CLIPFeatureExtractor"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+TINY_ADAPTER = dict(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=4,
+                    motion_num_attention_heads=2, motion_max_seq_length=8)
+
+
+def save_reference_adapter(folder, seed: int = 0, **overrides):
+    """A tiny MotionAdapter built and saved by the reference; its output projections get weights
+    large enough that the motion modules visibly change the frames."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    adapter = diffusers.MotionAdapter(**{**TINY_ADAPTER, **overrides})
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "proj_out" in name or "to_out" in name:
+                p.normal_(0, 0.5)
+    adapter.save_pretrained(folder)
+    return folder

@@ -1,4 +1,4 @@
-"""Helpers shared by the trust suites (tests/test_trust_*.py)."""
+"""Helpers shared by the trust suites (tests/trust/test_trust_*.py)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ folders and we read its folders. The rules follow the reference's observable beh
   (``_use_default_values``) are dropped so that the new class uses its own defaults.
 - ``config`` is a read-only mapping with attribute access (``scheduler.config.num_train_timesteps``).
 
-Legacy-config migrations live in this module and only here (see :func:`legacy_fix`).
+Legacy-config migrations live in this module and only here (``fix_scheduler_for_sd``, ``fix_unet_for_sd``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ConfigError
 
@@ -55,33 +55,6 @@ class Config(dict):
 
     def __reduce__(self):
         return (Config, (dict(self),))
-
-
-# --------------------------------------------------------------------------------------------
-# Legacy-config fixes: class name -> functions that mend an old config dict in place and return a
-# list of human-readable notes on what they changed.
-_LEGACY_FIXES: dict[str, list[Callable[[dict], list[str]]]] = {}
-
-
-def legacy_fix(*class_names: str):
-    """Register a function that mends old configs of the named classes before they are used."""
-
-    def register(fn):
-        for name in class_names:
-            _LEGACY_FIXES.setdefault(name, []).append(fn)
-        return fn
-
-    return register
-
-
-def apply_legacy_fixes(class_name: str, config: dict) -> list[str]:
-    notes: list[str] = []
-    for fix in _LEGACY_FIXES.get(class_name, ()):
-        notes.extend(fix(config))
-    return notes
-
-
-# --------------------------------------------------------------------------------------------
 
 
 def _init_params(init) -> list[inspect.Parameter]:
@@ -236,7 +209,6 @@ class ConfigMixin:
         defaulted = set(config.get("_use_default_values", ()))
         source = {k: v for k, v in config.items() if k not in defaulted and k != "_use_default_values"}
         source_class = source.get("_class_name", cls.__name__)
-        apply_legacy_fixes(cls.__name__, source)
         expected = cls.init_keys()
         init_kwargs = {k: v for k, v in source.items() if k in expected}
         init_kwargs.update({k: v for k, v in overrides.items() if k in expected})

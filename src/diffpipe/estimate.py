@@ -42,7 +42,7 @@ def _remote_tensors(repo_id: str, filename: str, revision: str | None) -> dict[s
 
 def estimate(model: str | os.PathLike, *, variant: str | None = None, revision: str | None = None) -> dict:
     """Parameters and bytes per component, per dtype as stored, and the total if loaded as each dtype."""
-    from .pipelines.loading import component_file_choice, files_in, parse_model_index_bytes
+    from .io.components import component_file_choice, files_in, parse_model_index_bytes
     from .pipelines.pipeline import DiffusionPipeline
 
     where = f"estimate {model}"

@@ -10,6 +10,7 @@ import torch
 
 from .. import hub
 from ..errors import CheckpointNotFoundError
+from ..io import components as loading
 from ..io.files import check_plain_name, check_relative_path
 
 # Keyword arguments the reference's loaders take that change nothing here.
@@ -27,8 +28,6 @@ def fetch_files(source, subfolder: str | None, weight_name: str, encoder_folder:
                 local_files_only, token, revision) -> tuple[Path, Path, str]:
     """(root folder, path of ``subfolder/weight_name``, label) with the weight file and, if
     ``encoder_folder`` is given, that image encoder's config and weights on disk."""
-    from ..pipelines import loading
-
     check_plain_name(weight_name, "weight_name")
     rel = hub.join_relative(subfolder, weight_name)
     where = f"{os.fspath(source)}/{rel}"
@@ -58,16 +57,12 @@ def fetch_files(source, subfolder: str | None, weight_name: str, encoder_folder:
 
 
 def _encoder_spec(folder: str, where: str):
-    from ..pipelines import loading
-
     return loading.resolve("transformers", "CLIPVisionModelWithProjection", component=folder.rsplit("/", 1)[-1],
                            where=where)
 
 
 def load_image_encoder(root: Path, folder: str, *, dtype, device, where: str):
     """The ``CLIPVisionModelWithProjection`` in ``root/folder``, with the pipeline loader's checks."""
-    from ..pipelines import loading
-
     spec = _encoder_spec(folder, where)
     parent = root / folder.rsplit("/", 1)[0] if "/" in folder else root
     encoder = loading.load_component(spec, parent, variant=None, dtype=dtype, use_safetensors=None, where=where)

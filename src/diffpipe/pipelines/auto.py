@@ -60,7 +60,7 @@ class _AutoPipeline:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
         """Load the checkpoint with its family's pipeline class for this task."""
         from .. import hub
-        from .loading import parse_model_index_bytes
+        from ..io.components import parse_model_index_bytes
 
         found: dict = {}
 

@@ -29,8 +29,8 @@ from ..io.files import check_plain_name
 from ..io.load_model import check_hashes, resolve_dtype
 from ..runtime.collector import gc_paused
 from ..runtime.cpu_kernels import float32_kernels_for
-from . import loading
-from .loading import ComponentSpec, LoadReport
+from ..io import components as loading
+from ..io.components import ComponentSpec, LoadReport
 from .offload import OffloadMixin
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 
 from ..config import ConfigMixin
 from ..errors import ConfigError
+from ..outputs import BaseOutput  # noqa: F401  (the step outputs' base; lcm.py and tcd.py import it from here)
 from .checks import check_choice
 from .schedules import make_betas, rescale_zero_terminal_snr
 from .sigmas import vp_to_ve_sigmas
@@ -26,34 +27,6 @@ logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------
 # The step output
-
-
-class BaseOutput:
-    """Tuple-like access for the step outputs (dataclasses that subclass this).
-
-    Like the reference's output objects, an output reads as the tuple of its non-``None`` fields:
-    ``out[0]`` is ``prev_sample`` and ``out.to_tuple()`` is what ``return_dict=False`` returns;
-    string keys (``out["prev_sample"]``) work too.
-    """
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
-
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            if key not in self.keys():
-                raise KeyError(key)
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __iter__(self):
-        return iter(self.to_tuple())
-
-    def __len__(self) -> int:
-        return len(self.to_tuple())
 
 
 @dataclass

@@ -222,7 +222,18 @@ class DPMSolverBase(SigmaScheduleMixin, SchedulerMixin):
         alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[index])
         return alpha, sigma, log_snr(alpha, sigma)
 
+    def dpm_solver_first_order_update(self, model_output, *args, sample=None, noise=None, **kwargs):
+        """Order 1 (DDIM-like) from the current point s = sigmas[i] to t = sigmas[i + 1]; the same in
+        the multistep and singlestep solvers."""
+        alpha_t, sigma_t, lambda_t = self._scales(self._step_index + 1)
+        alpha_s, sigma_s, lambda_s = self._scales(self._step_index)
+        h = lambda_t - lambda_s
+        return first_order_update(
+            self.config.algorithm_type, sample, model_output, alpha_t, sigma_t, alpha_s, sigma_s, h, noise
+        )
+
     # ---------------------------------------------------------------- model outputs
+
     def convert_model_output(self, model_output: torch.Tensor, *args, sample: torch.Tensor | None = None, **kwargs):
         """The quantity the solver integrates: x_0 for the ++ variants, eps otherwise (with the
         config's thresholding applied to x_0)."""
@@ -352,15 +363,6 @@ class DPMSolverMultistepScheduler(DPMSolverBase):
         self._reset_step_index()
 
     # ---------------------------------------------------------------- the updates
-    def dpm_solver_first_order_update(self, model_output, *args, sample=None, noise=None, **kwargs):
-        """Order 1 from the current point s = sigmas[i] to t = sigmas[i + 1]."""
-        alpha_t, sigma_t, lambda_t = self._scales(self._step_index + 1)
-        alpha_s, sigma_s, lambda_s = self._scales(self._step_index)
-        h = lambda_t - lambda_s
-        return first_order_update(
-            self.config.algorithm_type, sample, model_output, alpha_t, sigma_t, alpha_s, sigma_s, h, noise
-        )
-
     def multistep_dpm_solver_second_order_update(self, model_output_list, *args, sample=None, noise=None, **kwargs):
         """Order 2 from s0 = sigmas[i] to t, with the previous point s1 = sigmas[i - 1]."""
         i = self._step_index

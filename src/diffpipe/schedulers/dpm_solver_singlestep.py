@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from .base import KARRAS_COMPATIBLES, SchedulerOutput, logger, randn
 from .checks import check_num_inference_steps
 from .schedules import spaced_timesteps_one_extra
-from .dpm_solver import DPMSolverBase, first_order_update, second_order_terms, third_order_terms
+from .dpm_solver import DPMSolverBase, second_order_terms, third_order_terms
 
 
 class DPMSolverSinglestepScheduler(DPMSolverBase):
@@ -134,15 +134,6 @@ class DPMSolverSinglestepScheduler(DPMSolverBase):
         self._reset_step_index()
 
     # ---------------------------------------------------------------- the updates
-    def dpm_solver_first_order_update(self, model_output, *args, sample=None, noise=None, **kwargs):
-        """Order 1 from s = sigmas[i] to t = sigmas[i + 1]."""
-        alpha_t, sigma_t, lambda_t = self._scales(self._step_index + 1)
-        alpha_s, sigma_s, lambda_s = self._scales(self._step_index)
-        h = lambda_t - lambda_s
-        return first_order_update(
-            self.config.algorithm_type, sample, model_output, alpha_t, sigma_t, alpha_s, sigma_s, h, noise
-        )
-
     def singlestep_dpm_solver_second_order_update(self, model_output_list, *args, sample=None, noise=None, **kwargs):
         """Order 2 over [s1, t] from the block's start s1 = sigmas[i - 1] via s0 = sigmas[i]."""
         i = self._step_index

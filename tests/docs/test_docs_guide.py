@@ -13,7 +13,7 @@ import torch
 from diffpipe import DiffusionPipeline
 from sd_factory import save_reference_pipeline
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide.md"
 REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
@@ -29,15 +29,27 @@ def test_every_guide_block_runs(hub, hf_cache, tmp_path, monkeypatch):
     code = blocks()
     assert len(code) >= 10
     namespace: dict = {}
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), warnings.catch_warnings():
+    outputs = []  # what each block printed
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i, block in enumerate(code):
-            exec(compile(block, f"{GUIDE.name} block {i + 1}", "exec"), namespace)
-    printed = out.getvalue()
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(compile(block, f"{GUIDE.name} block {i + 1}", "exec"), namespace)
+            outputs.append(out.getvalue())
+    printed = "".join(outputs)
+
+    def printed_by(snippet: str) -> list[str]:
+        """The lines printed by the block whose source contains ``snippet``."""
+        (index,) = [i for i, block in enumerate(code) if snippet in block]
+        return outputs[index].splitlines()
+
     assert "StableDiffusionPipeline\n" in printed
     assert "StableDiffusionPipeline ['diffusers', 'UNet2DConditionModel'] ['transformers', 'CLIPTokenizer']" in printed
     assert "torch.float16 torch.float32" in printed
     assert "needs variant=: True" in printed
     assert "StableDiffusionInpaintPipeline" in printed and "None\n" in printed
-    assert printed.count("True") >= 3
+    # from_pipe shares every component: the two pipelines together take no more memory than one
+    assert printed_by('memory_footprint(pipe_sd)["total"] ==') == ["True"]
+    # the fp32-to-fp16 estimate reports the bytes it would hold in float16
+    assert printed_by('report["as_dtype"]["float16"] > 0')[-1] == "True"

@@ -410,10 +410,10 @@ def _meta_text_encoder(class_name: str, config: dict, how):
 def test_full_size_text_encoders_and_unet_wire_up_on_the_meta_device(tmp_path):
     import diffusers
     import transformers
-    from test_models_unet import SDXL_UNET
+    from sdxl_factory import SDXL_UNET
 
     from diffpipe.models.unet_2d_condition import UNet2DConditionModel
-    from diffpipe.pipelines import loading
+    from diffpipe.io import components as loading
 
     ours, theirs = {}, {}
     ref_init = inspect.signature(diffusers.StableDiffusionXLPipeline.__init__).parameters

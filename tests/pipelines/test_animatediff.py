@@ -24,12 +24,10 @@ from diffpipe.models.unet_2d_condition import UNet2DConditionModel
 from diffpipe.models.unet_motion import UNetMotionModel
 from diffpipe.pipelines.pipeline import memory_footprint
 from diffpipe.utils import export_to_gif, export_to_video
-from sd_factory import save_reference_pipeline
+from sd_factory import TINY_ADAPTER, save_reference_adapter, save_reference_pipeline
 
 TOL = 2 / 255
 FRAMES = 4
-TINY_ADAPTER = dict(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=4,
-                    motion_num_attention_heads=2, motion_max_seq_length=8)
 SD15 = dict(block_out_channels=[320, 640, 1280, 1280], motion_layers_per_block=2,
             motion_mid_block_layers_per_block=1, motion_num_attention_heads=8, motion_norm_num_groups=32)
 # The published adapters' configs (guoyww/animatediff-motion-adapter-*).
@@ -46,21 +44,6 @@ def quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(*args, **kwargs)
-
-
-def save_reference_adapter(folder, seed: int = 0, **overrides):
-    """A tiny MotionAdapter built and saved by the reference; its output projections get weights
-    large enough that the motion modules visibly change the frames."""
-    import diffusers
-
-    torch.manual_seed(seed)
-    adapter = diffusers.MotionAdapter(**{**TINY_ADAPTER, **overrides})
-    with torch.no_grad():
-        for name, p in adapter.named_parameters():
-            if "proj_out" in name or "to_out" in name:
-                p.normal_(0, 0.5)
-    adapter.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

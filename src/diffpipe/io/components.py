@@ -27,9 +27,9 @@ from ..errors import (
     UnsupportedComponentError,
     summarize,
 )
-from ..io.atomic import as_os_error
-from ..io.files import PICKLE, SAFETENSORS, WeightChoice, choose_weights
-from ..io.load_model import check_finite, describe_mismatch
+from .atomic import as_os_error
+from .files import PICKLE, SAFETENSORS, WeightChoice, choose_weights
+from .load_model import check_finite, describe_mismatch
 from ..registry import find_class
 
 logger = logging.getLogger(__name__)

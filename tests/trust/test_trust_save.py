@@ -31,7 +31,7 @@ from diffpipe.io.atomic import folder_lock
 from factories import TinyModel, same_weights, tiny_model
 from trust_shared import sd_pipeline_folder
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/, where the helpers are
 
 
 def tree(root: Path) -> dict:
