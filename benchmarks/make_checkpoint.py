@@ -19,17 +19,36 @@ import torch
 DEFAULT = Path(__file__).resolve().parent / "_work" / "sd15-random"
 
 UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
+    cross_attention_dim=768,
+    attention_head_dim=8,
 )
 VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=512,
 )
-TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, vocab_size=49408,
-            max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+TEXT = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_attention_heads=12,
+    num_hidden_layers=12,
+    vocab_size=49408,
+    max_position_embeddings=77,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -42,7 +61,7 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
                 p.fill_(1.0)
             else:
                 fan_in = p[0].numel() if p.dim() > 1 else p.numel()
-                p.normal_(0.0, fan_in ** -0.5, generator=gen)
+                p.normal_(0.0, fan_in**-0.5, generator=gen)
 
 
 def build(folder: Path = DEFAULT) -> Path:
@@ -61,11 +80,16 @@ def build(folder: Path = DEFAULT) -> Path:
         _randomize(module, seed)
     write_tiny_tokenizer(folder.parent / "tokenizer-src")
     pipe = StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        unet=unet.eval(),
         tokenizer=CLIPTokenizer.from_pretrained(folder.parent / "tokenizer-src"),
-        scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                skip_prk_steps=True, steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        scheduler=PNDMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     # The fp16 variant first: transformers writes the dtype into the text encoder's config.json, and
     # published repos' configs describe their main (fp32) weights. Saved the other way round, the

@@ -27,19 +27,35 @@ PYTHON = sys.executable
 CASES = {
     "import": ("import", [], "`from X import DiffusionPipeline` in a fresh process"),
     "load_unet_fp32": ("load_unet", ["--dtype", "float32"], "UNet from_pretrained + touch every weight, fp32"),
-    "load_unet_fp16": ("load_unet", ["--dtype", "float16", "--variant", "fp16"],
-                       "UNet from_pretrained + touch, fp16 variant as fp16"),
-    "load_unet_fp32_as_fp16": ("load_unet", ["--dtype", "float16"],
-                               "UNet from the fp32 file with torch_dtype=float16 (no variant) + touch"),
+    "load_unet_fp16": (
+        "load_unet",
+        ["--dtype", "float16", "--variant", "fp16"],
+        "UNet from_pretrained + touch, fp16 variant as fp16",
+    ),
+    "load_unet_fp32_as_fp16": (
+        "load_unet",
+        ["--dtype", "float16"],
+        "UNet from the fp32 file with torch_dtype=float16 (no variant) + touch",
+    ),
     "load_vae_fp32": ("load_vae", ["--dtype", "float32"], "VAE from_pretrained + touch, fp32"),
-    "load_vae_fp16": ("load_vae", ["--dtype", "float16", "--variant", "fp16"], "VAE from_pretrained + touch, fp16 variant"),
+    "load_vae_fp16": (
+        "load_vae",
+        ["--dtype", "float16", "--variant", "fp16"],
+        "VAE from_pretrained + touch, fp16 variant",
+    ),
     "load_pipeline_fp32": ("load_pipeline", ["--dtype", "float32"], "pipeline from_pretrained + touch, fp32"),
-    "load_pipeline_fp16": ("load_pipeline", ["--dtype", "float16", "--variant", "fp16"],
-                           "pipeline from_pretrained + touch, fp16 variant"),
+    "load_pipeline_fp16": (
+        "load_pipeline",
+        ["--dtype", "float16", "--variant", "fp16"],
+        "pipeline from_pretrained + touch, fp16 variant",
+    ),
     "unet_step_fp32": ("unet_step", ["--dtype", "float32"], "UNet forward, 64x64 latents, batch 2, fp32"),
     "unet_step_bf16": ("unet_step", ["--dtype", "bfloat16"], "UNet forward, 64x64 latents, batch 2, bf16 (ours only)"),
-    "unet_step_bf16_small": ("unet_step", ["--dtype", "bfloat16", "--latent", "16", "--batch", "1", "--calls", "2"],
-                             "UNet forward, 16x16 latents, batch 1, bf16"),
+    "unet_step_bf16_small": (
+        "unet_step",
+        ["--dtype", "bfloat16", "--latent", "16", "--batch", "1", "--calls", "2"],
+        "UNet forward, 16x16 latents, batch 1, bf16",
+    ),
     "vae_decode_fp32": ("vae_decode", ["--dtype", "float32"], "VAE decode of one 64x64 latent (512x512), fp32"),
     "e2e_fp32": ("e2e", ["--dtype", "float32"], "load + 256x256, 4 steps, guidance 7.5, fp32 (peak RSS too)"),
     "cli_first_image": ("cli", [], "CLI `generate` to the first PNG, 256x256, 4 steps, vs the same reference script"),
@@ -49,9 +65,9 @@ CASES = {
 # Cases run for diffpipe only, and why.
 OURS_ONLY = {
     "unet_step_bf16": "on a CPU without bf16 instructions the reference's bf16 UNet step runs PyTorch's "
-                      "emulated bf16 kernels (conv 146x slower than fp32): an estimated 15-20 minutes per step "
-                      "at this size (7.2 s of fp32 convolution x 146; not run), so it is compared at 16x16 "
-                      "latents (unet_step_bf16_small) and here against the floor",
+    "emulated bf16 kernels (conv 146x slower than fp32): an estimated 15-20 minutes per step "
+    "at this size (7.2 s of fp32 convolution x 146; not run), so it is compared at 16x16 "
+    "latents (unet_step_bf16_small) and here against the floor",
 }
 
 REFERENCE_SCRIPT = """
@@ -85,8 +101,20 @@ def run_once(lib: str, case: str, folder: Path) -> dict:
     if task == "cli":
         out = HERE / "_work" / f"cli-{lib}.png"
         if lib == "diffpipe":
-            cmd = [str(Path(PYTHON).parent / "diffpipe"), "--quiet", "generate", "a photo of an astronaut",
-                   "--model", str(folder), "--steps", "4", "--size", "256", "--output", str(out)]
+            cmd = [
+                str(Path(PYTHON).parent / "diffpipe"),
+                "--quiet",
+                "generate",
+                "a photo of an astronaut",
+                "--model",
+                str(folder),
+                "--steps",
+                "4",
+                "--size",
+                "256",
+                "--output",
+                str(out),
+            ]
         else:
             cmd = [PYTHON, "-c", REFERENCE_SCRIPT, str(folder), str(out)]
         start = time.perf_counter()
@@ -118,8 +146,10 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
 
 
 def main() -> None:
@@ -162,8 +192,10 @@ def format_row(row: dict) -> str:
             o, r = row[key]["ours"], row[key]["ref"]
             text = f"{key}: ours {o[0] * scale:.3g}{unit} [{o[1] * scale:.3g}-{o[2] * scale:.3g}]"
             if r:
-                text += (f" ref {r[0] * scale:.3g}{unit} [{r[1] * scale:.3g}-{r[2] * scale:.3g}] "
-                         f"ratio {row[key]['ratio']:.2f}")
+                text += (
+                    f" ref {r[0] * scale:.3g}{unit} [{r[1] * scale:.3g}-{r[2] * scale:.3g}] "
+                    f"ratio {row[key]['ratio']:.2f}"
+                )
             parts.append(text)
     return "  ".join(parts)
 
@@ -171,8 +203,13 @@ def format_row(row: dict) -> str:
 def floor_lines(rows: list[dict], rates: dict) -> list[str]:
     """The compute floor section: one step's FLOPs over the measured matmul rate, per dtype."""
     flops = rates["unet_step_flops"]
-    lines = ["", "### Compute floor of the UNet step (64x64 latents, batch 2)", "",
-             f"FLOPs counted by torch's FlopCounterMode: {flops / 1e12:.3f} TFLOP.", ""]
+    lines = [
+        "",
+        "### Compute floor of the UNet step (64x64 latents, batch 2)",
+        "",
+        f"FLOPs counted by torch's FlopCounterMode: {flops / 1e12:.3f} TFLOP.",
+        "",
+    ]
     steps = {r["case"]: r["seconds"]["ours"][0] for r in rows if r["case"].startswith("unet_step") and "seconds" in r}
     for dtype, case in (("float32", "unet_step_fp32"), ("bfloat16", "unet_step_bf16")):
         rate = rates[f"matmul_flops_per_s_{dtype}"]
@@ -194,7 +231,8 @@ def write_report(path: Path, rows: list[dict], args, rates: dict | None = None) 
         f"Machine: {machine()}.",
         "",
         f"Command: `python benchmarks/run.py --repeats {args.repeats}"
-        + (f" --only {' '.join(args.only)}" if args.only else "") + "` (each run a fresh process, the two libraries "
+        + (f" --only {' '.join(args.only)}" if args.only else "")
+        + "` (each run a fresh process, the two libraries "
         "alternating; medians with [min-max]; ratio = ours / reference, below 1 is better for us).",
         "Folder: a full-size SD 1.5-architecture pipeline with random weights, built by "
         "`benchmarks/make_checkpoint.py` (fp32 + fp16 variant), read by both libraries.",
@@ -206,13 +244,24 @@ def write_report(path: Path, rows: list[dict], args, rates: dict | None = None) 
         s, m = row.get("seconds"), row.get("peak_rss")
         cells = [row["case"], row["what"]]
         skipped = "not run (see below)" if row["case"] in OURS_ONLY else ""
-        cells += ([f"{s['ours'][0]:.3g} s [{s['ours'][1]:.3g}-{s['ours'][2]:.3g}]",
-                   f"{s['ref'][0]:.3g} s [{s['ref'][1]:.3g}-{s['ref'][2]:.3g}]" if s["ref"] else skipped,
-                   f"**{s['ratio']:.2f}**" if s["ref"] else ""]
-                  if s else ["", "", ""])
-        cells += ([f"{m['ours'][0] / 1e9:.2f} GB", f"{m['ref'][0] / 1e9:.2f} GB" if m["ref"] else "",
-                   f"{m['ratio']:.2f}" if m["ref"] else ""]
-                  if m else ["", "", ""])
+        cells += (
+            [
+                f"{s['ours'][0]:.3g} s [{s['ours'][1]:.3g}-{s['ours'][2]:.3g}]",
+                f"{s['ref'][0]:.3g} s [{s['ref'][1]:.3g}-{s['ref'][2]:.3g}]" if s["ref"] else skipped,
+                f"**{s['ratio']:.2f}**" if s["ref"] else "",
+            ]
+            if s
+            else ["", "", ""]
+        )
+        cells += (
+            [
+                f"{m['ours'][0] / 1e9:.2f} GB",
+                f"{m['ref'][0] / 1e9:.2f} GB" if m["ref"] else "",
+                f"{m['ratio']:.2f}" if m["ref"] else "",
+            ]
+            if m
+            else ["", "", ""]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     for case in (c for c in OURS_ONLY if any(r["case"] == c for r in rows)):
         lines += ["", f"`{case}`: {OURS_ONLY[case]}."]
@@ -221,7 +270,7 @@ def write_report(path: Path, rows: list[dict], args, rates: dict | None = None) 
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = path.read_text() if path.exists() else ""
     notes_marker = "\n## Notes\n"
-    notes = previous[previous.index(notes_marker):] if notes_marker in previous else ""
+    notes = previous[previous.index(notes_marker) :] if notes_marker in previous else ""
     path.write_text("\n".join(lines) + "\n" + notes)
     print(f"wrote {path}")
 

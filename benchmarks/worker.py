@@ -48,8 +48,11 @@ def compute_rates(lib, folder: str) -> dict:
     with empty_modules():
         unet = lib.UNet2DConditionModel.from_config(config)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        unet(torch.randn(2, 4, 64, 64, device="meta"), torch.tensor([500, 500], device="meta"),
-             encoder_hidden_states=torch.randn(2, 77, 768, device="meta"))
+        unet(
+            torch.randn(2, 4, 64, 64, device="meta"),
+            torch.tensor([500, 500], device="meta"),
+            encoder_hidden_states=torch.randn(2, 77, 768, device="meta"),
+        )
     rates = {"unet_step_flops": counter.get_total_flops()}
     for dtype, n in ((torch.float32, 4096), (torch.bfloat16, 1024)):  # bf16 may be very slow: smaller
         a = torch.randn(n, n).to(dtype)
@@ -153,8 +156,13 @@ def main() -> None:
         start = time.perf_counter()
         pipe = lib.DiffusionPipeline.from_pretrained(args.folder, torch_dtype=dtype, variant=args.variant)
         pipe.set_progress_bar_config(disable=True)
-        pipe("a photo of an astronaut", height=256, width=256, num_inference_steps=4,
-             generator=torch.Generator().manual_seed(0))
+        pipe(
+            "a photo of an astronaut",
+            height=256,
+            width=256,
+            num_inference_steps=4,
+            generator=torch.Generator().manual_seed(0),
+        )
         result["seconds"] = time.perf_counter() - start
     elif args.task == "rates":  # the machine's compute floor, diffpipe only (no library involved)
         result.update(compute_rates(lib, args.folder))

@@ -50,8 +50,15 @@ def tiny_image_encoder(seed: int = 5):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                              image_size=32, patch_size=8, projection_dim=24)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=24,
+    )
     return CLIPVisionModelWithProjection(config).eval()
 
 
@@ -69,35 +76,63 @@ def cross_attention_widths(reference_unet) -> list[int]:
     return widths
 
 
-def ip_adapter_state(reference_unet, kind: str = "plain", *, seed: int = 0, embed_dim: int = 24,
-                     hidden_states_dim: int = 32, tokens: int = 4, std: float = 0.2) -> dict:
+def ip_adapter_state(
+    reference_unet,
+    kind: str = "plain",
+    *,
+    seed: int = 0,
+    embed_dim: int = 24,
+    hidden_states_dim: int = 32,
+    tokens: int = 4,
+    std: float = 0.2,
+) -> dict:
     """``{"image_proj": ..., "ip_adapter": ...}`` with the original repo's key names."""
     g = torch.Generator().manual_seed(seed)
     cross = reference_unet.config.cross_attention_dim
     if kind == "plain":
-        image_proj = {"proj.weight": _randn(g, tokens * cross, embed_dim), "proj.bias": _randn(g, tokens * cross),
-                      "norm.weight": 1 + _randn(g, cross, std=0.05), "norm.bias": _randn(g, cross, std=0.05)}
+        image_proj = {
+            "proj.weight": _randn(g, tokens * cross, embed_dim),
+            "proj.bias": _randn(g, tokens * cross),
+            "norm.weight": 1 + _randn(g, cross, std=0.05),
+            "norm.bias": _randn(g, cross, std=0.05),
+        }
     elif kind == "plus":
         hidden, inner = 32, 64  # one head of 64 (the reference reads heads as to_q rows // 64)
-        image_proj = {"latents": _randn(g, 1, tokens, hidden, std=1.0),
-                      "proj_in.weight": _randn(g, hidden, hidden_states_dim), "proj_in.bias": _randn(g, hidden),
-                      "proj_out.weight": _randn(g, cross, hidden), "proj_out.bias": _randn(g, cross),
-                      "norm_out.weight": 1 + _randn(g, cross, std=0.05), "norm_out.bias": _randn(g, cross, std=0.05)}
+        image_proj = {
+            "latents": _randn(g, 1, tokens, hidden, std=1.0),
+            "proj_in.weight": _randn(g, hidden, hidden_states_dim),
+            "proj_in.bias": _randn(g, hidden),
+            "proj_out.weight": _randn(g, cross, hidden),
+            "proj_out.bias": _randn(g, cross),
+            "norm_out.weight": 1 + _randn(g, cross, std=0.05),
+            "norm_out.bias": _randn(g, cross, std=0.05),
+        }
         for i in range(4):  # the reference always builds four resampler layers
             p = f"layers.{i}."
-            image_proj.update({
-                p + "0.norm1.weight": 1 + _randn(g, hidden, std=0.05), p + "0.norm1.bias": _randn(g, hidden, std=0.05),
-                p + "0.norm2.weight": 1 + _randn(g, hidden, std=0.05), p + "0.norm2.bias": _randn(g, hidden, std=0.05),
-                p + "0.to_q.weight": _randn(g, inner, hidden), p + "0.to_kv.weight": _randn(g, 2 * inner, hidden),
-                p + "0.to_out.weight": _randn(g, hidden, inner),
-                p + "1.0.weight": 1 + _randn(g, hidden, std=0.05), p + "1.0.bias": _randn(g, hidden, std=0.05),
-                p + "1.1.weight": _randn(g, 4 * hidden, hidden), p + "1.3.weight": _randn(g, hidden, 4 * hidden),
-            })
+            image_proj.update(
+                {
+                    p + "0.norm1.weight": 1 + _randn(g, hidden, std=0.05),
+                    p + "0.norm1.bias": _randn(g, hidden, std=0.05),
+                    p + "0.norm2.weight": 1 + _randn(g, hidden, std=0.05),
+                    p + "0.norm2.bias": _randn(g, hidden, std=0.05),
+                    p + "0.to_q.weight": _randn(g, inner, hidden),
+                    p + "0.to_kv.weight": _randn(g, 2 * inner, hidden),
+                    p + "0.to_out.weight": _randn(g, hidden, inner),
+                    p + "1.0.weight": 1 + _randn(g, hidden, std=0.05),
+                    p + "1.0.bias": _randn(g, hidden, std=0.05),
+                    p + "1.1.weight": _randn(g, 4 * hidden, hidden),
+                    p + "1.3.weight": _randn(g, hidden, 4 * hidden),
+                }
+            )
     elif kind == "full":
-        image_proj = {"proj.0.weight": _randn(g, hidden_states_dim, hidden_states_dim),
-                      "proj.0.bias": _randn(g, hidden_states_dim),
-                      "proj.2.weight": _randn(g, cross, hidden_states_dim), "proj.2.bias": _randn(g, cross),
-                      "proj.3.weight": 1 + _randn(g, cross, std=0.05), "proj.3.bias": _randn(g, cross, std=0.05)}
+        image_proj = {
+            "proj.0.weight": _randn(g, hidden_states_dim, hidden_states_dim),
+            "proj.0.bias": _randn(g, hidden_states_dim),
+            "proj.2.weight": _randn(g, cross, hidden_states_dim),
+            "proj.2.bias": _randn(g, cross),
+            "proj.3.weight": 1 + _randn(g, cross, std=0.05),
+            "proj.3.bias": _randn(g, cross, std=0.05),
+        }
     else:
         raise ValueError(kind)
     ip = {}
@@ -114,8 +149,9 @@ def write_ip_repo(folder: Path, states: dict[str, dict], encoder=None, subfolder
     target.mkdir(parents=True, exist_ok=True)
     for name, state in states.items():
         if name.endswith(".safetensors"):
-            flat = {f"{part}.{k}": v.contiguous() for part in ("image_proj", "ip_adapter")
-                    for k, v in state[part].items()}
+            flat = {
+                f"{part}.{k}": v.contiguous() for part in ("image_proj", "ip_adapter") for k, v in state[part].items()
+            }
             save_file(flat, target / name)
         else:
             torch.save(state, target / name)
@@ -134,8 +170,10 @@ def lora_pairs(model, suffixes, rank: int, g, std: float = 0.3, conv_too: bool =
             out[name] = (_randn(g, rank, module.in_features, std=std), _randn(g, module.out_features, rank, std=std))
         elif conv_too and isinstance(module, torch.nn.Conv2d):
             k = module.kernel_size
-            out[name] = (_randn(g, rank, module.in_channels, *k, std=std),
-                         _randn(g, module.out_channels, rank, 1, 1, std=std))
+            out[name] = (
+                _randn(g, rank, module.in_channels, *k, std=std),
+                _randn(g, module.out_channels, rank, 1, 1, std=std),
+            )
     return out
 
 
@@ -185,12 +223,16 @@ def motion_lora(reference_motion_unet, *, rank: int = 2, seed: int = 0, std: flo
     return tensors
 
 
-def save_lora(folder: Path, tensors: dict, metadata: dict | None = None,
-              name: str = "pytorch_lora_weights.safetensors") -> Path:
+def save_lora(
+    folder: Path, tensors: dict, metadata: dict | None = None, name: str = "pytorch_lora_weights.safetensors"
+) -> Path:
     Path(folder).mkdir(parents=True, exist_ok=True)
     if name.endswith(".safetensors"):
-        save_file({k: v.contiguous() for k, v in tensors.items()}, Path(folder) / name,
-                  metadata={"format": "pt", **(metadata or {})})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            Path(folder) / name,
+            metadata={"format": "pt", **(metadata or {})},
+        )
     else:
         torch.save(tensors, Path(folder) / name)
     return Path(folder) / name

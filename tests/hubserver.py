@@ -197,9 +197,38 @@ __all__ = ["HubServer", "Request", "patch_huggingface_hub", "LFS_SUFFIXES", "LFS
 # Files stored in git-lfs on the Hub: the default .gitattributes of a new Hub repo, plus anything
 # at least LFS_SIZE_THRESHOLD bytes big (the Hub rejects larger non-LFS files).
 LFS_SUFFIXES = (
-    ".7z", ".arrow", ".bin", ".bz2", ".ckpt", ".ftz", ".gguf", ".gz", ".h5", ".joblib", ".mlmodel",
-    ".model", ".msgpack", ".npy", ".npz", ".onnx", ".ot", ".parquet", ".pb", ".pickle", ".pkl",
-    ".pt", ".pth", ".rar", ".safetensors", ".tar", ".tflite", ".tgz", ".wasm", ".xz", ".zip", ".zst",
+    ".7z",
+    ".arrow",
+    ".bin",
+    ".bz2",
+    ".ckpt",
+    ".ftz",
+    ".gguf",
+    ".gz",
+    ".h5",
+    ".joblib",
+    ".mlmodel",
+    ".model",
+    ".msgpack",
+    ".npy",
+    ".npz",
+    ".onnx",
+    ".ot",
+    ".parquet",
+    ".pb",
+    ".pickle",
+    ".pkl",
+    ".pt",
+    ".pth",
+    ".rar",
+    ".safetensors",
+    ".tar",
+    ".tflite",
+    ".tgz",
+    ".wasm",
+    ".xz",
+    ".zip",
+    ".zst",
 )
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 
@@ -234,9 +263,7 @@ class _Blob:
         sha256 = hashlib.sha256(data).hexdigest()
         lfs = path.lower().endswith(LFS_SUFFIXES) or len(data) >= LFS_SIZE_THRESHOLD
         if lfs:
-            pointer = (
-                f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n"
-            ).encode()
+            pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n").encode()
             stored = pointer
         else:
             pointer = b""
@@ -266,9 +293,7 @@ class _Commit:
 
     def tree_oid(self, directory: str) -> str:
         prefix = directory + "/" if directory else ""
-        listing = "".join(
-            f"{p}\0{b.blob_id}\n" for p, b in sorted(self.files.items()) if p.startswith(prefix)
-        )
+        listing = "".join(f"{p}\0{b.blob_id}\n" for p, b in sorted(self.files.items()) if p.startswith(prefix))
         return hashlib.sha1(f"tree\0{directory}\0{listing}".encode()).hexdigest()
 
 
@@ -555,9 +580,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote("/".join(left))
         blob = commit.files.get(path)
         if blob is None:
-            raise _HTTPError(
-                404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": commit.sha}
-            )
+            raise _HTTPError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": commit.sha})
         headers = {
             "X-Repo-Commit": commit.sha,
             "ETag": f'"{blob.etag}"',

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+
 def write_tokenizer(folder: Path) -> int:
     """A tiny CLIP tokenizer in the legacy layout (vocab.json + merges.txt); returns its vocab size."""
     from diffpipe.demo import write_tiny_tokenizer
@@ -22,9 +23,16 @@ def write_tokenizer(folder: Path) -> int:
     return write_tiny_tokenizer(folder)
 
 
-def reference_components(seed: int = 0, *, safety_checker: bool = True, flag_everything: bool = False,
-                         scheduler: str = "PNDMScheduler", in_channels: int = 4, tmp: Path | None = None,
-                         unet_kwargs: dict | None = None):
+def reference_components(
+    seed: int = 0,
+    *,
+    safety_checker: bool = True,
+    flag_everything: bool = False,
+    scheduler: str = "PNDMScheduler",
+    in_channels: int = 4,
+    tmp: Path | None = None,
+    unet_kwargs: dict | None = None,
+):
     """Tiny components built with the reference, seeded. ``unet_kwargs`` add to the UNet's config
     (``time_cond_proj_dim=`` for an LCM-distilled UNet)."""
     import diffusers
@@ -32,38 +40,77 @@ def reference_components(seed: int = 0, *, safety_checker: bool = True, flag_eve
 
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=in_channels, out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=in_channels,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=4,
-        attention_head_dim=4, **(unet_kwargs or {}),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=4,
+        attention_head_dim=4,
+        **(unet_kwargs or {}),
     )
     vae = diffusers.AutoencoderKL(
-        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=4,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, sample_size=32,
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        sample_size=32,
     )
     tok_dir = (tmp or Path("/tmp")) / f"diffpipe-tok-{seed}"
     vocab_size = write_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     text_config = CLIPTextConfig(
-        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3, vocab_size=vocab_size,
-        max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1, projection_dim=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        projection_dim=32,
     )
     text_encoder = CLIPTextModel(text_config).eval()
     sched_cls = getattr(diffusers, scheduler)
-    sched = sched_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      **({"skip_prk_steps": True} if scheduler == "PNDMScheduler" else {}))
-    components = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=sched,
-                      safety_checker=None, feature_extractor=None, image_encoder=None)
+    sched = sched_cls(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        **({"skip_prk_steps": True} if scheduler == "PNDMScheduler" else {}),
+    )
+    components = dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+    )
     if safety_checker:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
         config = CLIPConfig(
-            text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                             vocab_size=vocab_size),
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                               image_size=32, patch_size=8),
+            text_config=dict(
+                hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab_size
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                image_size=32,
+                patch_size=8,
+            ),
             projection_dim=16,
         )
         checker = StableDiffusionSafetyChecker(config).eval()
@@ -81,8 +128,9 @@ def reference_components(seed: int = 0, *, safety_checker: bool = True, flag_eve
     return components
 
 
-def save_reference_pipeline(folder: Path, *, task: str = "StableDiffusionPipeline", legacy: bool = False,
-                            variant: str | None = None, **kwargs) -> Path:
+def save_reference_pipeline(
+    folder: Path, *, task: str = "StableDiffusionPipeline", legacy: bool = False, variant: str | None = None, **kwargs
+) -> Path:
     """Build a tiny pipeline with the reference and save it to ``folder``."""
     import diffusers
 
@@ -117,14 +165,37 @@ def make_legacy(folder: Path) -> None:
     # text encoder: keys under `text_model.` as transformers 4 wrote them
     for path in (folder / "text_encoder").glob("model*.safetensors"):
         state = load_file(path)
-        save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}, path,
-                  metadata={"format": "pt"})
+        save_file(
+            {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()},
+            path,
+            metadata={"format": "pt"},
+        )
     # configs without keys newer releases added
-    for sub, keys in (("vae", ("force_upcast", "latents_mean", "latents_std", "shift_factor", "use_quant_conv",
-                               "use_post_quant_conv", "mid_block_add_attention")),
-                      ("unet", ("addition_embed_type_num_heads", "attention_type", "mid_block_only_cross_attention",
-                                "reverse_transformer_layers_per_block", "dropout")),
-                      ("scheduler", ("timestep_spacing", "prediction_type"))):
+    for sub, keys in (
+        (
+            "vae",
+            (
+                "force_upcast",
+                "latents_mean",
+                "latents_std",
+                "shift_factor",
+                "use_quant_conv",
+                "use_post_quant_conv",
+                "mid_block_add_attention",
+            ),
+        ),
+        (
+            "unet",
+            (
+                "addition_embed_type_num_heads",
+                "attention_type",
+                "mid_block_only_cross_attention",
+                "reverse_transformer_layers_per_block",
+                "dropout",
+            ),
+        ),
+        ("scheduler", ("timestep_spacing", "prediction_type")),
+    ):
         name = "scheduler_config.json" if sub == "scheduler" else "config.json"
         path = folder / sub / name
         config = json.loads(path.read_text())
@@ -139,8 +210,13 @@ def make_legacy(folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-TINY_ADAPTER = dict(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=4,
-                    motion_num_attention_heads=2, motion_max_seq_length=8)
+TINY_ADAPTER = dict(
+    block_out_channels=(8, 16),
+    motion_layers_per_block=1,
+    motion_norm_num_groups=4,
+    motion_num_attention_heads=2,
+    motion_max_seq_length=8,
+)
 
 
 def save_reference_adapter(folder, seed: int = 0, **overrides):

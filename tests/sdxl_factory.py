@@ -21,14 +21,29 @@ def _text_config(vocab_size: int, hidden: int, **extra):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_hidden_layers=3,
-        vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1, **extra,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        **extra,
     )
 
 
-def sdxl_components(seed: int = 0, *, tmp: Path, refiner: bool = False, scheduler: str = "EulerDiscreteScheduler",
-                    force_upcast: bool = True, latents_stats: bool = False, unet_kwargs: dict | None = None) -> dict:
+def sdxl_components(
+    seed: int = 0,
+    *,
+    tmp: Path,
+    refiner: bool = False,
+    scheduler: str = "EulerDiscreteScheduler",
+    force_upcast: bool = True,
+    latents_stats: bool = False,
+    unet_kwargs: dict | None = None,
+) -> dict:
     """Tiny SDXL components built with the reference, seeded. ``refiner``: only text_encoder_2 and the
     aesthetic-score UNet. ``latents_stats``: a VAE with per-channel latents_mean / latents_std.
     ``unet_kwargs`` add to the UNet's config (``time_cond_proj_dim=`` for an LCM-distilled UNet)."""
@@ -39,21 +54,39 @@ def sdxl_components(seed: int = 0, *, tmp: Path, refiner: bool = False, schedule
     n_ids = 5 if refiner else 6
     cross = WIDTH_2 if refiner else WIDTH_1 + WIDTH_2
     unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
-        projection_class_embeddings_input_dim=PROJECTION + n_ids * TIME_DIM, cross_attention_dim=cross,
-        norm_num_groups=4, **(unet_kwargs or {}),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_DIM,
+        projection_class_embeddings_input_dim=PROJECTION + n_ids * TIME_DIM,
+        cross_attention_dim=cross,
+        norm_num_groups=4,
+        **(unet_kwargs or {}),
     )
     vae_extra = {}
     if latents_stats:
         vae_extra = dict(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])
     vae = diffusers.AutoencoderKL(
-        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=4,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, sample_size=32,
-        scaling_factor=0.13025, force_upcast=force_upcast, **vae_extra,
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        sample_size=32,
+        scaling_factor=0.13025,
+        force_upcast=force_upcast,
+        **vae_extra,
     )
     tok_dir = tmp / f"diffpipe-xl-tok-{seed}"
     vocab_size = write_tokenizer(tok_dir)
@@ -62,17 +95,33 @@ def sdxl_components(seed: int = 0, *, tmp: Path, refiner: bool = False, schedule
     text_encoder = CLIPTextModel(_text_config(vocab_size, WIDTH_1)).eval()
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, WIDTH_2, projection_dim=PROJECTION)).eval()
     sched = getattr(diffusers, scheduler)(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
         **({"timestep_spacing": "leading"} if scheduler != "DDPMScheduler" else {}),
     )
     if refiner:
         text_encoder = tokenizer = None
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                tokenizer_2=tokenizer_2, scheduler=sched)
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=sched,
+    )
 
 
-def save_reference_sdxl(folder: Path, *, task: str = "StableDiffusionXLPipeline", variant: str | None = None,
-                        refiner: bool = False, **kwargs) -> Path:
+def save_reference_sdxl(
+    folder: Path,
+    *,
+    task: str = "StableDiffusionXLPipeline",
+    variant: str | None = None,
+    refiner: bool = False,
+    **kwargs,
+) -> Path:
     """Build a tiny SDXL pipeline with the reference and save it to ``folder``."""
     import diffusers
 

@@ -77,12 +77,49 @@ def test_estimate_from_the_hub_downloads_no_weights(hub, folder, hf_cache):
 # ------------------------------------------------------------------------------------ CLI
 def test_cli_generate_text_and_image_to_image(folder, tmp_path, capsys):
     out = tmp_path / "a.png"
-    assert main(["generate", "a red cat", "--model", str(folder), "--steps", "2", "--size", "32",
-                 "--seed", "3", "--output", str(out), "--scheduler", "DDIMScheduler"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a red cat",
+                "--model",
+                str(folder),
+                "--steps",
+                "2",
+                "--size",
+                "32",
+                "--seed",
+                "3",
+                "--output",
+                str(out),
+                "--scheduler",
+                "DDIMScheduler",
+            ]
+        )
+        == 0
+    )
     assert PIL.Image.open(out).size == (32, 32)
     out2 = tmp_path / "b.png"
-    assert main(["--quiet", "generate", "a blue dog", "--model", str(folder), "--image", str(out), "--strength", "0.5",
-                 "--steps", "4", "--output", str(out2)]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "generate",
+                "a blue dog",
+                "--model",
+                str(folder),
+                "--image",
+                str(out),
+                "--strength",
+                "0.5",
+                "--steps",
+                "4",
+                "--output",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     assert PIL.Image.open(out2).size == (32, 32)
     text = capsys.readouterr().out
     assert "wrote" in text and str(out) in text
@@ -91,8 +128,24 @@ def test_cli_generate_text_and_image_to_image(folder, tmp_path, capsys):
 def test_cli_generate_same_seed_same_image(folder, tmp_path):
     paths = [tmp_path / f"{i}.png" for i in range(2)]
     for p in paths:
-        assert main(["--quiet", "generate", "a cat", "--model", str(folder), "--steps", "2", "--size", "32",
-                     "--output", str(p)]) == 0
+        assert (
+            main(
+                [
+                    "--quiet",
+                    "generate",
+                    "a cat",
+                    "--model",
+                    str(folder),
+                    "--steps",
+                    "2",
+                    "--size",
+                    "32",
+                    "--output",
+                    str(p),
+                ]
+            )
+            == 0
+        )
     assert paths[0].read_bytes() == paths[1].read_bytes()
 
 

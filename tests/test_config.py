@@ -100,8 +100,13 @@ def test_save_and_load_config_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     "content, match",
-    [(b"{not json", "not valid JSON"), (b"[1, 2]", "expected an object"), (b"\xff\xfe{}", "not UTF-8"),
-     (b"[" * 100_000 + b"]" * 100_000, "cannot be read"), (b'{"a": ' + b"9" * 5000 + b"}", "cannot be read")],
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "expected an object"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, "cannot be read"),
+        (b'{"a": ' + b"9" * 5000 + b"}", "cannot be read"),
+    ],
 )
 def test_bad_config_files_name_the_file(tmp_path, content, match):
     (tmp_path / "scheduler_config.json").write_bytes(content)

@@ -13,8 +13,14 @@ import time
 from pathlib import Path
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
 
 
 def human(n: float) -> str:
@@ -85,12 +91,19 @@ def cmd_generate(args, out: Console) -> int:
         cls = find_class(args.scheduler)
         if cls is None or not hasattr(cls, "set_timesteps"):
             names = sorted(c.__name__ for c in pipe.scheduler.compatibles)
-            raise ValueError(f"--scheduler {args.scheduler!r} is not a diffpipe scheduler; try one of {', '.join(names)}")
+            raise ValueError(
+                f"--scheduler {args.scheduler!r} is not a diffpipe scheduler; try one of {', '.join(names)}"
+            )
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=args.quiet)
     height, width = _size(args.size)
-    call = dict(prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                generator=torch.Generator().manual_seed(args.seed), negative_prompt=args.negative_prompt)
+    call = dict(
+        prompt=args.prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=torch.Generator().manual_seed(args.seed),
+        negative_prompt=args.negative_prompt,
+    )
     if args.image:
         from .pipelines.auto import AutoPipelineForImage2Image
 
@@ -121,8 +134,12 @@ def cmd_inspect(args, out: Console) -> int:
             print(f"  {name:<18} -")
             continue
         info = footprint["components"].get(name)
-        size = f"{info['parameters'] / 1e6:8.2f} M params  {human(info['bytes']):>10}  " + \
-            ", ".join(f"{k} {human(v)}" for k, v in info["dtypes"].items()) if info else ""
+        size = (
+            f"{info['parameters'] / 1e6:8.2f} M params  {human(info['bytes']):>10}  "
+            + ", ".join(f"{k} {human(v)}" for k, v in info["dtypes"].items())
+            if info
+            else ""
+        )
         print(f"  {name:<18} {type(component).__name__:<34} {size}")
     print(f"  total: {human(footprint['total'])}")
     folder = Path(pipe.snapshot_folder) if getattr(pipe, "snapshot_folder", None) else None
@@ -130,8 +147,17 @@ def cmd_inspect(args, out: Console) -> int:
         from .io.files import variants_present
 
         files = list_local_files(folder)
-        print("  variants present: " + (", ".join(variants_present(
-            {f.rsplit('/', 1)[-1] for f in files}, {"diffusion_pytorch_model", "model", "pytorch_model"})) or "none"))
+        print(
+            "  variants present: "
+            + (
+                ", ".join(
+                    variants_present(
+                        {f.rsplit("/", 1)[-1] for f in files}, {"diffusion_pytorch_model", "model", "pytorch_model"}
+                    )
+                )
+                or "none"
+            )
+        )
         for f in sorted(files):
             if f.endswith((".safetensors", ".bin")):
                 print(f"    {f}  {human((folder / f).stat().st_size)}")
@@ -145,8 +171,10 @@ def cmd_estimate(args, out: Console) -> int:
     print(f"{args.model}: {result['class_name']} (from safetensors headers; nothing downloaded)")
     for name, info in result["components"].items():
         dtypes = ", ".join(f"{k} {human(v)}" for k, v in info["dtypes"].items())
-        print(f"  {name:<18} {info['parameters'] / 1e6:9.2f} M params  {human(info['bytes']):>10}  ({dtypes})  "
-              f"{info['file']}")
+        print(
+            f"  {name:<18} {info['parameters'] / 1e6:9.2f} M params  {human(info['bytes']):>10}  ({dtypes})  "
+            f"{info['file']}"
+        )
     for dtype, n in result["as_dtype"].items():
         print(f"  if loaded as {dtype:<9} {human(n)}")
     print(f"  as stored: {human(result['total'])}")
@@ -182,8 +210,10 @@ def cmd_demo(args, out: Console) -> int:
 
     start = time.perf_counter()
     loaded = DiffusionPipeline.from_pretrained(checkpoint, variant="fp16", torch_dtype=torch.float32)
-    out.say(f"2. DiffusionPipeline.from_pretrained(variant='fp16', torch_dtype=float32) -> "
-            f"{type(loaded).__name__} in {time.perf_counter() - start:.2f} s; weights read from:")
+    out.say(
+        f"2. DiffusionPipeline.from_pretrained(variant='fp16', torch_dtype=float32) -> "
+        f"{type(loaded).__name__} in {time.perf_counter() - start:.2f} s; weights read from:"
+    )
     for name, files in loaded.loading_report.files.items():
         out.say(f"     {name:<13} {', '.join(files)}")
     loaded.set_progress_bar_config(disable=True)
@@ -197,17 +227,26 @@ def cmd_demo(args, out: Console) -> int:
 
     start = time.perf_counter()
     img2img = StableDiffusionImg2ImgPipeline.from_pipe(loaded)
-    second = img2img("a red cat", image=image, strength=0.6, num_inference_steps=args.steps,
-                     generator=torch.Generator().manual_seed(args.seed + 1)).images[0]
+    second = img2img(
+        "a red cat",
+        image=image,
+        strength=0.6,
+        num_inference_steps=args.steps,
+        generator=torch.Generator().manual_seed(args.seed + 1),
+    ).images[0]
     second_path = root / "image2image.png"
     second.save(second_path)
-    out.say(f"4. from_pipe -> {type(img2img).__name__} sharing every component; image-to-image -> "
-            f"{second_path} in {time.perf_counter() - start:.2f} s")
+    out.say(
+        f"4. from_pipe -> {type(img2img).__name__} sharing every component; image-to-image -> "
+        f"{second_path} in {time.perf_counter() - start:.2f} s"
+    )
 
     one = loaded.memory_footprint()["total"]
     both = memory_footprint(loaded, img2img)["total"]
-    out.say(f"5. memory: one pipeline {human(one)}; both pipelines together {human(both)} "
-            f"(shared, counted once); process peak RSS {human(peak_rss_bytes())}")
+    out.say(
+        f"5. memory: one pipeline {human(one)}; both pipelines together {human(both)} "
+        f"(shared, counted once); process peak RSS {human(peak_rss_bytes())}"
+    )
     return 0
 
 
@@ -223,8 +262,9 @@ def _quiet_transformers() -> None:
 
 # ------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffpipe", description="Load and run diffusion pipelines "
-                                     "in the diffusers format.")
+    parser = argparse.ArgumentParser(
+        prog="diffpipe", description="Load and run diffusion pipelines in the diffusers format."
+    )
     parser.add_argument("--quiet", action="store_true", help="print only results and errors")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -273,8 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else (logging.ERROR if args.quiet else logging.WARNING),
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else (logging.ERROR if args.quiet else logging.WARNING),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if args.quiet or args.command == "demo":
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         _quiet_transformers()

@@ -46,9 +46,7 @@ class Config(dict):
             raise AttributeError(f"config has no key {name!r}") from None
 
     def _readonly(self, *args, **kwargs):
-        raise TypeError(
-            "a config is read-only; build a new object with `Class.from_config(obj.config, key=value)`"
-        )
+        raise TypeError("a config is read-only; build a new object with `Class.from_config(obj.config, key=value)`")
 
     __setattr__ = __setitem__ = __delitem__ = _readonly
     pop = popitem = clear = update = setdefault = _readonly
@@ -219,8 +217,7 @@ class ConfigMixin:
             if key not in ConfigMixin._warned_unknown:
                 ConfigMixin._warned_unknown.add(key)
                 logger.warning(
-                    "%s does not use config key(s) %s (from %s); they are kept in the config but have "
-                    "no effect",
+                    "%s does not use config key(s) %s (from %s); they are kept in the config but have no effect",
                     cls.__name__,
                     unknown,
                     source_class,
@@ -343,6 +340,7 @@ def fix_unet_for_sd(unet) -> None:
     logger.warning(
         "UNet config from diffusers %s has sample_size=%s, an old value for 512px Stable Diffusion; using 64 "
         "(update the checkpoint's unet/config.json to silence this)",
-        config.get("_diffusers_version"), config["sample_size"],
+        config.get("_diffusers_version"),
+        config["sample_size"],
     )
     unet.register_to_config(sample_size=64)

@@ -64,10 +64,16 @@ def estimate(model: str | os.PathLike, *, variant: str | None = None, revision: 
         prefixes = spec.weight_prefixes
         if prefixes is None:
             continue
-        choice, _ = component_file_choice(spec, files_in(all_files, name), variant=variant, use_safetensors=None,
-                                          where=where)
-        entry = {"parameters": 0, "bytes": 0, "dtypes": {}, "file": ", ".join(f"{name}/{f}" for f in choice.files),
-                 "floating_parameters": 0}
+        choice, _ = component_file_choice(
+            spec, files_in(all_files, name), variant=variant, use_safetensors=None, where=where
+        )
+        entry = {
+            "parameters": 0,
+            "bytes": 0,
+            "dtypes": {},
+            "file": ", ".join(f"{name}/{f}" for f in choice.files),
+            "floating_parameters": 0,
+        }
         if choice.format != "safetensors":
             entry["unknown"] = "pickle (.bin) files have no header to read; size unknown before download"
             components[name] = entry
@@ -88,8 +94,7 @@ def estimate(model: str | os.PathLike, *, variant: str | None = None, revision: 
     as_dtype = {}
     for dtype in _FLOATING:
         as_dtype[dtype] = sum(
-            c["floating_parameters"] * _itemsize(dtype) + (c["bytes"] - _floating_bytes(c))
-            for c in components.values()
+            c["floating_parameters"] * _itemsize(dtype) + (c["bytes"] - _floating_bytes(c)) for c in components.values()
         )
     return {"class_name": plan["class"].__name__, "components": components, "total": total, "as_dtype": as_dtype}
 

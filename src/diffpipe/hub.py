@@ -94,8 +94,7 @@ def fetch(
     name = os.fspath(name_or_path)
     if path.exists():
         raise CheckpointNotFoundError(
-            f"{what}: {name} is a file; expected a folder in the diffusers layout or a Hub repo id "
-            "such as 'owner/name'"
+            f"{what}: {name} is a file; expected a folder in the diffusers layout or a Hub repo id such as 'owner/name'"
         )
     if looks_like_local_path(name):
         raise CheckpointNotFoundError(
@@ -107,8 +106,7 @@ def fetch(
         if hashes is not None:
             logger.warning("%s: offline, so file hashes cannot be checked against the Hub", what)
         return _from_cache(name, select, revision=revision, cache_dir=cache_dir, token=token, what=what)
-    return _download(name, select, revision=revision, cache_dir=cache_dir, token=token, what=what,
-                     hashes=hashes)
+    return _download(name, select, revision=revision, cache_dir=cache_dir, token=token, what=what, hashes=hashes)
 
 
 def cached_snapshot(repo_id: str, revision: str | None, cache_dir) -> Path | None:
@@ -177,16 +175,24 @@ def _download(repo_id, select, *, revision, cache_dir, token, what, hashes=None)
         raise CheckpointNotFoundError(f"{what}: {repo_id} has no revision {revision!r}") from e
     except RepositoryNotFoundError as e:
         raise CheckpointNotFoundError(
-            f"{what}: no repo {repo_id!r} on the Hub (or it is private: pass token=), and no local folder "
-            "of that name"
+            f"{what}: no repo {repo_id!r} on the Hub (or it is private: pass token=), and no local folder of that name"
         ) from e
     except Exception as e:  # network down, DNS, timeouts: use the cache if it has the files
         if not _is_connection_error(e):
             raise
-        logger.warning("could not reach the Hub for %s (%s); trying the local cache%s", repo_id, e,
-                       "; file hashes are not checked" if hashes is not None else "")
+        logger.warning(
+            "could not reach the Hub for %s (%s); trying the local cache%s",
+            repo_id,
+            e,
+            "; file hashes are not checked" if hashes is not None else "",
+        )
         return _from_cache(
-            repo_id, select, revision=revision, cache_dir=cache_dir, token=token, what=what,
+            repo_id,
+            select,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            what=what,
             reason=f"the Hub could not be reached ({type(e).__name__})",
         )
     files = {s.rfilename for s in (info.siblings or [])}
@@ -196,9 +202,7 @@ def _download(repo_id, select, *, revision, cache_dir, token, what, hashes=None)
     def read(rel: str) -> bytes:
         from huggingface_hub import hf_hub_download
 
-        return Path(
-            hf_hub_download(repo_id, rel, revision=revision, cache_dir=cache_dir, token=token)
-        ).read_bytes()
+        return Path(hf_hub_download(repo_id, rel, revision=revision, cache_dir=cache_dir, token=token)).read_bytes()
 
     try:
         needed = sorted(set(select(files, read)))
@@ -218,6 +222,14 @@ def _is_connection_error(e: BaseException) -> bool:
     names = {c.__name__ for c in type(e).__mro__}
     return bool(
         names
-        & {"ConnectionError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "ConnectError",
-           "NetworkError", "OfflineModeIsEnabled", "TimeoutError"}
+        & {
+            "ConnectionError",
+            "ConnectTimeout",
+            "ReadTimeout",
+            "TimeoutException",
+            "ConnectError",
+            "NetworkError",
+            "OfflineModeIsEnabled",
+            "TimeoutError",
+        }
     )

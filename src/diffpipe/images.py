@@ -51,9 +51,7 @@ def load_image(image, *, timeout: float = 30.0, convert_method=None) -> PIL.Imag
             raise ImageLoadError(f"{source} is not an image PIL can read: {e}") from e
         image = loaded
     elif not isinstance(image, PIL.Image.Image):
-        raise ImageLoadError(
-            f"load_image expects a path, an http(s) URL or a PIL.Image, got {type(image).__name__}"
-        )
+        raise ImageLoadError(f"load_image expects a path, an http(s) URL or a PIL.Image, got {type(image).__name__}")
     if convert_method is not None:
         return convert_method(image)
     return image.convert("RGB")
@@ -87,9 +85,7 @@ def postprocess(images: torch.Tensor, output_type: str = "pil", do_denormalize: 
         return images
     if do_denormalize is None:
         do_denormalize = [True] * images.shape[0]
-    images = torch.stack(
-        [(im * 0.5 + 0.5).clamp(0, 1) if d else im for im, d in zip(images, do_denormalize)]
-    )
+    images = torch.stack([(im * 0.5 + 0.5).clamp(0, 1) if d else im for im, d in zip(images, do_denormalize)])
     if output_type == "pt":
         return images
     array = images.cpu().permute(0, 2, 3, 1).float().numpy()
@@ -109,8 +105,16 @@ def default_size(image, height: int | None, width: int | None, multiple: int) ->
     return height - height % multiple, width - width % multiple
 
 
-def preprocess(image, *, height: int | None = None, width: int | None = None, multiple: int = 8,
-               resample: str = "lanczos", normalize: bool = True, what: str = "image") -> torch.Tensor:
+def preprocess(
+    image,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    multiple: int = 8,
+    resample: str = "lanczos",
+    normalize: bool = True,
+    what: str = "image",
+) -> torch.Tensor:
     """PIL / numpy / tensor image(s) -> ``(B, C, H, W)`` float tensor in ``[-1, 1]`` (or ``[0, 1]``)."""
     images = image if isinstance(image, list) else [image]
     if not images:
@@ -120,10 +124,16 @@ def preprocess(image, *, height: int | None = None, width: int | None = None, mu
         if not all(isinstance(i, PIL.Image.Image) for i in images):
             raise TypeError(f"{what}: a list must hold images of one type")
         height, width = default_size(first, height, width, multiple)
-        filt = {"lanczos": PIL.Image.LANCZOS, "bilinear": PIL.Image.BILINEAR, "bicubic": PIL.Image.BICUBIC,
-                "nearest": PIL.Image.NEAREST}[resample]
-        arrays = [np.asarray(i.convert("RGB").resize((width, height), resample=filt)).astype(np.float32) / 255.0
-                  for i in images]
+        filt = {
+            "lanczos": PIL.Image.LANCZOS,
+            "bilinear": PIL.Image.BILINEAR,
+            "bicubic": PIL.Image.BICUBIC,
+            "nearest": PIL.Image.NEAREST,
+        }[resample]
+        arrays = [
+            np.asarray(i.convert("RGB").resize((width, height), resample=filt)).astype(np.float32) / 255.0
+            for i in images
+        ]
         tensor = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2))
     elif isinstance(first, np.ndarray):
         array = np.concatenate([i[None] if i.ndim == 3 else i for i in images], axis=0).astype(np.float32)
@@ -138,8 +148,7 @@ def preprocess(image, *, height: int | None = None, width: int | None = None, mu
         tensor = _resize_tensor(tensor.float(), height, width, multiple)
     else:
         raise TypeError(
-            f"{what} must be a PIL.Image, a numpy array, a torch.Tensor or a list of them, "
-            f"got {type(first).__name__}"
+            f"{what} must be a PIL.Image, a numpy array, a torch.Tensor or a list of them, got {type(first).__name__}"
         )
     return 2.0 * tensor - 1.0 if normalize else tensor
 
@@ -157,11 +166,14 @@ def _frames_as_pil(frames, what: str) -> list[PIL.Image.Image]:
     if isinstance(frames, np.ndarray) and frames.ndim == 4:
         frames = list(frames)
     if isinstance(frames, PIL.Image.Image) or not isinstance(frames, (list, tuple)) or not frames:
-        raise TypeError(f"{what} takes one video: a non-empty list of frames (PIL images or arrays), "
-                        f"got {type(frames).__name__}")
+        raise TypeError(
+            f"{what} takes one video: a non-empty list of frames (PIL images or arrays), got {type(frames).__name__}"
+        )
     if isinstance(frames[0], (list, tuple)):
-        raise TypeError(f"{what} takes one video, got a list of {len(frames)} videos; pass one of them "
-                        "(pipeline output `.frames[0]`)")
+        raise TypeError(
+            f"{what} takes one video, got a list of {len(frames)} videos; pass one of them "
+            "(pipeline output `.frames[0]`)"
+        )
     out = []
     for f in frames:
         if isinstance(f, PIL.Image.Image):
@@ -192,8 +204,14 @@ def export_to_gif(frames: list, path: str | os.PathLike | None = None, fps: int 
     return path
 
 
-def export_to_video(frames: list, path: str | os.PathLike | None = None, fps: int = 10, quality: float | None = 5.0,
-                    bitrate: int | None = None, macro_block_size: int | None = 16) -> str:
+def export_to_video(
+    frames: list,
+    path: str | os.PathLike | None = None,
+    fps: int = 10,
+    quality: float | None = 5.0,
+    bitrate: int | None = None,
+    macro_block_size: int | None = 16,
+) -> str:
     """Write one video's frames as an MP4 (H.264 through imageio's ffmpeg plugin); returns the path.
 
     Needs the optional ``video`` extra (``pip install "diffpipe[video]"``: imageio and imageio-ffmpeg).
@@ -206,7 +224,7 @@ def export_to_video(frames: list, path: str | os.PathLike | None = None, fps: in
     except ImportError as e:
         raise ImportError(
             f"export_to_video needs imageio and imageio-ffmpeg ({e}); install them with "
-            "`pip install \"diffpipe[video]\"` (or `pip install imageio imageio-ffmpeg`), or use export_to_gif"
+            '`pip install "diffpipe[video]"` (or `pip install imageio imageio-ffmpeg`), or use export_to_gif'
         ) from e
     images = [np.asarray(im.convert("RGB")) for im in _frames_as_pil(frames, "export_to_video")]
     path = _output_path(path, ".mp4")
@@ -228,8 +246,9 @@ def preprocess_mask(mask, *, height: int, width: int, multiple: int = 8, resampl
     first = masks[0]
     if isinstance(first, PIL.Image.Image):
         filt = {"lanczos": PIL.Image.LANCZOS, "bilinear": PIL.Image.BILINEAR, "nearest": PIL.Image.NEAREST}[resample]
-        arrays = [np.asarray(m.convert("L").resize((width, height), resample=filt)).astype(np.float32) / 255.0
-                  for m in masks]
+        arrays = [
+            np.asarray(m.convert("L").resize((width, height), resample=filt)).astype(np.float32) / 255.0 for m in masks
+        ]
         tensor = torch.from_numpy(np.stack(arrays))[:, None]
     elif isinstance(first, np.ndarray):
         parts = []
@@ -256,6 +275,7 @@ def preprocess_mask(mask, *, height: int, width: int, multiple: int = 8, resampl
         tensor = _resize_tensor(torch.cat(parts), height, width, multiple)
     else:
         raise TypeError(
-            f"mask_image must be a PIL.Image, a numpy array, a torch.Tensor or a list of them, got {type(first).__name__}"
+            "mask_image must be a PIL.Image, a numpy array, a torch.Tensor or a list of them, "
+            f"got {type(first).__name__}"
         )
     return (tensor >= 0.5).to(torch.float32)

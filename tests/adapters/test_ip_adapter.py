@@ -18,8 +18,14 @@ from adapter_factory import assert_close, images, ip_adapter_state, load_both, t
 from diffpipe.errors import StateDictMismatchError, UnsafeCheckpointError
 from sd_factory import save_reference_pipeline
 
-ARGS = dict(prompt="bear eats pizza", negative_prompt="wrong white balance, dark", num_inference_steps=3,
-            height=32, width=32, output_type="np")
+ARGS = dict(
+    prompt="bear eats pizza",
+    negative_prompt="wrong white balance, dark",
+    num_inference_steps=3,
+    height=32,
+    width=32,
+    output_type="np",
+)
 
 
 def an_image(seed=0):
@@ -34,8 +40,9 @@ def folders(tmp_path_factory):
     sd = save_reference_pipeline(root / "sd", safety_checker=False, seed=3)
     with_checker = save_reference_pipeline(root / "sd-checker", seed=4)
     unet = diffusers.UNet2DConditionModel.from_pretrained(sd / "unet")  # layer order and widths: the oracle's
-    states = {f"ip-{kind}.bin": ip_adapter_state(unet, kind, seed=i)
-              for i, kind in enumerate(("plain", "plus", "full"))}
+    states = {
+        f"ip-{kind}.bin": ip_adapter_state(unet, kind, seed=i) for i, kind in enumerate(("plain", "plus", "full"))
+    }
     states["ip-plain.safetensors"] = ip_adapter_state(unet, "plain", seed=7)
     repo = write_ip_repo(root / "IP-Adapter", states, tiny_image_encoder())
     return {"sd": sd, "checker": with_checker, "repo": repo, "states": states}
@@ -129,8 +136,9 @@ def test_sdxl_parity(tmp_path):
     folder = save_reference_sdxl(tmp_path / "sdxl")
     ref, ours = load_both(folder, "StableDiffusionXLPipeline")
     state = ip_adapter_state(ref.unet, "plain", seed=1)
-    repo = write_ip_repo(tmp_path / "ip", {"ip-adapter_sdxl.safetensors": state}, tiny_image_encoder(),
-                         subfolder="sdxl_models")
+    repo = write_ip_repo(
+        tmp_path / "ip", {"ip-adapter_sdxl.safetensors": state}, tiny_image_encoder(), subfolder="sdxl_models"
+    )
     for pipe in (ref, ours):
         pipe.load_ip_adapter(str(repo), subfolder="sdxl_models", weight_name="ip-adapter_sdxl.safetensors")
         pipe.set_ip_adapter_scale(0.7)
@@ -170,18 +178,36 @@ def _broken(states, **changes):
     return state
 
 
-@pytest.mark.parametrize("make, error, message", [
-    (lambda s: {"ip_adapter": s["ip-plain.bin"]["ip_adapter"]}, StateDictMismatchError,
-     "expected the keys 'image_proj' and 'ip_adapter'"),
-    (lambda s: _broken(s, image_proj=lambda p: {"weird.weight": torch.zeros(2, 2)}), StateDictMismatchError,
-     "unknown IP-Adapter image projection layout.*weird.weight"),
-    (lambda s: _broken(s, image_proj=lambda p: {"perceiver_resampler.proj_in.weight": torch.zeros(2, 2)}),
-     NotImplementedError, "FaceID"),
-    (lambda s: _broken(s, ip_adapter=lambda p: {k: v for k, v in p.items() if not k.startswith("1.")}),
-     StateDictMismatchError, "key/value weights for 3 cross-attention layers.*this UNet has 4"),
-    (lambda s: _broken(s, ip_adapter=lambda p: {**p, "1.to_k_ip.weight": torch.zeros(3, 32)}),
-     StateDictMismatchError, r"layer 1 .*to_k_ip.0.weight \(3, 32\) \(expected \(16, 32\)\)"),
-])
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (
+            lambda s: {"ip_adapter": s["ip-plain.bin"]["ip_adapter"]},
+            StateDictMismatchError,
+            "expected the keys 'image_proj' and 'ip_adapter'",
+        ),
+        (
+            lambda s: _broken(s, image_proj=lambda p: {"weird.weight": torch.zeros(2, 2)}),
+            StateDictMismatchError,
+            "unknown IP-Adapter image projection layout.*weird.weight",
+        ),
+        (
+            lambda s: _broken(s, image_proj=lambda p: {"perceiver_resampler.proj_in.weight": torch.zeros(2, 2)}),
+            NotImplementedError,
+            "FaceID",
+        ),
+        (
+            lambda s: _broken(s, ip_adapter=lambda p: {k: v for k, v in p.items() if not k.startswith("1.")}),
+            StateDictMismatchError,
+            "key/value weights for 3 cross-attention layers.*this UNet has 4",
+        ),
+        (
+            lambda s: _broken(s, ip_adapter=lambda p: {**p, "1.to_k_ip.weight": torch.zeros(3, 32)}),
+            StateDictMismatchError,
+            r"layer 1 .*to_k_ip.0.weight \(3, 32\) \(expected \(16, 32\)\)",
+        ),
+    ],
+)
 def test_bad_adapters_are_refused_and_change_nothing(folders, make, error, message):
     sd = diffpipe.StableDiffusionPipeline.from_pretrained(folders["sd"])
     procs = sd.unet.attn_processors
@@ -234,7 +260,8 @@ def test_image_to_image_and_inpainting(folders, task):
         pipe.set_ip_adapter_scale(0.8)
     mask = PIL.Image.fromarray((np.arange(32 * 32).reshape(32, 32) % 32 > 12).astype(np.uint8) * 255)
     image = an_image(5).resize((32, 32))
-    kwargs = dict(image=image, strength=0.8, ip_adapter_image=an_image(),
-                  **({"mask_image": mask} if "Inpaint" in task else {}))
+    kwargs = dict(
+        image=image, strength=0.8, ip_adapter_image=an_image(), **({"mask_image": mask} if "Inpaint" in task else {})
+    )
     args = {k: v for k, v in ARGS.items() if k not in ("height", "width")}
     assert_close(images(ref, {**args, **kwargs}), images(ours, {**args, **kwargs}))

@@ -17,16 +17,28 @@ import pytest
 import torch
 
 import diffpipe
-from adapter_factory import TOL, assert_close, images, kohya_lora, load_both, lora_pairs, peft_lora, save_lora
+from adapter_factory import assert_close, images, kohya_lora, load_both, lora_pairs, peft_lora, save_lora
 from diffpipe.errors import StateDictMismatchError
 from sd_factory import save_reference_pipeline
 
 import peft  # noqa: F401,E402  the reference's LoRA backend (test extra): missing, the module fails to load
 
-ARGS = dict(prompt="a photo of a cat", negative_prompt="blurry", num_inference_steps=3, height=32, width=32,
-            output_type="np")
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-                "conv2", "time_emb_proj")
+ARGS = dict(
+    prompt="a photo of a cat", negative_prompt="blurry", num_inference_steps=3, height=32, width=32, output_type="np"
+)
+UNET_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "time_emb_proj",
+)
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # what kohya trains
 
 
@@ -45,8 +57,10 @@ def loras(folder):
     text = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder")
     g = torch.Generator().manual_seed(0)
     return {
-        "a": {"unet": lora_pairs(unet, UNET_TARGETS, 2, g, conv_too=True),
-              "text_encoder": lora_pairs(text, TEXT_TARGETS, 2, g)},
+        "a": {
+            "unet": lora_pairs(unet, UNET_TARGETS, 2, g, conv_too=True),
+            "text_encoder": lora_pairs(text, TEXT_TARGETS, 2, g),
+        },
         "b": {"unet": lora_pairs(unet, ("attn1.to_q", "attn2.to_v", "attn2.to_out.0"), 3, g)},
     }
 
@@ -87,8 +101,9 @@ def test_parity_per_layout(folder, loras, layout, tmp_path):
         tensors, metadata = peft_lora(loras["a"], alpha_by_component={"unet": 4, "text_encoder": 2})
         source = save_lora(tmp_path / "lora", tensors, metadata)
     elif layout == "kohya":
-        source = save_lora(tmp_path / "kohya", kohya_lora(loras["a"], {"unet": 1.0, "text_encoder": 4.0}),
-                           name="my_lora.safetensors")
+        source = save_lora(
+            tmp_path / "kohya", kohya_lora(loras["a"], {"unet": 1.0, "text_encoder": 4.0}), name="my_lora.safetensors"
+        )
     else:  # attention-processor keys, as the AnimateDiff motion LoRAs are published
         pairs = {p: v for p, v in loras["a"]["unet"].items() if ".attn" in p}
         names = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
@@ -192,24 +207,54 @@ def _keys(loras, component="unet"):
     return peft_lora({component: loras["b"]["unet"]} if component == "unet" else loras["a"])[0]
 
 
-@pytest.mark.parametrize("make, error, message", [
-    (lambda l: {"unet.down_blocks.7.attentions.0.to_q.lora_A.weight": torch.zeros(2, 16),
-                "unet.down_blocks.7.attentions.0.to_q.lora_B.weight": torch.zeros(16, 2)},
-     StateDictMismatchError, r"match no layer of the unet .*down_blocks\.7\.attentions\.0\.to_q\.lora_A\.weight"),
-    (lambda l: {k: (v[:1] if k.endswith("lora_A.weight") else v) for k, v in _keys(l).items()},
-     StateDictMismatchError, r"rank mismatch, down has rank 1"),
-    (lambda l: {k: (torch.zeros(3, 5) if k.endswith("lora_A.weight") else v) for k, v in _keys(l).items()},
-     StateDictMismatchError, r"down \(3, 5\) takes width 5, the layer takes 16"),
-    (lambda l: {**_keys(l), "unet.mid_block.attentions.0.norm.weight": torch.zeros(16)},
-     StateDictMismatchError, r"not LoRA keys .*unet\.mid_block\.attentions\.0\.norm\.weight"),
-    (lambda l: {"text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32),
-                "text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 2)},
-     StateDictMismatchError, r"weights for \['text_encoder_2'\], which StableDiffusionPipeline does not have"),
-    (lambda l: {k: v for k, v in _keys(l).items() if k.endswith("lora_A.weight")},
-     StateDictMismatchError, "has only its down weight"),
-    (lambda l: {"lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2)},
-     StateDictMismatchError, "LoHa/LoKr"),
-])
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (
+            lambda pairs: {
+                "unet.down_blocks.7.attentions.0.to_q.lora_A.weight": torch.zeros(2, 16),
+                "unet.down_blocks.7.attentions.0.to_q.lora_B.weight": torch.zeros(16, 2),
+            },
+            StateDictMismatchError,
+            r"match no layer of the unet .*down_blocks\.7\.attentions\.0\.to_q\.lora_A\.weight",
+        ),
+        (
+            lambda pairs: {k: (v[:1] if k.endswith("lora_A.weight") else v) for k, v in _keys(pairs).items()},
+            StateDictMismatchError,
+            r"rank mismatch, down has rank 1",
+        ),
+        (
+            lambda pairs: {
+                k: (torch.zeros(3, 5) if k.endswith("lora_A.weight") else v) for k, v in _keys(pairs).items()
+            },
+            StateDictMismatchError,
+            r"down \(3, 5\) takes width 5, the layer takes 16",
+        ),
+        (
+            lambda pairs: {**_keys(pairs), "unet.mid_block.attentions.0.norm.weight": torch.zeros(16)},
+            StateDictMismatchError,
+            r"not LoRA keys .*unet\.mid_block\.attentions\.0\.norm\.weight",
+        ),
+        (
+            lambda pairs: {
+                "text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32),
+                "text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 2),
+            },
+            StateDictMismatchError,
+            r"weights for \['text_encoder_2'\], which StableDiffusionPipeline does not have",
+        ),
+        (
+            lambda pairs: {k: v for k, v in _keys(pairs).items() if k.endswith("lora_A.weight")},
+            StateDictMismatchError,
+            "has only its down weight",
+        ),
+        (
+            lambda pairs: {"lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2)},
+            StateDictMismatchError,
+            "LoHa/LoKr",
+        ),
+    ],
+)
 def test_bad_loras_are_refused_and_change_nothing(folder, loras, make, error, message):
     ours = diffpipe.StableDiffusionPipeline.from_pretrained(folder)
     before = base_state(ours.unet)
@@ -226,8 +271,11 @@ def test_adapter_names_are_checked(folder, loras):
         ours.load_lora_weights(peft_lora(loras["a"])[0], adapter_name="b")
     ours.load_lora_weights(peft_lora(loras["a"])[0])
     assert ours.get_list_adapters()["unet"] == ["b", "default_1"]
-    with pytest.raises(ValueError, match=r"unknown adapter name\(s\) \['zoom-in'\]; loaded adapters: "
-                                         r"\['b', 'default_1'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown adapter name\(s\) \['zoom-in'\]; loaded adapters: "
+        r"\['b', 'default_1'\]",
+    ):
         ours.set_adapters(["b", "zoom-in"], adapter_weights=[1.0, 0.5])
     with pytest.raises(ValueError, match="2 adapter names but 3 weights"):
         ours.set_adapters(["b", "default_1"], adapter_weights=[1.0, 0.5, 0.2])
@@ -252,9 +300,11 @@ def test_sdxl_lora_on_the_unet_and_both_text_encoders(tmp_path):
 
     ref, ours = load_both(save_reference_sdxl(tmp_path / "sdxl"), "StableDiffusionXLPipeline")
     g = torch.Generator().manual_seed(1)
-    pairs = {"unet": lora_pairs(ref.unet, ("to_q", "to_v", "conv1"), 2, g, conv_too=True),
-             "text_encoder": lora_pairs(ref.text_encoder, TEXT_TARGETS, 2, g),
-             "text_encoder_2": lora_pairs(ref.text_encoder_2, TEXT_TARGETS, 2, g)}
+    pairs = {
+        "unet": lora_pairs(ref.unet, ("to_q", "to_v", "conv1"), 2, g, conv_too=True),
+        "text_encoder": lora_pairs(ref.text_encoder, TEXT_TARGETS, 2, g),
+        "text_encoder_2": lora_pairs(ref.text_encoder_2, TEXT_TARGETS, 2, g),
+    }
     kwargs = {**ARGS, "negative_prompt": None}
     without = images(ours, kwargs)
     load_into_both(ref, ours, peft_lora(pairs)[0], adapter_name="xl")
@@ -285,8 +335,9 @@ SGM_NAMES = {
     "input_blocks_3_1_transformer_blocks_1_attn2_to_k": "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k",
     "middle_block_1_transformer_blocks_0_ff_net_2": "mid_block.attentions.0.transformer_blocks.0.ff.net.2",
     "middle_block_2_out_layers_3": "mid_block.resnets.1.conv2",
-    "output_blocks_1_1_transformer_blocks_0_attn1_to_out_0":
-        "up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0",
+    "output_blocks_1_1_transformer_blocks_0_attn1_to_out_0": (
+        "up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0"
+    ),
     "output_blocks_3_0_skip_connection": "up_blocks.1.resnets.1.conv_shortcut",
 }
 
@@ -298,9 +349,14 @@ def test_kohya_sdxl_lora_with_original_unet_names(tmp_path):
     g = torch.Generator().manual_seed(2)
     tensors = {}
     for name, path in SGM_NAMES.items():
-        (down, up), = lora_pairs(ref.unet, (path,), 2, g, conv_too=True).values()
-        tensors.update({f"lora_unet_{name}.lora_down.weight": down, f"lora_unet_{name}.lora_up.weight": up,
-                        f"lora_unet_{name}.alpha": torch.tensor(3.0)})
+        ((down, up),) = lora_pairs(ref.unet, (path,), 2, g, conv_too=True).values()
+        tensors.update(
+            {
+                f"lora_unet_{name}.lora_down.weight": down,
+                f"lora_unet_{name}.lora_up.weight": up,
+                f"lora_unet_{name}.alpha": torch.tensor(3.0),
+            }
+        )
     kwargs = {**ARGS, "negative_prompt": None}
     without = images(ours, kwargs)
     load_into_both(ref, ours, tensors, adapter_name="sgm")

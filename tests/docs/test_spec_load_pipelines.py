@@ -90,14 +90,16 @@ def test_the_same_checkpoint_for_image_to_image(hub, spec_repos, fresh_cache):
     init_image = load_image(f"{hub.endpoint}/{IMAGES}/resolve/main/diffusers/img2img-init.png")
     assert init_image.mode == "RGB" and init_image.size == (40, 48)
     prompt = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
-    image = pipeline(prompt, image=init_image, num_inference_steps=4,
-                     generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipeline(
+        prompt, image=init_image, num_inference_steps=4, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert isinstance(image, PIL.Image.Image) and image.size == (40, 48)
     # it is the image-to-image task, as the task class computes it
     from diffpipe import StableDiffusionImg2ImgPipeline
 
     direct = quiet(StableDiffusionImg2ImgPipeline.from_pipe(pipeline))(
-        prompt, image=init_image, num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
+        prompt, image=init_image, num_inference_steps=4, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert np.array_equal(np.asarray(image), np.asarray(direct))
 
 
@@ -125,13 +127,18 @@ def test_customize_with_a_scheduler_and_a_vae(hub, spec_repos, fresh_cache):
     from diffpipe import AutoencoderKL, HeunDiscreteScheduler, StableDiffusionPipeline
 
     scheduler = HeunDiscreteScheduler.from_pretrained("runwayml/stable-diffusion-v1-5", subfolder="scheduler")
-    vae = AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix", torch_dtype=torch.float16,
-                                        use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(
+        "madebyollin/sdxl-vae-fp16-fix", torch_dtype=torch.float16, use_safetensors=True
+    )
     assert vae.dtype == torch.float16
     hub.clear_log()
     pipeline = StableDiffusionPipeline.from_pretrained(
-        "runwayml/stable-diffusion-v1-5", scheduler=scheduler, vae=vae, torch_dtype=torch.float16,
-        variant="fp16", use_safetensors=True,
+        "runwayml/stable-diffusion-v1-5",
+        scheduler=scheduler,
+        vae=vae,
+        torch_dtype=torch.float16,
+        variant="fp16",
+        use_safetensors=True,
     )
     assert pipeline.scheduler is scheduler and pipeline.vae is vae
     assert pipeline.unet.dtype == torch.float16 and pipeline.text_encoder.dtype == torch.float16
@@ -183,8 +190,9 @@ def test_safety_checker_none_warns(hub, spec_repos, fresh_cache, caplog):
     from diffpipe import DiffusionPipeline
 
     caplog.set_level(logging.WARNING)
-    pipeline = DiffusionPipeline.from_pretrained("runwayml/stable-diffusion-v1-5", safety_checker=None,
-                                                 use_safetensors=True)
+    pipeline = DiffusionPipeline.from_pretrained(
+        "runwayml/stable-diffusion-v1-5", safety_checker=None, use_safetensors=True
+    )
     assert pipeline.safety_checker is None
     assert "You have disabled the safety checker" in caplog.text
     assert not any(f.startswith("safety_checker/") for f in hub.downloads(REPO))
@@ -193,16 +201,21 @@ def test_safety_checker_none_warns(hub, spec_repos, fresh_cache, caplog):
 def test_variants_fp16_and_non_ema(hub, spec_repos, fresh_cache):
     from diffpipe import DiffusionPipeline
 
-    pipeline = DiffusionPipeline.from_pretrained("runwayml/stable-diffusion-v1-5", variant="fp16",
-                                                 torch_dtype=torch.float16, use_safetensors=True)
+    pipeline = DiffusionPipeline.from_pretrained(
+        "runwayml/stable-diffusion-v1-5", variant="fp16", torch_dtype=torch.float16, use_safetensors=True
+    )
     assert {pipeline.unet.dtype, pipeline.vae.dtype, pipeline.text_encoder.dtype} == {torch.float16}
     assert all(".fp16." in f for f in weight_downloads(hub))
     hub.clear_log()
-    pipeline = DiffusionPipeline.from_pretrained("runwayml/stable-diffusion-v1-5", variant="non_ema",
-                                                 use_safetensors=True)
+    pipeline = DiffusionPipeline.from_pretrained(
+        "runwayml/stable-diffusion-v1-5", variant="non_ema", use_safetensors=True
+    )
     assert weight_downloads(hub) == [  # the non_ema UNet; the others have no such variant
-        "safety_checker/model.safetensors", "text_encoder/model.safetensors",
-        "unet/diffusion_pytorch_model.non_ema.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+        "safety_checker/model.safetensors",
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
     expected = spec_repos["non_ema"].state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in pipeline.unet.state_dict().items())
     # the other components have no non_ema file: they fall back, and the pipeline says so
@@ -220,8 +233,9 @@ def test_save_variants_into_the_same_folder_and_the_wont_work_pair(hub, spec_rep
         DiffusionPipeline.from_pretrained(str(target), torch_dtype=torch.float16, use_safetensors=True)
     assert "variant" in str(err.value)
     # (good) this works
-    good = DiffusionPipeline.from_pretrained(str(target), variant="fp16", torch_dtype=torch.float16,
-                                             use_safetensors=True)
+    good = DiffusionPipeline.from_pretrained(
+        str(target), variant="fp16", torch_dtype=torch.float16, use_safetensors=True
+    )
     assert good.unet.dtype == torch.float16
     # saving the non_ema variant into the same folder keeps the fp16 one
     pipeline.save_pretrained(target, variant="non_ema")
@@ -236,11 +250,21 @@ def test_print_pipeline_shows_class_and_components(hub, spec_repos, fresh_cache)
     pipeline = DiffusionPipeline.from_pretrained("runwayml/stable-diffusion-v1-5", use_safetensors=True)
     text = repr(pipeline)
     assert text.startswith("StableDiffusionPipeline {")
-    for line in ('"scheduler": [\n    "diffusers",\n    "PNDMScheduler"\n  ]',
-                 '"unet": [\n    "diffusers",\n    "UNet2DConditionModel"\n  ]',
-                 '"safety_checker": [\n    "stable_diffusion",\n    "StableDiffusionSafetyChecker"\n  ]',
-                 '"text_encoder": [\n    "transformers",\n    "CLIPTextModel"\n  ]'):
+    for line in (
+        '"scheduler": [\n    "diffusers",\n    "PNDMScheduler"\n  ]',
+        '"unet": [\n    "diffusers",\n    "UNet2DConditionModel"\n  ]',
+        '"safety_checker": [\n    "stable_diffusion",\n    "StableDiffusionSafetyChecker"\n  ]',
+        '"text_encoder": [\n    "transformers",\n    "CLIPTextModel"\n  ]',
+    ):
         assert line in text
-    assert sorted(pipeline.components) == ["feature_extractor", "image_encoder", "safety_checker", "scheduler",
-                                           "text_encoder", "tokenizer", "unet", "vae"]
+    assert sorted(pipeline.components) == [
+        "feature_extractor",
+        "image_encoder",
+        "safety_checker",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+        "vae",
+    ]
     assert pipeline.tokenizer.model_max_length == 77

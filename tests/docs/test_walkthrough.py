@@ -84,14 +84,30 @@ def walk(lib, hub, *, dtype, tmp_path, check):
     pipe_sd.to("cpu")
     pipe_sd.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(33)
-    out_sd = pipe_sd(prompt=PROMPT, negative_prompt=NEGATIVE, ip_adapter_image=image, num_inference_steps=STEPS,
-                     generator=generator, height=32, width=32).images[0]
+    out_sd = pipe_sd(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        ip_adapter_image=image,
+        num_inference_steps=STEPS,
+        generator=generator,
+        height=32,
+        width=32,
+    ).images[0]
     check("sd", pipe_sd=pipe_sd)
 
     pipe_sag = StableDiffusionSAGPipeline.from_pipe(pipe_sd)
     generator = torch.Generator(device="cpu").manual_seed(33)
-    out_sag = pipe_sag(prompt=PROMPT, negative_prompt=NEGATIVE, ip_adapter_image=image, num_inference_steps=STEPS,
-                       generator=generator, guidance_scale=1.0, sag_scale=0.75, height=32, width=32).images[0]
+    out_sag = pipe_sag(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        ip_adapter_image=image,
+        num_inference_steps=STEPS,
+        generator=generator,
+        guidance_scale=1.0,
+        sag_scale=0.75,
+        height=32,
+        width=32,
+    ).images[0]
     check("sag", pipe_sd=pipe_sd, pipe_sag=pipe_sag)
 
     pipe_sag.unload_ip_adapter()
@@ -108,8 +124,15 @@ def walk(lib, hub, *, dtype, tmp_path, check):
     pipe_animate.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(33)
     pipe_animate.set_adapters("zoom-out", adapter_weights=0.75)
-    out = pipe_animate(prompt=PROMPT, num_frames=FRAMES, num_inference_steps=STEPS, ip_adapter_image=image,
-                       generator=generator, height=32, width=32).frames[0]
+    out = pipe_animate(
+        prompt=PROMPT,
+        num_frames=FRAMES,
+        num_inference_steps=STEPS,
+        ip_adapter_image=image,
+        generator=generator,
+        height=32,
+        width=32,
+    ).frames[0]
     gif = export_to_gif(out, str(tmp_path / f"out_animate_{lib.__name__}.gif"))
     check("done", pipe_animate=pipe_animate, out=out, gif=gif)
     return np.asarray(out_sd), np.asarray(out_sag), np.stack([np.asarray(f) for f in out])

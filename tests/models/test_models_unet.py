@@ -225,7 +225,14 @@ def test_forward_matches_reference(family):
 
 @pytest.mark.parametrize(
     "timestep",
-    [7, 7.5, torch.tensor(7), torch.tensor([7.5]), torch.tensor([3, 900]), torch.tensor([3.25, 900.0], dtype=torch.float64)],
+    [
+        7,
+        7.5,
+        torch.tensor(7),
+        torch.tensor([7.5]),
+        torch.tensor([3, 900]),
+        torch.tensor([3.25, 900.0], dtype=torch.float64),
+    ],
     ids=["int", "float", "0d", "1d-len1", "1d-batch", "1d-float64"],
 )
 def test_timestep_forms(timestep):
@@ -514,7 +521,12 @@ def test_sdxl_without_added_cond_kwargs():
         with pytest.raises(ValueError, match=r"lacks \['time_ids'\]"):
             ours(sample, t, states, added_cond_kwargs={"text_embeds": good["text_embeds"]})
         with pytest.raises(ValueError, match=r"which give 56"):
-            ours(sample, t, states, added_cond_kwargs={"text_embeds": good["text_embeds"], "time_ids": good["time_ids"][:, :5]})
+            ours(
+                sample,
+                t,
+                states,
+                added_cond_kwargs={"text_embeds": good["text_embeds"], "time_ids": good["time_ids"][:, :5]},
+            )
 
 
 def test_missing_class_labels():

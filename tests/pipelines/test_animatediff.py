@@ -28,8 +28,13 @@ from sd_factory import TINY_ADAPTER, save_reference_adapter, save_reference_pipe
 
 TOL = 2 / 255
 FRAMES = 4
-SD15 = dict(block_out_channels=[320, 640, 1280, 1280], motion_layers_per_block=2,
-            motion_mid_block_layers_per_block=1, motion_num_attention_heads=8, motion_norm_num_groups=32)
+SD15 = dict(
+    block_out_channels=[320, 640, 1280, 1280],
+    motion_layers_per_block=2,
+    motion_mid_block_layers_per_block=1,
+    motion_num_attention_heads=8,
+    motion_norm_num_groups=32,
+)
 # The published adapters' configs (guoyww/animatediff-motion-adapter-*).
 PUBLISHED = {
     "v1-4": dict(SD15, motion_max_seq_length=24, use_motion_mid_block=False),
@@ -74,9 +79,16 @@ def tiny_unet_pair(seed=0):
     """The same tiny 2-D UNet in both libraries (the reference's weights)."""
     import diffusers
 
-    config = dict(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, cross_attention_dim=32,
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), norm_num_groups=4,
-                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
+    config = dict(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        norm_num_groups=4,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4,
+    )
     torch.manual_seed(seed)
     ref = diffusers.UNet2DConditionModel(**config).eval()
     ours = UNet2DConditionModel(**config).eval()
@@ -105,8 +117,10 @@ def test_published_adapter_layouts_match_reference(name):
     got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert got == expected
     assert any(k.startswith("mid_block.") for k in got) == PUBLISHED[name]["use_motion_mid_block"]
-    assert got["down_blocks.0.motion_modules.0.transformer_blocks.0.pos_embed.pe"][1] == \
-        PUBLISHED[name]["motion_max_seq_length"]
+    assert (
+        got["down_blocks.0.motion_modules.0.transformer_blocks.0.pos_embed.pe"][1]
+        == PUBLISHED[name]["motion_max_seq_length"]
+    )
 
 
 @pytest.mark.parametrize("name", ["v1-4", "v1-5-2"])
@@ -118,8 +132,9 @@ def test_full_size_motion_unet_layout_and_config_match_reference(name):
         adapter = MotionAdapter(**PUBLISHED[name])
         ours = UNetMotionModel.from_unet2d(unet, adapter)
         ref = quiet(diffusers.UNetMotionModel.from_config, dict(ours.config))
-    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
-        {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in ref.state_dict().items()
+    }
     assert ours.config.motion_max_seq_length == PUBLISHED[name]["motion_max_seq_length"]
     assert ours.config.use_motion_mid_block == PUBLISHED[name]["use_motion_mid_block"]
 
@@ -226,8 +241,17 @@ def test_pipeline_matches_reference(folders, scheduler):
     # the spec's scheduler swap
     ref.scheduler = getattr(diffusers, scheduler).from_config(ref.scheduler.config, beta_schedule="linear")
     ours.scheduler = getattr(diffpipe, scheduler).from_config(ours.scheduler.config, beta_schedule="linear")
-    kwargs = dict(prompt="a bear eats pizza", negative_prompt="blurry", num_frames=FRAMES, num_inference_steps=3,
-                  guidance_scale=6.0, height=32, width=32, output_type="np", decode_chunk_size=3)
+    kwargs = dict(
+        prompt="a bear eats pizza",
+        negative_prompt="blurry",
+        num_frames=FRAMES,
+        num_inference_steps=3,
+        guidance_scale=6.0,
+        height=32,
+        width=32,
+        output_type="np",
+        decode_chunk_size=3,
+    )
     for p in (ref, ours):
         p.set_progress_bar_config(disable=True)
     expected = quiet(ref, generator=torch.Generator().manual_seed(33), **kwargs).frames
@@ -244,8 +268,14 @@ def test_pipeline_with_mid_block_adapter_embeddings_and_latents_matches_referenc
     gen = torch.Generator().manual_seed(5)
     embeds, negative = torch.randn(1, 77, 32, generator=gen), torch.randn(1, 77, 32, generator=gen)
     latents = torch.randn(1, 4, 3, 16, 16, generator=gen)
-    kwargs = dict(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=latents, num_frames=3,
-                  num_inference_steps=2, output_type="pt")
+    kwargs = dict(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        latents=latents,
+        num_frames=3,
+        num_inference_steps=2,
+        output_type="pt",
+    )
     for p in (ref, ours):
         p.set_progress_bar_config(disable=True)
     expected = quiet(ref, **kwargs).frames
@@ -253,8 +283,14 @@ def test_pipeline_with_mid_block_adapter_embeddings_and_latents_matches_referenc
     assert got.shape == expected.shape == (1, 3, 3, 32, 32)
     assert (got - expected).abs().max() <= TOL
     # unlike the reference (which always makes one), num_videos_per_prompt videos per prompt
-    latents = ours(prompt_embeds=embeds, num_frames=3, num_inference_steps=1, num_videos_per_prompt=2,
-                   output_type="latent", generator=[torch.Generator().manual_seed(i) for i in range(2)]).frames
+    latents = ours(
+        prompt_embeds=embeds,
+        num_frames=3,
+        num_inference_steps=1,
+        num_videos_per_prompt=2,
+        output_type="latent",
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+    ).frames
     assert latents.shape == (2, 4, 3, 16, 16) and not torch.equal(latents[0], latents[1])
 
 
@@ -276,8 +312,14 @@ def test_from_pipe_adds_only_the_adapter_and_leaves_sd_unchanged(folders):
     assert anim.unet.unet2d is sd.unet and anim.vae is sd.vae and anim.text_encoder is sd.text_encoder
     assert type(sd.unet) is UNet2DConditionModel and "motion" not in " ".join(sd.unet.state_dict())
 
-    frames = anim(prompt="a cat", num_frames=2, num_inference_steps=2, height=32, width=32,
-                  generator=torch.Generator().manual_seed(1)).frames
+    frames = anim(
+        prompt="a cat",
+        num_frames=2,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(1),
+    ).frames
     assert len(frames) == 1 and len(frames[0]) == 2 and frames[0][0].size == (32, 32)
     after = sd(generator=torch.Generator().manual_seed(0), **kwargs).images
     assert np.array_equal(before, after)
@@ -330,8 +372,9 @@ def test_adapter_follows_the_unets_dtype():
     model = UNetMotionModel.from_unet2d(unet, adapter)
     assert adapter.dtype == torch.float64 and {p.dtype for p in model.parameters()} == {torch.float64}
     with torch.no_grad():
-        out = model(torch.randn(1, 4, 2, 16, 16, dtype=torch.float64), 5,
-                    torch.randn(2, 7, 32, dtype=torch.float64)).sample
+        out = model(
+            torch.randn(1, 4, 2, 16, 16, dtype=torch.float64), 5, torch.randn(2, 7, 32, dtype=torch.float64)
+        ).sample
     assert out.dtype == torch.float64
 
 
@@ -341,8 +384,14 @@ def test_gif_and_mp4_written_and_read_back(folders, tmp_path):
 
     _, anim = our_pipes(folders)
     anim.set_progress_bar_config(disable=True)
-    frames = anim(prompt="a bear", num_frames=FRAMES, num_inference_steps=2, height=32, width=32,
-                  generator=torch.Generator().manual_seed(3)).frames[0]
+    frames = anim(
+        prompt="a bear",
+        num_frames=FRAMES,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(3),
+    ).frames[0]
     gif = export_to_gif(frames, tmp_path / "out.gif", fps=5)
     with PIL.Image.open(gif) as im:
         assert im.n_frames == FRAMES and im.size == (32, 32)
@@ -379,8 +428,9 @@ def test_adapter_that_does_not_fit_the_unet():
     with pytest.raises(TypeError, match="MotionAdapter"):
         UNetMotionModel.from_unet2d(unet, unet)
     with pytest.raises(ValueError, match="needs motion_adapter="):
-        diffpipe.AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet, motion_adapter=None,
-                                     scheduler=None)
+        diffpipe.AnimateDiffPipeline(
+            vae=None, text_encoder=None, tokenizer=None, unet=unet, motion_adapter=None, scheduler=None
+        )
     with pytest.raises(ConfigError, match="cannot have 3 attention heads"):
         MotionAdapter(**{**TINY_ADAPTER, "motion_num_attention_heads": 3})
 

@@ -28,8 +28,22 @@ from sdxl_factory import PROJECTION, TIME_DIM, WIDTH_1, WIDTH_2, save_reference_
 LCM_UNET = {"time_cond_proj_dim": 32}
 SIZE = dict(height=32, width=32)
 # What the published LCM-LoRAs train: attention, feed-forward, resnet convs (3x3), shortcuts, samplers.
-LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+LCM_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
 
 
 def _load(folder, task, *, lcm_scheduler=True):
@@ -58,8 +72,9 @@ def _both(ref, ours, **kwargs):
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("lcm")
     return {
-        "sd": save_reference_pipeline(root / "sd", safety_checker=False, seed=11, scheduler="DDIMScheduler",
-                                      unet_kwargs=LCM_UNET),
+        "sd": save_reference_pipeline(
+            root / "sd", safety_checker=False, seed=11, scheduler="DDIMScheduler", unet_kwargs=LCM_UNET
+        ),
         "sd_base": save_reference_pipeline(root / "sd_base", safety_checker=False, seed=12),
         "xl": save_reference_sdxl(root / "xl", seed=13, scheduler="LCMScheduler", unet_kwargs=LCM_UNET),
         "xl_base": save_reference_sdxl(root / "xl_base", seed=14),
@@ -82,8 +97,15 @@ def a_mask(size=32):
 @pytest.mark.parametrize("steps", [1, 4])
 def test_sd_with_an_lcm_unet(folders, guidance_scale, steps):
     ref, ours = _load(folders["sd"], "StableDiffusionPipeline")
-    got = _both(ref, ours, prompt=["a squirrel", "a burger"], num_inference_steps=steps, guidance_scale=guidance_scale,
-                num_images_per_prompt=2, **SIZE)
+    got = _both(
+        ref,
+        ours,
+        prompt=["a squirrel", "a burger"],
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        num_images_per_prompt=2,
+        **SIZE,
+    )
     assert got.shape == (4, 32, 32, 3)
 
 
@@ -94,8 +116,9 @@ def test_sd_lcm_guidance_reaches_the_unet_as_an_embedding(folders):
     low = _both(ref, ours, prompt="a squirrel", num_inference_steps=2, guidance_scale=2.0, **SIZE)
     high = _both(ref, ours, prompt="a squirrel", num_inference_steps=2, guidance_scale=9.0, **SIZE)
     assert np.abs(low - high).max() > 1e-3
-    negative = _both(ref, ours, prompt="a squirrel", negative_prompt="blurry", num_inference_steps=2,
-                     guidance_scale=9.0, **SIZE)
+    negative = _both(
+        ref, ours, prompt="a squirrel", negative_prompt="blurry", num_inference_steps=2, guidance_scale=9.0, **SIZE
+    )
     np.testing.assert_array_equal(negative, high)
 
 
@@ -114,14 +137,20 @@ def test_guidance_scale_embedding_matches_the_reference(folders):
     ref, ours = _load(folders["sd"], "StableDiffusionPipeline", lcm_scheduler=False)
     w = torch.tensor([0.0, 1.5, 7.0])
     for dim in (32, 33, 256):
-        torch.testing.assert_close(ours.get_guidance_scale_embedding(w, embedding_dim=dim),
-                                   ref.get_guidance_scale_embedding(w, embedding_dim=dim), rtol=0, atol=0)
+        torch.testing.assert_close(
+            ours.get_guidance_scale_embedding(w, embedding_dim=dim),
+            ref.get_guidance_scale_embedding(w, embedding_dim=dim),
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_img2img_and_inpaint_with_an_lcm_unet(folders):
     ref, ours = _load(folders["sd"], "StableDiffusionPipeline")
-    for task, extra in (("StableDiffusionImg2ImgPipeline", dict(strength=0.6)),
-                        ("StableDiffusionInpaintPipeline", dict(mask_image=a_mask(), **SIZE))):
+    for task, extra in (
+        ("StableDiffusionImg2ImgPipeline", dict(strength=0.6)),
+        ("StableDiffusionInpaintPipeline", dict(mask_image=a_mask(), **SIZE)),
+    ):
         import diffusers
 
         r = getattr(diffusers, task).from_pipe(ref)
@@ -148,8 +177,16 @@ def test_sag_with_an_lcm_unet_runs_cfg_without_the_embedding(folders):
 @pytest.mark.parametrize("guidance_scale", [1.0, 8.0])
 def test_sdxl_with_an_lcm_unet(folders, guidance_scale):
     ref, ours = _load(folders["xl"], "StableDiffusionXLPipeline")
-    _both(ref, ours, prompt="a squirrel", prompt_2="oil painting", num_inference_steps=4,
-          guidance_scale=guidance_scale, num_images_per_prompt=2, **SIZE)
+    _both(
+        ref,
+        ours,
+        prompt="a squirrel",
+        prompt_2="oil painting",
+        num_inference_steps=4,
+        guidance_scale=guidance_scale,
+        num_images_per_prompt=2,
+        **SIZE,
+    )
 
 
 def test_sdxl_img2img_with_an_lcm_unet(folders):
@@ -178,8 +215,9 @@ def test_sd_lcm_lora_kohya_layout(folders, tmp_path, fuse):
     pairs = _lcm_lora_pairs(folders["sd_base"], seed=1)
     path = save_lora(tmp_path, kohya_lora({"unet": pairs}, {"unet": 8.0}), name="lcm_lora.safetensors")
     ref, ours = _load(folders["sd_base"], "StableDiffusionPipeline")
-    without = images(ours, dict(prompt="a squirrel", num_inference_steps=4, guidance_scale=1.0, output_type="np",
-                                **SIZE))
+    without = images(
+        ours, dict(prompt="a squirrel", num_inference_steps=4, guidance_scale=1.0, output_type="np", **SIZE)
+    )
     for p in (ref, ours):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -205,28 +243,68 @@ def test_sdxl_lcm_lora_peft_layout(folders):
 
 # ------------------------------------------------------------------------------ seeded construction
 UNET_CONFIGS = {
-    "sd": dict(block_out_channels=(4, 8), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=2,
-               time_cond_proj_dim=256),
-    "sd3blocks": dict(block_out_channels=(8, 16, 16), layers_per_block=1, sample_size=16, in_channels=9,
-                      out_channels=4, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                      cross_attention_dim=32, norm_num_groups=4, class_embed_type="timestep"),
-    "sdxl": dict(block_out_channels=(8, 16), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-                 transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
-                 addition_time_embed_dim=TIME_DIM, projection_class_embeddings_input_dim=PROJECTION + 6 * TIME_DIM,
-                 cross_attention_dim=WIDTH_1 + WIDTH_2, norm_num_groups=4, time_cond_proj_dim=32),
+    "sd": dict(
+        block_out_channels=(4, 8),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=2,
+        time_cond_proj_dim=256,
+    ),
+    "sd3blocks": dict(
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=9,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=4,
+        class_embed_type="timestep",
+    ),
+    "sdxl": dict(
+        block_out_channels=(8, 16),
+        layers_per_block=2,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_DIM,
+        projection_class_embeddings_input_dim=PROJECTION + 6 * TIME_DIM,
+        cross_attention_dim=WIDTH_1 + WIDTH_2,
+        norm_num_groups=4,
+        time_cond_proj_dim=32,
+    ),
 }
 OTHER_MODELS = {
-    "AutoencoderKL": dict(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
-                          norm_num_groups=4, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                          up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=2,
-                          sample_size=32),
-    "MotionAdapter": dict(block_out_channels=(8, 16), motion_layers_per_block=2, motion_num_attention_heads=2,
-                          motion_norm_num_groups=4, motion_max_seq_length=8),
+    "AutoencoderKL": dict(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=2,
+        sample_size=32,
+    ),
+    "MotionAdapter": dict(
+        block_out_channels=(8, 16),
+        motion_layers_per_block=2,
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=4,
+        motion_max_seq_length=8,
+    ),
 }
 
 
@@ -277,5 +355,11 @@ def test_lcm_pipeline_built_in_code_matches_the_reference():
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    _both(build(diffusers), build(diffpipe), prompt="A painting of a squirrel eating a burger", num_inference_steps=2,
-          guidance_scale=6.0, **SIZE)
+    _both(
+        build(diffusers),
+        build(diffpipe),
+        prompt="A painting of a squirrel eating a burger",
+        num_inference_steps=2,
+        guidance_scale=6.0,
+        **SIZE,
+    )

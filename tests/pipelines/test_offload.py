@@ -21,8 +21,14 @@ def folder(tmp_path_factory):
 
 def run(pipe, seed=0):
     pipe.set_progress_bar_config(disable=True)
-    return pipe("a photo of a cat", num_inference_steps=2, height=32, width=32, output_type="np",
-                generator=torch.Generator().manual_seed(seed)).images
+    return pipe(
+        "a photo of a cat",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
 
 
 def moves(group):

@@ -44,8 +44,14 @@ def images(pipe, **kwargs):
     pipe.set_progress_bar_config(disable=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pipe("a photo of a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
-                    output_type="np", **SIZE, **kwargs).images
+        return pipe(
+            "a photo of a cat",
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **SIZE,
+            **kwargs,
+        ).images
 
 
 def edit_index(folder, **changes):
@@ -89,8 +95,9 @@ def test_save_is_atomic_when_a_component_fails(sd_copy, monkeypatch):
 
 
 def test_optional_component_set_to_none_survives_save_and_load(sd_folder, tmp_path):
-    pipe = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        sd_folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     pipe.save_pretrained(tmp_path / "p")
     index = json.loads((tmp_path / "p" / "model_index.json").read_text())
     assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
@@ -124,12 +131,15 @@ def test_component_folder_missing_is_clear(sd_copy):
         DiffusionPipeline.from_pretrained(sd_copy)
 
 
-@pytest.mark.parametrize("entry, error", [
-    (["os", "system"], UnsupportedComponentError),
-    (["transformers", "AutoModel"], UnsupportedComponentError),
-    (["diffusers", "NotAClass"], UnsupportedComponentError),
-    (["diffusers"], ConfigError),
-])
+@pytest.mark.parametrize(
+    "entry, error",
+    [
+        (["os", "system"], UnsupportedComponentError),
+        (["transformers", "AutoModel"], UnsupportedComponentError),
+        (["diffusers", "NotAClass"], UnsupportedComponentError),
+        (["diffusers"], ConfigError),
+    ],
+)
 def test_model_index_outside_the_allow_list_is_refused(sd_copy, entry, error):
     edit_index(sd_copy, vae=entry)
     with pytest.raises(error) as err:
@@ -200,7 +210,8 @@ def test_partial_variant_falls_back_per_component(sd_copy, caplog):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         diffusers.UNet2DConditionModel.from_pretrained(sd_copy / "unet").half().save_pretrained(
-            sd_copy / "unet", variant="fp16")
+            sd_copy / "unet", variant="fp16"
+        )
     caplog.set_level(logging.WARNING)
     pipe = DiffusionPipeline.from_pretrained(sd_copy, variant="fp16")
     assert pipe.loading_report.files["unet"][-1].endswith("diffusion_pytorch_model.fp16.safetensors")
@@ -251,16 +262,24 @@ def test_from_pipe_images_equal_a_fresh_load(sd_folder):
     via_pipe = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
     fresh = StableDiffusionImg2ImgPipeline.from_pretrained(sd_folder)
     kwargs = dict(image=image, strength=0.6)
-    a, b = (p.set_progress_bar_config(disable=True) or p("a cat", num_inference_steps=3, output_type="np",
-            generator=torch.Generator().manual_seed(3), **kwargs).images for p in (via_pipe, fresh))
+    a, b = (
+        p.set_progress_bar_config(disable=True)
+        or p(
+            "a cat", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(3), **kwargs
+        ).images
+        for p in (via_pipe, fresh)
+    )
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("auto, cls", [
-    (AutoPipelineForText2Image, StableDiffusionPipeline),
-    (AutoPipelineForImage2Image, StableDiffusionImg2ImgPipeline),
-    (AutoPipelineForInpainting, StableDiffusionInpaintPipeline),
-])
+@pytest.mark.parametrize(
+    "auto, cls",
+    [
+        (AutoPipelineForText2Image, StableDiffusionPipeline),
+        (AutoPipelineForImage2Image, StableDiffusionImg2ImgPipeline),
+        (AutoPipelineForInpainting, StableDiffusionInpaintPipeline),
+    ],
+)
 def test_auto_pipelines(sd_folder, auto, cls):
     assert type(auto.from_pretrained(sd_folder)) is cls
     base = StableDiffusionImg2ImgPipeline.from_pretrained(sd_folder)
@@ -271,17 +290,20 @@ def test_auto_pipelines(sd_folder, auto, cls):
 
 
 # ------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(prompt="a", height=31, width=32), "divisible by 2"),
-    (dict(prompt="a", prompt_embeds=torch.zeros(1, 77, 32)), "either prompt= or prompt_embeds="),
-    (dict(), "pass prompt="),
-    (dict(prompt=["a", "b"], negative_prompt=["x"]), "negative_prompt has 1 entries"),
-    (dict(prompt="a", generator=[torch.Generator()] * 2), "2 generators for 1 images"),
-    (dict(prompt="a", output_type="jpeg"), "output_type"),
-    (dict(prompt=3), "prompt must be a string"),
-    (dict(prompt="a", num_images_per_prompt=0), "num_images_per_prompt"),
-    (dict(prompt="a", callback_on_step_end_tensor_inputs=["unet"]), "callback_on_step_end_tensor_inputs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt="a", height=31, width=32), "divisible by 2"),
+        (dict(prompt="a", prompt_embeds=torch.zeros(1, 77, 32)), "either prompt= or prompt_embeds="),
+        (dict(), "pass prompt="),
+        (dict(prompt=["a", "b"], negative_prompt=["x"]), "negative_prompt has 1 entries"),
+        (dict(prompt="a", generator=[torch.Generator()] * 2), "2 generators for 1 images"),
+        (dict(prompt="a", output_type="jpeg"), "output_type"),
+        (dict(prompt=3), "prompt must be a string"),
+        (dict(prompt="a", num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(prompt="a", callback_on_step_end_tensor_inputs=["unet"]), "callback_on_step_end_tensor_inputs"),
+    ],
+)
 def test_bad_text_to_image_input_fails_before_any_model_runs(sd_folder, kwargs, message, monkeypatch):
     pipe = StableDiffusionPipeline.from_pretrained(sd_folder)
     monkeypatch.setattr(pipe.unet, "forward", lambda *a, **k: pytest.fail("the UNet ran"))
@@ -290,12 +312,15 @@ def test_bad_text_to_image_input_fails_before_any_model_runs(sd_folder, kwargs, 
         pipe(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(strength=1.5), "strength must be between 0 and 1"),
-    (dict(strength=-0.1), "strength must be between 0 and 1"),
-    (dict(image="not an image"), "must be a PIL.Image"),
-    (dict(image=None), "needs image="),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(strength=1.5), "strength must be between 0 and 1"),
+        (dict(strength=-0.1), "strength must be between 0 and 1"),
+        (dict(image="not an image"), "must be a PIL.Image"),
+        (dict(image=None), "needs image="),
+    ],
+)
 def test_bad_image_to_image_input(sd_folder, kwargs, message, monkeypatch):
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(sd_folder)
     monkeypatch.setattr(pipe.unet, "forward", lambda *a, **k: pytest.fail("the UNet ran"))

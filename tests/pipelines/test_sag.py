@@ -62,14 +62,17 @@ def processors(unet) -> dict[str, int]:
     return {k: id(v) for k, v in unet.attn_processors.items()}
 
 
-@pytest.mark.parametrize("scheduler, guidance_scale, config", [
-    ("DDIMScheduler", 7.5, {}),
-    ("DDIMScheduler", 1.0, {}),
-    ("PNDMScheduler", 7.5, {}),
-    ("PNDMScheduler", 1.0, {}),
-    ("DPMSolverMultistepScheduler", 7.5, {}),
-    ("DDIMScheduler", 5.0, {"prediction_type": "v_prediction"}),
-])
+@pytest.mark.parametrize(
+    "scheduler, guidance_scale, config",
+    [
+        ("DDIMScheduler", 7.5, {}),
+        ("DDIMScheduler", 1.0, {}),
+        ("PNDMScheduler", 7.5, {}),
+        ("PNDMScheduler", 1.0, {}),
+        ("DPMSolverMultistepScheduler", 7.5, {}),
+        ("DDIMScheduler", 5.0, {"prediction_type": "v_prediction"}),
+    ],
+)
 def test_parity_with_the_reference(pipes, scheduler, guidance_scale, config, monkeypatch):
     import diffusers
 
@@ -113,9 +116,20 @@ def test_from_pipe_shares_weights_and_leaves_the_sd_pipeline_unchanged(folder):
     assert storages(sd, pipe) == own  # zero added parameter bytes
     assert sum(own.values()) > 0
     seen = []
-    pipe(generator=seeded(), guidance_scale=1.0, sag_scale=0.75, **ARGS,
-         callback_on_step_end=lambda p, i, t, k: seen.append(isinstance(
-             p.unet.mid_block.attentions[0].transformer_blocks[0].attn1.processor, sag.AttentionMapCapture)) or {})
+    pipe(
+        generator=seeded(),
+        guidance_scale=1.0,
+        sag_scale=0.75,
+        **ARGS,
+        callback_on_step_end=lambda p, i, t, k: (
+            seen.append(
+                isinstance(
+                    p.unet.mid_block.attentions[0].transformer_blocks[0].attn1.processor, sag.AttentionMapCapture
+                )
+            )
+            or {}
+        ),
+    )
     assert seen and all(seen)  # the capture ran during the call ...
     assert processors(sd.unet) == before_processors  # ... and is gone afterwards
     assert not sd.unet.mid_block.attentions[0]._forward_pre_hooks
@@ -175,13 +189,16 @@ def test_unet_without_mid_block_attention_is_refused(folder):
         pipe(**ARGS)
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(ip_adapter_image=np.zeros((8, 8, 3))), ValueError, "needs an IP-Adapter, and none is loaded"),
-    (dict(ip_adapter_image_embeds=[torch.zeros(1, 1, 4)]), ValueError, "needs an IP-Adapter, and none is loaded"),
-    (dict(sag_scale="high"), TypeError, "sag_scale must be a number"),
-    (dict(callback=print, callback_steps=0), ValueError, "callback_steps"),
-    (dict(height=31), ValueError, "divisible"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(ip_adapter_image=np.zeros((8, 8, 3))), ValueError, "needs an IP-Adapter, and none is loaded"),
+        (dict(ip_adapter_image_embeds=[torch.zeros(1, 1, 4)]), ValueError, "needs an IP-Adapter, and none is loaded"),
+        (dict(sag_scale="high"), TypeError, "sag_scale must be a number"),
+        (dict(callback=print, callback_steps=0), ValueError, "callback_steps"),
+        (dict(height=31), ValueError, "divisible"),
+    ],
+)
 def test_bad_input_fails_before_any_model_runs(pipes, kwargs, error, message, monkeypatch):
     *_, ours = pipes
     monkeypatch.setattr(ours.unet, "forward", lambda *a, **k: pytest.fail("the UNet ran"))

@@ -27,8 +27,9 @@ def folders(tmp_path_factory):
         "sd": save_reference_pipeline(root / "sd"),
         "flagged": save_reference_pipeline(root / "flagged", flag_everything=True, seed=1),
         "nosafety": save_reference_pipeline(root / "nosafety", safety_checker=False, seed=2),
-        "inpaint9": save_reference_pipeline(root / "inpaint9", task="StableDiffusionInpaintPipeline",
-                                            in_channels=9, safety_checker=False, seed=3),
+        "inpaint9": save_reference_pipeline(
+            root / "inpaint9", task="StableDiffusionInpaintPipeline", in_channels=9, safety_checker=False, seed=3
+        ),
         "legacy": save_reference_pipeline(root / "legacy", legacy=True, seed=4),
     }
 
@@ -51,7 +52,9 @@ def load_both(folder, task: str, scheduler: str | None = None):
 def run_both(ref, ours, seed=0, generator_list=False, **kwargs):
     def gen():
         if generator_list:
-            n = kwargs.get("num_images_per_prompt", 1) * (len(kwargs["prompt"]) if isinstance(kwargs.get("prompt"), list) else 1)
+            n = kwargs.get("num_images_per_prompt", 1) * (
+                len(kwargs["prompt"]) if isinstance(kwargs.get("prompt"), list) else 1
+            )
             return [torch.Generator().manual_seed(seed + i) for i in range(n)]
         return torch.Generator().manual_seed(seed)
 
@@ -107,8 +110,7 @@ def test_text_to_image(folders, kind, scheduler):
 @pytest.mark.parametrize("kind", ["sd", "nosafety"])
 def test_image_to_image(folders, kind, scheduler):
     ref, ours = load_both(folders[kind], "StableDiffusionImg2ImgPipeline", scheduler)
-    expected, got = run_both(ref, ours, prompt="a red dog", image=an_image(), strength=0.7,
-                             num_inference_steps=4)
+    expected, got = run_both(ref, ours, prompt="a red dog", image=an_image(), strength=0.7, num_inference_steps=4)
     assert_close(expected, got)
 
 
@@ -117,17 +119,33 @@ def test_image_to_image(folders, kind, scheduler):
 def test_inpainting(folders, kind, scheduler):
     ref, ours = load_both(folders[kind], "StableDiffusionInpaintPipeline", scheduler)
     for strength in (1.0, 0.75):
-        expected, got = run_both(ref, ours, prompt="a blue cat", image=an_image(), mask_image=a_mask(),
-                                 strength=strength, num_inference_steps=4, **SIZE)
+        expected, got = run_both(
+            ref,
+            ours,
+            prompt="a blue cat",
+            image=an_image(),
+            mask_image=a_mask(),
+            strength=strength,
+            num_inference_steps=4,
+            **SIZE,
+        )
         assert_close(expected, got)
 
 
 def test_batch_options(folders):
     ref, ours = load_both(folders["nosafety"], "StableDiffusionPipeline", "DDIMScheduler")
     expected, got = run_both(
-        ref, ours, prompt=["a photo of a cat", "a red dog"], negative_prompt=["blue", "jungle"],
-        num_images_per_prompt=2, num_inference_steps=3, guidance_scale=5.0, guidance_rescale=0.7,
-        eta=0.5, generator_list=True, **SIZE,
+        ref,
+        ours,
+        prompt=["a photo of a cat", "a red dog"],
+        negative_prompt=["blue", "jungle"],
+        num_images_per_prompt=2,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        guidance_rescale=0.7,
+        eta=0.5,
+        generator_list=True,
+        **SIZE,
     )
     assert_close(expected, got)
 
@@ -154,15 +172,24 @@ def test_guidance_off_and_given_embeddings_and_latents(folders):
     embeds = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(5))
     negative = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(6))
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
-    expected, got = run_both(ref, ours, prompt_embeds=embeds, negative_prompt_embeds=negative, latents=latents,
-                             num_inference_steps=2, **SIZE)
+    expected, got = run_both(
+        ref, ours, prompt_embeds=embeds, negative_prompt_embeds=negative, latents=latents, num_inference_steps=2, **SIZE
+    )
     assert_close(expected, got)
 
 
 def test_img2img_with_generator_list_and_several_images(folders):
     ref, ours = load_both(folders["nosafety"], "StableDiffusionImg2ImgPipeline", "DDIMScheduler")
-    expected, got = run_both(ref, ours, prompt="a jungle", image=an_image(), num_images_per_prompt=2,
-                             strength=0.5, num_inference_steps=4, generator_list=True)
+    expected, got = run_both(
+        ref,
+        ours,
+        prompt="a jungle",
+        image=an_image(),
+        num_images_per_prompt=2,
+        strength=0.5,
+        num_inference_steps=4,
+        generator_list=True,
+    )
     assert_close(expected, got)
 
 
@@ -197,8 +224,13 @@ def test_callback_on_step_end_can_replace_latents(folders):
         seen.append((i, sorted(tensors)))
         return {"latents": tensors["latents"] * 0.5}
 
-    kwargs = dict(prompt="a cat", num_inference_steps=3, callback_on_step_end=halve,
-                  callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], **SIZE)
+    kwargs = dict(
+        prompt="a cat",
+        num_inference_steps=3,
+        callback_on_step_end=halve,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+        **SIZE,
+    )
     expected, got = run_both(ref, ours, **kwargs)
     assert_close(expected, got)
     half = len(seen) // 2  # the reference's calls, then ours: the same steps with the same tensors
@@ -213,7 +245,6 @@ def test_legacy_unet_sample_size_gets_the_references_default_size(folders):
     assert ours.unet.config.sample_size == ref.unet.config.sample_size == 64
 
 
-
 def test_a_unet_built_in_code_keeps_its_sample_size_as_in_the_reference(folders, caplog):
     """No version recorded (a model constructed, not loaded): the reference leaves sample_size alone,
     so the default image size follows it; a mended 64 would change every default-size image."""
@@ -223,13 +254,18 @@ def test_a_unet_built_in_code_keeps_its_sample_size_as_in_the_reference(folders,
         warnings.simplefilter("ignore")
         ref_loaded = diffusers.StableDiffusionPipeline.from_pretrained(folders["nosafety"])
     ours_loaded = diffpipe.StableDiffusionPipeline.from_pretrained(folders["nosafety"])
-    ref_unet = diffusers.UNet2DConditionModel(**{k: v for k, v in ref_loaded.unet.config.items() if not k.startswith("_")})
-    ours_unet = diffpipe.UNet2DConditionModel(**{k: v for k, v in ours_loaded.unet.config.items() if not k.startswith("_")})
+    ref_unet = diffusers.UNet2DConditionModel(
+        **{k: v for k, v in ref_loaded.unet.config.items() if not k.startswith("_")}
+    )
+    ours_unet = diffpipe.UNet2DConditionModel(
+        **{k: v for k, v in ours_loaded.unet.config.items() if not k.startswith("_")}
+    )
     assert ours_unet.config.sample_size == ref_unet.config.sample_size < 64
     ref = diffusers.StableDiffusionPipeline(**{**ref_loaded.components, "unet": ref_unet})
     ours = diffpipe.StableDiffusionPipeline(**{**ours_loaded.components, "unet": ours_unet})
     assert ours.unet.config.sample_size == ref.unet.config.sample_size == ours_loaded.unet.config.sample_size
     assert "an old value" not in caplog.text
+
 
 def test_bfloat16_on_cpu_end_to_end(folders):
     """bf16 on the CPU: runs end to end, stays close to our fp32 image (PSNR >= 30 dB) and to the
@@ -241,8 +277,14 @@ def test_bfloat16_on_cpu_end_to_end(folders):
             warnings.simplefilter("ignore")
             pipe = lib.StableDiffusionPipeline.from_pretrained(folders["nosafety"], torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
-        return pipe("a photo of a cat", num_inference_steps=6, output_type="np", height=32, width=32,
-                    generator=torch.Generator().manual_seed(0)).images.astype(np.float64)
+        return pipe(
+            "a photo of a cat",
+            num_inference_steps=6,
+            output_type="np",
+            height=32,
+            width=32,
+            generator=torch.Generator().manual_seed(0),
+        ).images.astype(np.float64)
 
     ours_bf16 = generate(diffpipe, torch.bfloat16)
     ours_fp32 = generate(diffpipe, torch.float32)

@@ -31,8 +31,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl-parity")
     return {
         "xl": save_reference_sdxl(root / "xl"),
-        "refiner": save_reference_sdxl(root / "refiner", task="StableDiffusionXLImg2ImgPipeline", refiner=True,
-                                       seed=1),
+        "refiner": save_reference_sdxl(root / "refiner", task="StableDiffusionXLImg2ImgPipeline", refiner=True, seed=1),
         "stats": save_reference_sdxl(root / "stats", latents_stats=True, seed=2),
     }
 
@@ -89,16 +88,36 @@ def test_text_to_image(folders, scheduler):
 def test_two_prompts_negatives_and_several_images(folders):
     ref, ours = load_both(folders["xl"], "StableDiffusionXLPipeline", "DDIMScheduler")
     expected, got = run_both(
-        ref, ours, prompt=["a photo of a cat", "a red dog"], prompt_2=["in a jungle", "blue"],
-        negative_prompt=["blue", "jungle"], negative_prompt_2="a cat", num_images_per_prompt=2,
-        num_inference_steps=3, guidance_scale=6.0, guidance_rescale=0.5, eta=0.3, generator_list=4, **SIZE)
+        ref,
+        ours,
+        prompt=["a photo of a cat", "a red dog"],
+        prompt_2=["in a jungle", "blue"],
+        negative_prompt=["blue", "jungle"],
+        negative_prompt_2="a cat",
+        num_images_per_prompt=2,
+        num_inference_steps=3,
+        guidance_scale=6.0,
+        guidance_rescale=0.5,
+        eta=0.3,
+        generator_list=4,
+        **SIZE,
+    )
     assert got.shape[0] == 4
     assert_close(expected, got)
     # prompt_2 does reach the second encoder
-    alone = ours(prompt=["a photo of a cat", "a red dog"], negative_prompt=["blue", "jungle"],
-                 negative_prompt_2="a cat", num_images_per_prompt=2, num_inference_steps=3, guidance_scale=6.0,
-                 guidance_rescale=0.5, eta=0.3, output_type="np",
-                 generator=[torch.Generator().manual_seed(i) for i in range(4)], **SIZE).images
+    alone = ours(
+        prompt=["a photo of a cat", "a red dog"],
+        negative_prompt=["blue", "jungle"],
+        negative_prompt_2="a cat",
+        num_images_per_prompt=2,
+        num_inference_steps=3,
+        guidance_scale=6.0,
+        guidance_rescale=0.5,
+        eta=0.3,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(i) for i in range(4)],
+        **SIZE,
+    ).images
     assert np.abs(alone - got).max() > 1e-3
 
 
@@ -111,13 +130,22 @@ def test_force_zeros_for_empty_prompt_off_and_guidance_off(folders):
 
 def test_micro_conditioning_sizes_and_crops(folders):
     ref, ours = load_both(folders["xl"], "StableDiffusionXLPipeline")
-    kwargs = dict(prompt="a cat", num_inference_steps=2, original_size=(64, 48), crops_coords_top_left=(4, 8),
-                  target_size=(32, 40), negative_original_size=(16, 16), negative_crops_coords_top_left=(2, 0),
-                  negative_target_size=(24, 24), **SIZE)
+    kwargs = dict(
+        prompt="a cat",
+        num_inference_steps=2,
+        original_size=(64, 48),
+        crops_coords_top_left=(4, 8),
+        target_size=(32, 40),
+        negative_original_size=(16, 16),
+        negative_crops_coords_top_left=(2, 0),
+        negative_target_size=(24, 24),
+        **SIZE,
+    )
     expected, got = run_both(ref, ours, **kwargs)
     assert_close(expected, got)
-    plain = ours(generator=torch.Generator().manual_seed(0), output_type="np", prompt="a cat",
-                 num_inference_steps=2, **SIZE).images
+    plain = ours(
+        generator=torch.Generator().manual_seed(0), output_type="np", prompt="a cat", num_inference_steps=2, **SIZE
+    ).images
     assert np.abs(plain - got).max() > 1e-3  # the ids do condition the UNet
 
 
@@ -125,31 +153,72 @@ def test_given_embeddings_and_latents(folders):
     ref, ours = load_both(folders["xl"], "StableDiffusionXLPipeline")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = ref.encode_prompt("a red dog", prompt_2="a blue cat", device=torch.device("cpu"),
-                                     num_images_per_prompt=2, negative_prompt="jungle", clip_skip=1)
-    got = ours.encode_prompt("a red dog", prompt_2="a blue cat", device=torch.device("cpu"), num_images_per_prompt=2,
-                             negative_prompt="jungle", clip_skip=1)
+        expected = ref.encode_prompt(
+            "a red dog",
+            prompt_2="a blue cat",
+            device=torch.device("cpu"),
+            num_images_per_prompt=2,
+            negative_prompt="jungle",
+            clip_skip=1,
+        )
+    got = ours.encode_prompt(
+        "a red dog",
+        prompt_2="a blue cat",
+        device=torch.device("cpu"),
+        num_images_per_prompt=2,
+        negative_prompt="jungle",
+        clip_skip=1,
+    )
     assert len(got) == 4
     for e, g in zip(expected, got):
         assert g.shape == e.shape and torch.allclose(g, e, atol=1e-5)
     embeds, negative, pooled, negative_pooled = (t[:1] for t in got)
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
-    assert_close(*run_both(ref, ours, prompt_embeds=embeds, negative_prompt_embeds=negative,
-                           pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled,
-                           latents=latents, num_inference_steps=2, **SIZE))
+    assert_close(
+        *run_both(
+            ref,
+            ours,
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+            pooled_prompt_embeds=pooled,
+            negative_pooled_prompt_embeds=negative_pooled,
+            latents=latents,
+            num_inference_steps=2,
+            **SIZE,
+        )
+    )
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_image_to_image(folders, scheduler):
     ref, ours = load_both(folders["xl"], "StableDiffusionXLImg2ImgPipeline", scheduler)
-    assert_close(*run_both(ref, ours, prompt="a red dog", image=an_image(), strength=0.6, num_inference_steps=4,
-                           crops_coords_top_left=(2, 2)))
+    assert_close(
+        *run_both(
+            ref,
+            ours,
+            prompt="a red dog",
+            image=an_image(),
+            strength=0.6,
+            num_inference_steps=4,
+            crops_coords_top_left=(2, 2),
+        )
+    )
 
 
 def test_image_to_image_batch_with_generator_list(folders):
     ref, ours = load_both(folders["xl"], "StableDiffusionXLImg2ImgPipeline", "DDIMScheduler")
-    assert_close(*run_both(ref, ours, prompt=["a jungle", "a cat"], image=an_image(), num_images_per_prompt=2,
-                           strength=0.5, num_inference_steps=4, generator_list=4))
+    assert_close(
+        *run_both(
+            ref,
+            ours,
+            prompt=["a jungle", "a cat"],
+            image=an_image(),
+            num_images_per_prompt=2,
+            strength=0.5,
+            num_inference_steps=4,
+            generator_list=4,
+        )
+    )
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
@@ -157,12 +226,21 @@ def test_base_then_refiner_with_denoising_end_and_start(folders, scheduler):
     base_ref, base = load_both(folders["xl"], "StableDiffusionXLPipeline", scheduler)
     refiner_ref, refiner = load_both(folders["refiner"], "StableDiffusionXLImg2ImgPipeline", scheduler)
     assert refiner.text_encoder is None and refiner.config.requires_aesthetics_score is True
-    expected, got = run_both(base_ref, base, prompt="a lion", num_inference_steps=6, denoising_end=0.6,
-                             output_type="latent", **SIZE)
+    expected, got = run_both(
+        base_ref, base, prompt="a lion", num_inference_steps=6, denoising_end=0.6, output_type="latent", **SIZE
+    )
     assert (got - expected).abs().max() <= 1e-4
     assert base.num_timesteps < len(base.scheduler.timesteps)  # it stopped early
-    expected, got = run_both(refiner_ref, refiner, prompt="a lion", image=got, num_inference_steps=6,
-                             denoising_start=0.6, aesthetic_score=7.0, negative_aesthetic_score=2.0)
+    expected, got = run_both(
+        refiner_ref,
+        refiner,
+        prompt="a lion",
+        image=got,
+        num_inference_steps=6,
+        denoising_start=0.6,
+        aesthetic_score=7.0,
+        negative_aesthetic_score=2.0,
+    )
     assert_close(expected, got)
 
 
@@ -170,15 +248,23 @@ def test_refiner_alone_with_aesthetic_score(folders):
     ref, ours = load_both(folders["refiner"], "StableDiffusionXLImg2ImgPipeline")
     expected, got = run_both(ref, ours, prompt="a lion", image=an_image(), strength=0.7, num_inference_steps=4)
     assert_close(expected, got)
-    other = ours(prompt="a lion", image=an_image(), strength=0.7, num_inference_steps=4, aesthetic_score=1.0,
-                 output_type="np", generator=torch.Generator().manual_seed(0)).images
+    other = ours(
+        prompt="a lion",
+        image=an_image(),
+        strength=0.7,
+        num_inference_steps=4,
+        aesthetic_score=1.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert np.abs(other - got).max() > 1e-3  # the score conditions the UNet
 
 
 def test_img2img_denoising_end_and_latents_input(folders):
     ref, ours = load_both(folders["xl"], "StableDiffusionXLImg2ImgPipeline")
-    assert_close(*run_both(ref, ours, prompt="a cat", image=an_image(), strength=0.9, num_inference_steps=5,
-                           denoising_end=0.5))
+    assert_close(
+        *run_both(ref, ours, prompt="a cat", image=an_image(), strength=0.9, num_inference_steps=5, denoising_end=0.5)
+    )
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     assert_close(*run_both(ref, ours, prompt="a cat", image=latents, strength=0.5, num_inference_steps=4))
 
@@ -198,9 +284,13 @@ def test_callback_sees_and_replaces_sdxl_tensors(folders):
         seen.append((i, sorted(tensors), tuple(tensors["add_time_ids"].shape)))
         return {"latents": tensors["latents"] * 0.9, "add_time_ids": tensors["add_time_ids"] + 1.0}
 
-    kwargs = dict(prompt="a cat", num_inference_steps=3, callback_on_step_end=edit,
-                  callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"],
-                  **SIZE)
+    kwargs = dict(
+        prompt="a cat",
+        num_inference_steps=3,
+        callback_on_step_end=edit,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"],
+        **SIZE,
+    )
     assert_close(*run_both(ref, ours, **kwargs))
     half = len(seen) // 2
     assert half == 3 and seen[:half] == seen[half:]
@@ -223,8 +313,14 @@ def test_our_save_loads_in_the_reference_with_the_same_images(folders, tmp_path)
 
 # ---------------------------------------------------------------------------------------- AutoPipeline
 def test_auto_pipelines_and_from_pipe(folders):
-    from diffpipe import (AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image,
-                          DiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
+    from diffpipe import (
+        AutoPipelineForImage2Image,
+        AutoPipelineForInpainting,
+        AutoPipelineForText2Image,
+        DiffusionPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     generic = DiffusionPipeline.from_pretrained(folders["xl"])
     assert type(generic) is StableDiffusionXLPipeline
@@ -310,8 +406,11 @@ def test_watermark_through_an_installed_package(folders, monkeypatch):
     pipe = diffpipe.StableDiffusionXLPipeline.from_pretrained(folders["xl"])  # default: on when installed
     assert pipe.watermark is not None
     bits = calls[0][1]
-    assert calls[0][0] == "bits" and len(bits) == 48 and int("".join(map(str, bits)), 2) == \
-        0b101100111110110010010000011110111011000110011110
+    assert (
+        calls[0][0] == "bits"
+        and len(bits) == 48
+        and int("".join(map(str, bits)), 2) == 0b101100111110110010010000011110111011000110011110
+    )
     small = torch.full((1, 3, 32, 32), 0.5)
     assert pipe.watermark.apply(small) is small  # below 256 pixels: left alone
     image = torch.full((1, 3, 256, 256), -1.0)
@@ -349,11 +448,19 @@ def test_bad_input_is_rejected_before_the_unet_runs(folders):
         (pipe, dict(prompt=["a", "b"], negative_prompt_2=["x"]), ValueError, "negative_prompt_2 has 1 entries"),
         (pipe, dict(prompt="a", denoising_end=1.5), ValueError, "denoising_end"),
         (pipe, dict(prompt="a", original_size=(32, 32, 1)), ValueError, "added embedding of width"),
-        (pipe, dict(prompt="a", callback_on_step_end_tensor_inputs=["negative_prompt_embeds"]), ValueError,
-         "callback_on_step_end_tensor_inputs"),
+        (
+            pipe,
+            dict(prompt="a", callback_on_step_end_tensor_inputs=["negative_prompt_embeds"]),
+            ValueError,
+            "callback_on_step_end_tensor_inputs",
+        ),
         (i2i, dict(prompt="a"), ValueError, "needs image="),
-        (i2i, dict(prompt="a", image=an_image(), denoising_start=0.7, denoising_end=0.5), ValueError,
-         "must be below denoising_end"),
+        (
+            i2i,
+            dict(prompt="a", image=an_image(), denoising_start=0.7, denoising_end=0.5),
+            ValueError,
+            "must be below denoising_end",
+        ),
         (i2i, dict(prompt="a", image=an_image(), strength=1.5), ValueError, "strength"),
     ]
     with _NoUNet(pipe):
@@ -369,8 +476,9 @@ def test_bad_input_is_rejected_before_the_unet_runs(folders):
 def test_a_non_sdxl_unet_or_a_missing_encoder_is_named(folders, tmp_path):
     from sd_factory import save_reference_pipeline
 
-    sd = diffpipe.StableDiffusionPipeline.from_pretrained(save_reference_pipeline(tmp_path / "sd",
-                                                                                  safety_checker=False))
+    sd = diffpipe.StableDiffusionPipeline.from_pretrained(
+        save_reference_pipeline(tmp_path / "sd", safety_checker=False)
+    )
     pipe = diffpipe.StableDiffusionXLPipeline.from_pretrained(folders["xl"], unet=sd.unet)
     with pytest.raises(ValueError, match="addition_embed_type='text_time'"):
         pipe(prompt="a", num_inference_steps=1)
@@ -383,26 +491,53 @@ def test_a_non_sdxl_unet_or_a_missing_encoder_is_named(folders, tmp_path):
 
 # ---------------------------------------------------------------------------------------- full size
 SDXL_TEXT_ENCODER = {  # stabilityai/stable-diffusion-xl-base-1.0 text_encoder/config.json (CLIP ViT-L/14)
-    "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
-    "eos_token_id": 2, "hidden_act": "quick_gelu", "hidden_size": 768, "initializer_factor": 1.0,
-    "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
-    "model_type": "clip_text_model", "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 1,
-    "projection_dim": 768, "torch_dtype": "float16", "vocab_size": 49408,
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "torch_dtype": "float16",
+    "vocab_size": 49408,
 }
 SDXL_TEXT_ENCODER_2 = {  # text_encoder_2/config.json (OpenCLIP ViT-bigG/14 text tower, with projection)
-    "architectures": ["CLIPTextModelWithProjection"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
-    "eos_token_id": 2, "hidden_act": "gelu", "hidden_size": 1280, "initializer_factor": 1.0,
-    "initializer_range": 0.02, "intermediate_size": 5120, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
-    "model_type": "clip_text_model", "num_attention_heads": 20, "num_hidden_layers": 32, "pad_token_id": 1,
-    "projection_dim": 1280, "torch_dtype": "float16", "vocab_size": 49408,
+    "architectures": ["CLIPTextModelWithProjection"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 5120,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "pad_token_id": 1,
+    "projection_dim": 1280,
+    "torch_dtype": "float16",
+    "vocab_size": 49408,
 }
 
 
 def _meta_text_encoder(class_name: str, config: dict, how):
     import transformers
 
-    cfg = transformers.CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures",
-                                                                                       "torch_dtype")})
+    cfg = transformers.CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")})
     with torch.device("meta"):
         return how(class_name)(cfg)
 
@@ -421,7 +556,8 @@ def test_full_size_text_encoders_and_unet_wire_up_on_the_meta_device(tmp_path):
         name = config["architectures"][0]
         # our loader's class for the model_index entry, and the class the reference's pipeline names
         ours[slot] = _meta_text_encoder(
-            name, config, lambda n: loading.resolve("transformers", n, component=slot, where="test").cls)
+            name, config, lambda n: loading.resolve("transformers", n, component=slot, where="test").cls
+        )
         theirs[slot] = _meta_text_encoder(name, config, lambda n: ref_init[slot].annotation)
         mine = {k: tuple(v.shape) for k, v in ours[slot].state_dict().items()}
         ref = {k: tuple(v.shape) for k, v in theirs[slot].state_dict().items()}
@@ -435,9 +571,14 @@ def test_full_size_text_encoders_and_unet_wire_up_on_the_meta_device(tmp_path):
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET)
         ref_unet = diffusers.UNet2DConditionModel(**SDXL_UNET)
-        vae = diffpipe.AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=1024,
-                                     down_block_types=("DownEncoderBlock2D",) * 4,
-                                     up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)
+        vae = diffpipe.AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            latent_channels=4,
+            sample_size=1024,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+        )
     # the widths that have to agree: 768 + 1280 = cross-attention 2048; 1280 + 6 x 256 = 2816
     assert SDXL_TEXT_ENCODER["hidden_size"] + SDXL_TEXT_ENCODER_2["hidden_size"] == unet.config.cross_attention_dim
     assert unet.add_embedding.linear_1.in_features == ref_unet.add_embedding.linear_1.in_features == 2816
@@ -448,9 +589,15 @@ def test_full_size_text_encoders_and_unet_wire_up_on_the_meta_device(tmp_path):
     write_tokenizer(tmp_path / "tok")
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "tok")
     pipe = diffpipe.StableDiffusionXLPipeline(
-        vae=vae, text_encoder=ours["text_encoder"], text_encoder_2=ours["text_encoder_2"], tokenizer=tokenizer,
-        tokenizer_2=CLIPTokenizer.from_pretrained(tmp_path / "tok", pad_token="!"), unet=unet,
-        scheduler=diffpipe.EulerDiscreteScheduler(), add_watermarker=False)
+        vae=vae,
+        text_encoder=ours["text_encoder"],
+        text_encoder_2=ours["text_encoder_2"],
+        tokenizer=tokenizer,
+        tokenizer_2=CLIPTokenizer.from_pretrained(tmp_path / "tok", pad_token="!"),
+        unet=unet,
+        scheduler=diffpipe.EulerDiscreteScheduler(),
+        add_watermarker=False,
+    )
     meta = torch.device("meta")
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a cat", device=meta, negative_prompt="dog")
     assert tuple(embeds.shape) == tuple(negative.shape) == (1, 77, 2048)
@@ -460,8 +607,12 @@ def test_full_size_text_encoders_and_unet_wire_up_on_the_meta_device(tmp_path):
     expected = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])
     assert torch.equal(time_ids, expected)
     with torch.no_grad():
-        out = unet(torch.empty(1, 4, 128, 128, device=meta), torch.tensor([999]), encoder_hidden_states=embeds,
-                   added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.to(meta)}).sample
+        out = unet(
+            torch.empty(1, 4, 128, 128, device=meta),
+            torch.tensor([999]),
+            encoder_hidden_states=embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.to(meta)},
+        ).sample
     assert tuple(out.shape) == (1, 4, 128, 128)
 
 
@@ -493,15 +644,19 @@ def spec_repos(tmp_path_factory, _hub_endpoint):
 def test_spec_customize_sdxl_with_heun_and_an_fp16_vae(hub, spec_repos, hf_cache):
     from diffpipe import AutoencoderKL, HeunDiscreteScheduler, StableDiffusionXLPipeline
 
-    scheduler = HeunDiscreteScheduler.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0",
-                                                      subfolder="scheduler")
-    vae = AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix", torch_dtype=torch.float16,
-                                        use_safetensors=True)
+    scheduler = HeunDiscreteScheduler.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0", subfolder="scheduler")
+    vae = AutoencoderKL.from_pretrained(
+        "madebyollin/sdxl-vae-fp16-fix", torch_dtype=torch.float16, use_safetensors=True
+    )
     assert vae.dtype == torch.float16 and vae.config.force_upcast is False
     hub.clear_log()
     pipeline = StableDiffusionXLPipeline.from_pretrained(
-        "stabilityai/stable-diffusion-xl-base-1.0", scheduler=scheduler, vae=vae, torch_dtype=torch.float16,
-        variant="fp16", use_safetensors=True,
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        scheduler=scheduler,
+        vae=vae,
+        torch_dtype=torch.float16,
+        variant="fp16",
+        use_safetensors=True,
     )
     assert type(pipeline) is StableDiffusionXLPipeline
     assert pipeline.scheduler is scheduler and pipeline.vae is vae
@@ -510,10 +665,14 @@ def test_spec_customize_sdxl_with_heun_and_an_fp16_vae(hub, spec_repos, hf_cache
     fetched = hub.downloads(REPO)
     assert not any(f.startswith(("vae/", "scheduler/")) for f in fetched)  # overridden: never fetched
     weights = sorted(f for f in fetched if f.endswith((".safetensors", ".bin")))
-    assert weights == ["text_encoder/model.fp16.safetensors", "text_encoder_2/model.fp16.safetensors",
-                       "unet/diffusion_pytorch_model.fp16.safetensors"]
+    assert weights == [
+        "text_encoder/model.fp16.safetensors",
+        "text_encoder_2/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+    ]
     # one tiny step in float32 (float16 kernels are patchy on CPU)
     pipeline.to(torch.float32).set_progress_bar_config(disable=True)
-    image = pipeline("an astronaut", num_inference_steps=1, generator=torch.Generator().manual_seed(0),
-                     output_type="np", **SIZE).images
+    image = pipeline(
+        "an astronaut", num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="np", **SIZE
+    ).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()

@@ -99,8 +99,15 @@ def _run(pipe, seen=None):
         return kwargs
 
     pipe.set_progress_bar_config(disable=True)
-    return pipe("a photo of a cat", num_inference_steps=4, height=32, width=32, output_type="np",
-                generator=torch.Generator().manual_seed(0), callback_on_step_end=look).images.astype(np.float64)
+    return pipe(
+        "a photo of a cat",
+        num_inference_steps=4,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        callback_on_step_end=look,
+    ).images.astype(np.float64)
 
 
 def test_a_bf16_pipeline_upcasts_and_matches_the_references_bf16(folder, monkeypatch):
@@ -112,8 +119,14 @@ def test_a_bf16_pipeline_upcasts_and_matches_the_references_bf16(folder, monkeyp
     ours = diffpipe.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)
     for p in (ref, ours):
         p.set_progress_bar_config(disable=True)
-    reference = ref("a photo of a cat", num_inference_steps=4, height=32, width=32, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images.astype(np.float64)
+    reference = ref(
+        "a photo of a cat",
+        num_inference_steps=4,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images.astype(np.float64)
 
     monkeypatch.setenv("DIFFPIPE_CPU_FLOAT32_KERNELS", "0")  # PyTorch's bf16 kernels, as the reference
     seen: list[int] = []

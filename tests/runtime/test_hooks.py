@@ -41,8 +41,11 @@ def fingerprint(module: torch.nn.Module) -> dict:
     for path, m in module.named_modules():
         out[path] = (
             sorted(m.__dict__),
-            len(m._forward_hooks), len(m._forward_pre_hooks), len(m._forward_hooks_with_kwargs),
-            len(m._forward_pre_hooks_with_kwargs), sorted(m._modules),
+            len(m._forward_hooks),
+            len(m._forward_pre_hooks),
+            len(m._forward_hooks_with_kwargs),
+            len(m._forward_pre_hooks_with_kwargs),
+            sorted(m._modules),
             type(getattr(m, "processor", None)).__name__,
         )
     out["state"] = {k: v.clone() for k, v in module.state_dict().items()}

@@ -21,6 +21,7 @@ from diffpipe.registry import find_class
 from diffpipe.schedulers import SCHEDULERS
 
 import diffusers  # the oracle (test extra): missing, the module fails to load
+
 # the reference warns (deprecations, numpy 2 conversions) on nearly every call; none of it is ours
 pytestmark = pytest.mark.filterwarnings("ignore")
 logging.getLogger("diffusers").setLevel(logging.ERROR)

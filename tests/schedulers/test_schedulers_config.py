@@ -16,6 +16,7 @@ from diffpipe.registry import find_class
 from diffpipe.schedulers import SCHEDULERS
 
 import diffusers  # the oracle (test extra): missing, the module fails to load
+
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore")  # the reference's deprecation chatter
 

@@ -40,7 +40,9 @@ def test_alpha_bar_betas_equal_the_references(kind, n):
 
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
 def test_rescale_zero_terminal_snr_equals_the_references(schedule):
-    betas = schedules.make_betas("t", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule=schedule)
+    betas = schedules.make_betas(
+        "t", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule=schedule
+    )
     ours = schedules.rescale_zero_terminal_snr(betas)
     ref = scheduling_ddpm.rescale_zero_terminal_snr(betas.clone())
     assert torch.equal(ours, ref)

@@ -39,11 +39,13 @@ def safetensors_files(draw) -> bytes:
     if kind == "raw":
         return draw(st.binary(max_size=300))
     if kind == "json":  # a well-formed length and any JSON value as the header
-        value = draw(st.recursive(
-            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-            max_leaves=12,
-        ))
+        value = draw(
+            st.recursive(
+                st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                max_leaves=12,
+            )
+        )
         raw = json.dumps(value).encode()
         return struct.pack("<Q", len(raw)) + raw + draw(st.binary(max_size=64))
     # start from TinyModel's own tensors (so some files load and reach the model) and break things
@@ -68,7 +70,9 @@ def safetensors_files(draw) -> bytes:
         entries[name] = {"dtype": code, "shape": list(shape), "data_offsets": [start, end]}
         position = max(position, end)
     if draw(st.integers(0, 3)) == 0:
-        entries["__metadata__"] = draw(st.dictionaries(st.text(max_size=5), st.text(max_size=5) | st.integers(), max_size=2))
+        entries["__metadata__"] = draw(
+            st.dictionaries(st.text(max_size=5), st.text(max_size=5) | st.integers(), max_size=2)
+        )
     raw = json.dumps(entries).encode()
     if draw(st.integers(0, 12)) == 0 and len(raw) > 2:  # a duplicate or broken header text
         cut = draw(st.integers(1, len(raw) - 1))
@@ -122,10 +126,37 @@ def test_fuzz_safetensors_header_and_layout(model_folder):
 
 # ------------------------------------------------------------------------------ model_index.json
 LIBRARIES = ["diffusers", "transformers", "stable_diffusion", "os", "subprocess", "../diffusers", "", None, 3]
-CLASSES = ["UNet2DConditionModel", "AutoencoderKL", "PNDMScheduler", "CLIPTextModel", "CLIPTokenizer",
-           "StableDiffusionPipeline", "AutoModel", "system", "../x", "", None, []]
-SLOTS = ["unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor",
-         "image_encoder", "requires_safety_checker", "_class_name", "_diffusers_version", "../x", "a/b", "/etc", ""]
+CLASSES = [
+    "UNet2DConditionModel",
+    "AutoencoderKL",
+    "PNDMScheduler",
+    "CLIPTextModel",
+    "CLIPTokenizer",
+    "StableDiffusionPipeline",
+    "AutoModel",
+    "system",
+    "../x",
+    "",
+    None,
+    [],
+]
+SLOTS = [
+    "unet",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "scheduler",
+    "safety_checker",
+    "feature_extractor",
+    "image_encoder",
+    "requires_safety_checker",
+    "_class_name",
+    "_diffusers_version",
+    "../x",
+    "a/b",
+    "/etc",
+    "",
+]
 VALUES = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
 
 
@@ -135,11 +166,20 @@ def model_indexes(draw) -> bytes:
     if kind == "raw":
         return draw(st.binary(max_size=200))
     if kind == "json":
-        return json.dumps(draw(st.recursive(VALUES, lambda inner: st.lists(inner, max_size=3)
-                                            | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-                                            max_leaves=10))).encode()
-    entry = st.tuples(st.sampled_from(LIBRARIES), st.sampled_from(CLASSES)).map(list) | VALUES \
+        return json.dumps(
+            draw(
+                st.recursive(
+                    VALUES,
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=10,
+                )
+            )
+        ).encode()
+    entry = (
+        st.tuples(st.sampled_from(LIBRARIES), st.sampled_from(CLASSES)).map(list)
+        | VALUES
         | st.lists(st.sampled_from(LIBRARIES), max_size=3)
+    )
     index = draw(st.dictionaries(st.sampled_from(SLOTS) | st.text(max_size=6), entry, max_size=9))
     if draw(st.booleans()):
         index["_class_name"] = draw(st.sampled_from(CLASSES + [["pipeline", "Custom"], "DiffusionPipeline"]))
@@ -151,8 +191,9 @@ def pipeline_folder(tmp_path_factory):
     """A folder with model_index.json and a few real component files (a scheduler, a tiny model)."""
     folder = tmp_path_factory.mktemp("fuzz-pipeline")
     (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "PNDMScheduler", "skip_prk_steps": True}))
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "PNDMScheduler", "skip_prk_steps": True})
+    )
     tiny_model().save_pretrained(folder / "unet")
     (folder / "vae").mkdir()
     return folder
@@ -171,9 +212,11 @@ def test_fuzz_model_index(pipeline_folder, cls):
     @example(data=b'{"unet": ["os", "system"]}')
     # an unknown class in a slot the class needs: random draws reach this refusal for
     # StableDiffusionPipeline in about 1 of 200 examples, so the count of kinds below was flaky
-    @example(data=b'{"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "NoSuchModel"], '
-                  b'"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"], '
-                  b'"scheduler": ["diffusers", "PNDMScheduler"]}')
+    @example(
+        data=b'{"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "NoSuchModel"], '
+        b'"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"], '
+        b'"scheduler": ["diffusers", "PNDMScheduler"]}'
+    )
     @example(data=b'{"../x": ["diffusers", "AutoencoderKL"]}')
     @example(data=b'{"_class_name": ["pipeline", "Custom"], "unet": ["diffusers", "UNet2DConditionModel"]}')
     def check(data):

@@ -59,32 +59,45 @@ def run(pipe, **kwargs):
     pipe.set_progress_bar_config(disable=True)
     with one_thread(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pipe("a photo of a cat", num_inference_steps=2, height=32, width=32, output_type="np",
-                    generator=torch.Generator().manual_seed(0), **kwargs).images
+        return pipe(
+            "a photo of a cat",
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        ).images
 
 
 # ------------------------------------------------------------- 10. missing or invalid files
-@pytest.mark.parametrize("content, fragment", [
-    (b"{oops", "not valid JSON"),
-    (b"\xff\xfe{}", "not valid JSON"),
-    (b"[1, 2]", "holds a JSON list"),
-    (b"[" * 50_000 + b"]" * 50_000, "not valid JSON"),
-    (b'{"_class_name": ' + b"7" * 5000 + b"}", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"{oops", "not valid JSON"),
+        (b"\xff\xfe{}", "not valid JSON"),
+        (b"[1, 2]", "holds a JSON list"),
+        (b"[" * 50_000 + b"]" * 50_000, "not valid JSON"),
+        (b'{"_class_name": ' + b"7" * 5000 + b"}", "not valid JSON"),
+    ],
+)
 def test_invalid_model_index_is_a_config_error_naming_it(sd_copy, content, fragment):
     (sd_copy / "model_index.json").write_bytes(content)
     message = load_error(sd_copy, ConfigError)
     assert fragment in message and str(sd_copy) in message and "model_index.json" in message
 
 
-@pytest.mark.parametrize("path, content, error, fragment", [
-    ("unet/config.json", None, ConfigError, "unet/config.json"),
-    ("vae/config.json", b"{oops", ConfigError, "vae/config.json"),
-    ("vae/config.json", b"[]", ConfigError, "vae/config.json"),
-    ("text_encoder/config.json", None, ConfigError, "text_encoder/config.json"),
-    ("text_encoder/config.json", b"{oops", CheckpointNotFoundError, "text_encoder"),
-    ("scheduler/scheduler_config.json", b"\xff\xfe", ConfigError, "scheduler/scheduler_config.json"),
-])
+@pytest.mark.parametrize(
+    "path, content, error, fragment",
+    [
+        ("unet/config.json", None, ConfigError, "unet/config.json"),
+        ("vae/config.json", b"{oops", ConfigError, "vae/config.json"),
+        ("vae/config.json", b"[]", ConfigError, "vae/config.json"),
+        ("text_encoder/config.json", None, ConfigError, "text_encoder/config.json"),
+        ("text_encoder/config.json", b"{oops", CheckpointNotFoundError, "text_encoder"),
+        ("scheduler/scheduler_config.json", b"\xff\xfe", ConfigError, "scheduler/scheduler_config.json"),
+    ],
+)
 def test_missing_or_invalid_component_config_names_component_and_file(sd_copy, path, content, error, fragment):
     if content is None:
         (sd_copy / path).unlink()
@@ -129,13 +142,16 @@ def test_a_hub_repo_naming_a_foreign_library_is_refused_before_any_download(hub,
 
 
 # ----------------------------------------------------------------- 15. the wrong class for a slot
-@pytest.mark.parametrize("slot, entry, files_from", [
-    ("unet", ["diffusers", "AutoencoderKL"], "vae"),
-    ("scheduler", ["diffusers", "UNet2DConditionModel"], "unet"),
-    ("tokenizer", ["diffusers", "DDIMScheduler"], "scheduler"),
-    ("safety_checker", ["transformers", "CLIPTextModel"], "text_encoder"),
-    ("text_encoder", ["transformers", "CLIPTokenizer"], "tokenizer"),
-])
+@pytest.mark.parametrize(
+    "slot, entry, files_from",
+    [
+        ("unet", ["diffusers", "AutoencoderKL"], "vae"),
+        ("scheduler", ["diffusers", "UNet2DConditionModel"], "unet"),
+        ("tokenizer", ["diffusers", "DDIMScheduler"], "scheduler"),
+        ("safety_checker", ["transformers", "CLIPTextModel"], "text_encoder"),
+        ("text_encoder", ["transformers", "CLIPTokenizer"], "tokenizer"),
+    ],
+)
 def test_a_component_of_the_wrong_class_for_its_slot_is_refused(sd_copy, slot, entry, files_from):
     shutil.rmtree(sd_copy / slot)
     shutil.copytree(sd_copy / files_from, sd_copy / slot)  # files that load fine as that class
@@ -153,15 +169,18 @@ def test_a_component_folder_holding_another_class_is_refused(sd_copy):
 
 
 # ------------------------------------------------------------------- 16. names that are paths
-@pytest.mark.parametrize("change, error, shown", [
-    ({"../evil": ["diffusers", "AutoencoderKL"]}, UnsafePathError, "'../evil'"),
-    ({"/etc": ["diffusers", "AutoencoderKL"]}, UnsafePathError, "'/etc'"),
-    ({"unet/../../x": ["diffusers", "UNet2DConditionModel"]}, UnsafePathError, "'unet/../../x'"),
-    ({"_class_name": "../../evil"}, UnsupportedComponentError, "'../../evil'"),
-    ({"_class_name": "/abs/Pipeline"}, UnsupportedComponentError, "'/abs/Pipeline'"),
-    ({"vae": ["diffusers", "../AutoencoderKL"]}, UnsupportedComponentError, "../AutoencoderKL"),
-    ({"vae": ["../diffusers", "AutoencoderKL"]}, UnsupportedComponentError, "'../diffusers'"),
-])
+@pytest.mark.parametrize(
+    "change, error, shown",
+    [
+        ({"../evil": ["diffusers", "AutoencoderKL"]}, UnsafePathError, "'../evil'"),
+        ({"/etc": ["diffusers", "AutoencoderKL"]}, UnsafePathError, "'/etc'"),
+        ({"unet/../../x": ["diffusers", "UNet2DConditionModel"]}, UnsafePathError, "'unet/../../x'"),
+        ({"_class_name": "../../evil"}, UnsupportedComponentError, "'../../evil'"),
+        ({"_class_name": "/abs/Pipeline"}, UnsupportedComponentError, "'/abs/Pipeline'"),
+        ({"vae": ["diffusers", "../AutoencoderKL"]}, UnsupportedComponentError, "../AutoencoderKL"),
+        ({"vae": ["../diffusers", "AutoencoderKL"]}, UnsupportedComponentError, "'../diffusers'"),
+    ],
+)
 def test_path_like_names_in_model_index_are_refused(sd_copy, change, error, shown):
     edit_index(sd_copy, **change)
     assert shown in load_error(sd_copy, error)
@@ -248,8 +267,11 @@ def test_text_encoder_unexpected_keys_are_a_warning_listing_them(sd_copy, caplog
     with caplog.at_level(logging.WARNING):
         pipe = DiffusionPipeline.from_pretrained(sd_copy)
     assert pipe.text_encoder is not None
-    [message] = [r.getMessage() for r in caplog.records
-                 if r.name.startswith("diffpipe") and "extra.projection.weight" in r.getMessage()]
+    [message] = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("diffpipe") and "extra.projection.weight" in r.getMessage()
+    ]
     assert "'text_encoder'" in message and "ignoring 1 key(s)" in message
 
 
@@ -267,8 +289,9 @@ def test_text_encoder_shape_mismatch_names_parameter_and_both_shapes(sd_copy):
 def test_text_encoder_pickle_with_a_payload_is_refused_and_never_runs(sd_copy, tmp_path):
     marker = tmp_path / "payload-ran"
     (sd_copy / "text_encoder" / "model.safetensors").unlink()
-    torch.save({"embeddings.token_embedding.weight": WritesAFile(marker)},
-               sd_copy / "text_encoder" / "pytorch_model.bin")
+    torch.save(
+        {"embeddings.token_embedding.weight": WritesAFile(marker)}, sd_copy / "text_encoder" / "pytorch_model.bin"
+    )
     message = load_error(sd_copy, UnsafeCheckpointError)
     assert "'text_encoder'" in message and "weights_only=True" in message
     assert not marker.exists()
@@ -276,8 +299,9 @@ def test_text_encoder_pickle_with_a_payload_is_refused_and_never_runs(sd_copy, t
 
 def test_text_encoder_with_both_formats_never_opens_the_pickle(sd_copy, tmp_path):
     marker = tmp_path / "payload-ran"
-    torch.save({"embeddings.token_embedding.weight": WritesAFile(marker)},
-               sd_copy / "text_encoder" / "pytorch_model.bin")
+    torch.save(
+        {"embeddings.token_embedding.weight": WritesAFile(marker)}, sd_copy / "text_encoder" / "pytorch_model.bin"
+    )
     pipe = DiffusionPipeline.from_pretrained(sd_copy)
     assert pipe.text_encoder is not None and not marker.exists()
 
@@ -307,8 +331,9 @@ def stage_warnings(caplog):
 
 
 def test_an_fp16_vae_overflow_warns_naming_the_vae_and_the_fix(sd_folder, caplog):
-    pipe = DiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(
+        sd_folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     pipe.vae.to(torch.float16)
     with torch.no_grad():  # activations past float16's 65504: the classic black-image overflow
         pipe.vae.decoder.conv_in.weight.mul_(1e4)
@@ -320,8 +345,9 @@ def test_an_fp16_vae_overflow_warns_naming_the_vae_and_the_fix(sd_folder, caplog
 
 
 def test_nan_from_the_unet_warns_naming_the_denoising_loop_once(sd_folder, caplog):
-    pipe = DiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(
+        sd_folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     with torch.no_grad():
         pipe.unet.conv_out.bias.fill_(float("nan"))
     with caplog.at_level(logging.WARNING):
@@ -331,8 +357,9 @@ def test_nan_from_the_unet_warns_naming_the_denoising_loop_once(sd_folder, caplo
 
 
 def test_nan_in_given_latents_is_blamed_on_the_input(sd_folder, caplog):
-    pipe = DiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(
+        sd_folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     latents = torch.full((1, 4, 16, 16), float("inf"))
     with caplog.at_level(logging.WARNING):
         run(pipe, latents=latents)
@@ -367,10 +394,13 @@ def put_nan(path):
     return key
 
 
-@pytest.mark.parametrize("component, file", [
-    ("vae", "diffusion_pytorch_model.safetensors"),
-    ("text_encoder", "model.safetensors"),
-])
+@pytest.mark.parametrize(
+    "component, file",
+    [
+        ("vae", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ],
+)
 def test_verify_refuses_nan_weights_naming_component_and_tensor(sd_copy, component, file):
     key = put_nan(sd_copy / component / file)
     DiffusionPipeline.from_pretrained(sd_copy)  # NaN is a valid float: only verify looks

@@ -64,8 +64,7 @@ def small_disk(tmp_path):
     def mount(kib: int) -> Path | None:
         point = tmp_path / f"disk-{len(mounts)}"
         point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(point)],
-                              capture_output=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(point)], capture_output=True)
         if done.returncode != 0:
             return None
         mounts.append(point)
@@ -102,8 +101,11 @@ def test_a_model_save_on_a_full_disk_keeps_the_previous_save(small_disk, tmp_pat
         saved = tree(target)
         with monkeypatch.context() as patch, pytest.raises(OSError) as err:
             if emulated:
-                patch.setattr(modeling, "save_safetensors" if safe else "save_pickle",
-                              lambda tensors, path, metadata=None: partial_write_then_enospc(tensors, path))
+                patch.setattr(
+                    modeling,
+                    "save_safetensors" if safe else "save_pickle",
+                    lambda tensors, path, metadata=None: partial_write_then_enospc(tensors, path),
+                )
             tiny_model(seed=1, width=128).save_pretrained(target, safe_serialization=safe)
         assert err.value.errno == errno.ENOSPC
         assert tree(target) == saved  # nothing written, nothing lost
@@ -176,8 +178,10 @@ def test_processes_loading_and_saving_one_folder_never_see_a_mix(tmp_path):
         expected[role] = tree(tmp_path / role)
     ctx = multiprocessing.get_context("fork")
     errors = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(role, str(folder), rounds, errors))
-             for role, rounds in (("writer-a", 6), ("writer-b", 6), ("reader-1", 12), ("reader-2", 12))]
+    procs = [
+        ctx.Process(target=_child, args=(role, str(folder), rounds, errors))
+        for role, rounds in (("writer-a", 6), ("writer-b", 6), ("reader-1", 12), ("reader-2", 12))
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -305,8 +309,13 @@ def test_a_read_only_cache_serves_loads_and_is_never_written(hub, shared_cache, 
     os.chmod(warm, 0o777)
     try:
         env = {**os.environ, "PYTHONPATH": str(TESTS), "HOME": warm, "HF_HOME": warm}
-        done = subprocess.run([sys.executable, "-c", UNPRIVILEGED_LOAD, repo, str(shared_cache), warm],
-                              capture_output=True, text=True, env=env, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", UNPRIVILEGED_LOAD, repo, str(shared_cache), warm],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
     finally:
         shutil.rmtree(warm)
     assert "UNPRIVILEGED-OK" in done.stdout, done.stdout + done.stderr

@@ -107,12 +107,15 @@ def test_truncated_pickle_keeps_torch_error_as_the_cause(tmp_path):
 
 
 # ------------------------------------------------------------------------ 2. header length lies
-@pytest.mark.parametrize("claimed, fragment", [
-    (10_000, "truncated: its header claims 10000 bytes"),
-    (99_000_000, "truncated: its header claims 99000000 bytes"),  # under the limit, still never read
-    (200_000_000, "over the format's limit"),
-    (2**64 - 1, "over the format's limit"),
-])
+@pytest.mark.parametrize(
+    "claimed, fragment",
+    [
+        (10_000, "truncated: its header claims 10000 bytes"),
+        (99_000_000, "truncated: its header claims 99000000 bytes"),  # under the limit, still never read
+        (200_000_000, "over the format's limit"),
+        (2**64 - 1, "over the format's limit"),
+    ],
+)
 def test_header_length_beyond_file_or_limit_fails_without_allocating_it(tmp_path, claimed, fragment):
     tiny_model().save_pretrained(tmp_path)
     (tmp_path / WEIGHTS).write_bytes(struct.pack("<Q", claimed) + b'{"a": 1}' + b" " * 100)
@@ -128,14 +131,17 @@ def test_header_length_beyond_file_or_limit_fails_without_allocating_it(tmp_path
 
 
 # ------------------------------------------------------------------------------ 3. header text
-@pytest.mark.parametrize("raw, fragment", [
-    (b"{not json", "not valid JSON"),
-    (b'{"a": ', "not valid JSON"),
-    (b"\xff\xfe\x00{}", "not UTF-8"),
-    (b"[1, 2]", "not a JSON object"),
-    (b"[" * 50_000 + b"]" * 50_000, "not valid JSON"),  # nesting too deep for the parser
-    (b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"a": ', "not valid JSON"),
+        (b"\xff\xfe\x00{}", "not UTF-8"),
+        (b"[1, 2]", "not a JSON object"),
+        (b"[" * 50_000 + b"]" * 50_000, "not valid JSON"),  # nesting too deep for the parser
+        (b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}', "not valid JSON"),
+    ],
+)
 def test_header_that_is_not_json_or_not_utf8(tmp_path, raw, fragment):
     tiny_model().save_pretrained(tmp_path)
     write_weights(tmp_path, raw)
@@ -148,24 +154,27 @@ def test_header_that_is_not_json_or_not_utf8(tmp_path, raw, fragment):
 F32x2 = {"dtype": "F32", "shape": [2]}  # 8 bytes
 
 
-@pytest.mark.parametrize("tensors, data_len, fragment", [
-    ({"a": {**F32x2, "data_offsets": [0, 8]}, "b": {**F32x2, "data_offsets": [12, 20]}}, 20, "gap of 4 bytes"),
-    ({"a": {**F32x2, "data_offsets": [0, 8]}, "b": {**F32x2, "data_offsets": [4, 12]}}, 12, "overlaps"),
-    ({"a": {**F32x2, "data_offsets": [0, 12]}}, 12, "needs 8"),
-    ({"a": {"dtype": "F16", "shape": [3, 3], "data_offsets": [0, 8]}}, 8, "needs 18"),
-    ({"a": {**F32x2, "data_offsets": [0, 8]}}, 11, "3 unexpected trailing bytes"),
-    ({"a": {**F32x2, "data_offsets": [8, 16]}}, 16, "gap of 8 bytes"),
-    ({"a": {**F32x2, "data_offsets": [0, 8]}}, 4, "truncated"),
-    ({"a": {**F32x2, "data_offsets": [8, 0]}}, 8, "invalid data_offsets"),
-    ({"a": {**F32x2, "data_offsets": [0]}}, 8, "invalid data_offsets"),
-    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, "invalid shape"),
-    ({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, 8, "invalid shape"),
-    ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, 8, "invalid shape"),
-    ({"a": [1, 2]}, 0, "is not an object"),
-    ({"__metadata__": [1]}, 0, "'__metadata__'"),
-    ({"a": {"dtype": "Q4_K", "shape": [2], "data_offsets": [0, 8]}}, 8, "dtype 'Q4_K'"),
-    ({"a": {"dtype": None, "shape": [2], "data_offsets": [0, 8]}}, 8, "dtype None"),
-])
+@pytest.mark.parametrize(
+    "tensors, data_len, fragment",
+    [
+        ({"a": {**F32x2, "data_offsets": [0, 8]}, "b": {**F32x2, "data_offsets": [12, 20]}}, 20, "gap of 4 bytes"),
+        ({"a": {**F32x2, "data_offsets": [0, 8]}, "b": {**F32x2, "data_offsets": [4, 12]}}, 12, "overlaps"),
+        ({"a": {**F32x2, "data_offsets": [0, 12]}}, 12, "needs 8"),
+        ({"a": {"dtype": "F16", "shape": [3, 3], "data_offsets": [0, 8]}}, 8, "needs 18"),
+        ({"a": {**F32x2, "data_offsets": [0, 8]}}, 11, "3 unexpected trailing bytes"),
+        ({"a": {**F32x2, "data_offsets": [8, 16]}}, 16, "gap of 8 bytes"),
+        ({"a": {**F32x2, "data_offsets": [0, 8]}}, 4, "truncated"),
+        ({"a": {**F32x2, "data_offsets": [8, 0]}}, 8, "invalid data_offsets"),
+        ({"a": {**F32x2, "data_offsets": [0]}}, 8, "invalid data_offsets"),
+        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, "invalid shape"),
+        ({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, 8, "invalid shape"),
+        ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, 8, "invalid shape"),
+        ({"a": [1, 2]}, 0, "is not an object"),
+        ({"__metadata__": [1]}, 0, "'__metadata__'"),
+        ({"a": {"dtype": "Q4_K", "shape": [2], "data_offsets": [0, 8]}}, 8, "dtype 'Q4_K'"),
+        ({"a": {"dtype": None, "shape": [2], "data_offsets": [0, 8]}}, 8, "dtype None"),
+    ],
+)
 def test_bad_byte_layout_or_dtype(tmp_path, tensors, data_len, fragment):
     tiny_model().save_pretrained(tmp_path)
     write_weights(tmp_path, tensors, b"\0" * data_len)
@@ -176,8 +185,10 @@ def test_bad_byte_layout_or_dtype(tmp_path, tensors, data_len, fragment):
 
 def test_duplicate_tensor_names_are_refused(tmp_path):
     tiny_model().save_pretrained(tmp_path)
-    raw = b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, ' \
-          b'"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}'
+    raw = (
+        b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+        b'"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}'
+    )
     write_weights(tmp_path, raw, b"\0" * 16)
     error = load_error(tmp_path, CorruptCheckpointError)
     assert "names tensor(s) twice: ['a']" in str(error)
@@ -256,12 +267,15 @@ def test_with_both_formats_the_pickle_is_never_opened(model_folder, no_torch_loa
 
 
 # ------------------------------------------------------------------ 10. missing or broken config.json
-@pytest.mark.parametrize("content, fragment", [
-    (None, "no config.json"),
-    (b"{oops", "not valid JSON"),
-    (b"\xff\xfe", "not UTF-8"),
-    (b'"a string"', "expected an object"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (None, "no config.json"),
+        (b"{oops", "not valid JSON"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b'"a string"', "expected an object"),
+    ],
+)
 def test_missing_or_invalid_config_json_names_the_path(model_folder, content, fragment):
     folder, _ = model_folder
     if content is None:
@@ -283,10 +297,18 @@ def test_config_written_for_another_class_is_refused(model_folder):
 
 
 # ------------------------------------------------------------------------- 16. names that are paths
-@pytest.mark.parametrize("kwargs", [
-    dict(subfolder="../unet"), dict(subfolder="/etc"), dict(subfolder="a/../../b"),
-    dict(variant="../fp16"), dict(variant="a/b"), dict(variant="/abs"), dict(variant=".."),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(subfolder="../unet"),
+        dict(subfolder="/etc"),
+        dict(subfolder="a/../../b"),
+        dict(variant="../fp16"),
+        dict(variant="a/b"),
+        dict(variant="/abs"),
+        dict(variant=".."),
+    ],
+)
 def test_path_like_subfolder_or_variant_is_refused(model_folder, kwargs):
     folder, _ = model_folder
     error = load_error(folder.parent, UnsafePathError, **kwargs)
@@ -308,12 +330,15 @@ def edit_weight_map(index, change):
     index.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("shard", [
-    "../diffusion_pytorch_model-00001-of-00003.safetensors",
-    "/etc/passwd.safetensors",
-    "sub/x.safetensors",
-    "..\\x.safetensors",
-])
+@pytest.mark.parametrize(
+    "shard",
+    [
+        "../diffusion_pytorch_model-00001-of-00003.safetensors",
+        "/etc/passwd.safetensors",
+        "sub/x.safetensors",
+        "..\\x.safetensors",
+    ],
+)
 def test_shard_index_naming_a_path_is_refused(tmp_path, shard):
     folder, _, index = sharded(tmp_path)
     edit_weight_map(index, lambda m: m.update({"layers.0.weight": shard}))

@@ -73,8 +73,16 @@ class IPAdapterAttnProcessor(nn.Module):
         self.to_k_ip = nn.ModuleList(nn.Linear(width, hidden_size, bias=False) for _ in self.num_tokens)
         self.to_v_ip = nn.ModuleList(nn.Linear(width, hidden_size, bias=False) for _ in self.num_tokens)
 
-    def forward(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
-                attention_mask: torch.Tensor | None = None, temb=None, ip_adapter_masks=None, **kwargs: Any):
+    def forward(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask: torch.Tensor | None = None,
+        temb=None,
+        ip_adapter_masks=None,
+        **kwargs: Any,
+    ):
         if ip_adapter_masks is not None:
             raise NotImplementedError("ip_adapter_masks (regional IP-Adapter masks) are not implemented in diffpipe")
         if not isinstance(encoder_hidden_states, tuple):
@@ -96,7 +104,8 @@ class IPAdapterAttnProcessor(nn.Module):
                 continue
             if isinstance(scale, list):
                 raise NotImplementedError(
-                    "per-image IP-Adapter scales need ip_adapter_masks, which diffpipe does not implement")
+                    "per-image IP-Adapter scales need ip_adapter_masks, which diffpipe does not implement"
+                )
             out = out + scale * self._attend(attn, query, to_k(states), to_v(states), None)
         return attn.finish(out, residual, image_shape)
 
@@ -106,8 +115,9 @@ class IPAdapterAttnProcessor(nn.Module):
         batch = query.shape[0]
         key = key.reshape(batch, -1, key.shape[-1])
         value = value.reshape(batch, -1, value.shape[-1])
-        out = F.scaled_dot_product_attention(query, attn.split_heads(key), attn.split_heads(value), attn_mask=mask,
-                                             scale=attn.scale)
+        out = F.scaled_dot_product_attention(
+            query, attn.split_heads(key), attn.split_heads(value), attn_mask=mask, scale=attn.scale
+        )
         return out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
 
 
@@ -127,8 +137,9 @@ def split_flat_ip_state(tensors: dict[str, torch.Tensor], where: str) -> dict[st
         else:
             other.append(key)
     if other:
-        logger.warning("%s: ignoring %d key(s) outside image_proj./ip_adapter.: %s", where, len(other),
-                       summarize(other))
+        logger.warning(
+            "%s: ignoring %d key(s) outside image_proj./ip_adapter.: %s", where, len(other), summarize(other)
+        )
     return nested
 
 
@@ -156,8 +167,11 @@ def ip_host(unet: nn.Module) -> nn.Module:
 def cross_attention_layers(host: nn.Module) -> list[tuple[str, Attention]]:
     """(processor name, layer) of every cross-attention layer, in ``attn_processors`` order (the order
     the published checkpoints number their ``to_k_ip`` weights in: 1, 3, 5, ...)."""
-    return [(f"{name}.processor", module) for name, module in host.named_modules()
-            if isinstance(module, Attention) and not name.endswith("attn1") and "motion_modules" not in name]
+    return [
+        (f"{name}.processor", module)
+        for name, module in host.named_modules()
+        if isinstance(module, Attention) and not name.endswith("attn1") and "motion_modules" not in name
+    ]
 
 
 def attach(unet: nn.Module, states: list[dict[str, dict[str, torch.Tensor]]], where: str) -> None:
@@ -175,8 +189,9 @@ def attach(unet: nn.Module, states: list[dict[str, dict[str, torch.Tensor]]], wh
         if found != expected:
             lora = [k for k in state["ip_adapter"] if "_lora." in k]
             if lora:
-                raise NotImplementedError(f"{label}: IP-Adapter FaceID LoRA weights ({lora[0]}, ...) are not "
-                                          "implemented in diffpipe")
+                raise NotImplementedError(
+                    f"{label}: IP-Adapter FaceID LoRA weights ({lora[0]}, ...) are not implemented in diffpipe"
+                )
             raise StateDictMismatchError(
                 f"{label}: the IP-Adapter has key/value weights for {len(found) // 2} cross-attention layers "
                 f"({summarize(sorted(found, key=_layer_number))}), this UNet has {len(layers)} (expected "
@@ -190,8 +205,9 @@ def attach(unet: nn.Module, states: list[dict[str, dict[str, torch.Tensor]]], wh
                 f"{where}: the image projection makes tokens of width {width} but {name} attends to width "
                 f"{layer.cross_attention_dim}; the adapter was made for another UNet"
             )
-        proc = IPAdapterAttnProcessor(hidden_size=layer.to_k.out_features, cross_attention_dim=width,
-                                      num_tokens=tokens, scale=1.0)
+        proc = IPAdapterAttnProcessor(
+            hidden_size=layer.to_k.out_features, cross_attention_dim=width, num_tokens=tokens, scale=1.0
+        )
         weights = {}
         for i, state in enumerate(states):
             for w in ("to_k_ip", "to_v_ip"):
@@ -288,8 +304,10 @@ def require_loaded(unet: nn.Module, what: str) -> MultiIPAdapterImageProjection:
             "(unload_ip_adapter() was called on this pipeline or on another pipeline sharing the UNet, e.g. one "
             "made with from_pipe). Load it again with load_ip_adapter(...)."
         )
-    raise ValueError(f"{what} needs an IP-Adapter, and none is loaded: call pipe.load_ip_adapter(repo, "
-                     "subfolder=..., weight_name=...) first")
+    raise ValueError(
+        f"{what} needs an IP-Adapter, and none is loaded: call pipe.load_ip_adapter(repo, "
+        "subfolder=..., weight_name=...) first"
+    )
 
 
 # ----------------------------------------------------------------------------------- scales
@@ -315,11 +333,14 @@ def layer_scales(unet: nn.Module, config, *, default: float, what: str) -> float
         value = config.get(side, default)
         if not isinstance(value, dict):
             value = {f"block_{i}": value for i in with_attention}
-        bad = sorted(k for k in value
-                     if not (k.startswith("block_") and k[6:].isdigit() and int(k[6:]) in with_attention))
+        bad = sorted(
+            k for k in value if not (k.startswith("block_") and k[6:].isdigit() and int(k[6:]) in with_attention)
+        )
         if bad:
-            raise ValueError(f"{what}: {side} has no attention block(s) {bad}; the {side} blocks with attention "
-                             f"are {[f'block_{i}' for i in with_attention]}")
+            raise ValueError(
+                f"{what}: {side} has no attention block(s) {bad}; the {side} blocks with attention "
+                f"are {[f'block_{i}' for i in with_attention]}"
+            )
         for i, n in with_attention.items():
             per = value.get(f"block_{i}", default)
             per = list(per) if isinstance(per, (list, tuple)) else [per] * n
@@ -366,8 +387,10 @@ def set_scales(unet: nn.Module, scale, what: str = "set_ip_adapter_scale") -> No
         if len(expanded) == 1:
             expanded = expanded * len(proc.scale)
         if len(expanded) != len(proc.scale):
-            raise ValueError(f"{what}: {len(expanded)} scale configs for {len(proc.scale)} loaded IP-Adapters; pass "
-                             "one, or one per adapter")
+            raise ValueError(
+                f"{what}: {len(expanded)} scale configs for {len(proc.scale)} loaded IP-Adapters; pass "
+                "one, or one per adapter"
+            )
         proc.scale = [scale_for(name, s, 0.0) for s in expanded]
 
 
@@ -384,8 +407,9 @@ def check_config_free(unet: nn.Module, where: str) -> None:
     """Refuse UNets whose own encoder projection is of a kind an IP-Adapter cannot sit beside."""
     kind = ip_host(unet).config.get("encoder_hid_dim_type")
     if kind not in (None, "text_proj", IP_PROJECTION):
-        raise ConfigError(f"{where}: the UNet has encoder_hid_dim_type={kind!r}; an IP-Adapter needs None or "
-                          "'text_proj'")
+        raise ConfigError(
+            f"{where}: the UNet has encoder_hid_dim_type={kind!r}; an IP-Adapter needs None or 'text_proj'"
+        )
 
 
 # ----------------------------------------------------------------------------------- pipeline methods
@@ -438,18 +462,32 @@ class IPAdapterMixin:
                 continue
             encoder_folder = None
             if wants_encoder and encoder is None and image_encoder_folder is not None:
-                encoder_folder = (image_encoder_folder if "/" in image_encoder_folder
-                                  else f"{sub}/{image_encoder_folder}" if sub else image_encoder_folder)
+                encoder_folder = (
+                    image_encoder_folder
+                    if "/" in image_encoder_folder
+                    else f"{sub}/{image_encoder_folder}"
+                    if sub
+                    else image_encoder_folder
+                )
             root, weight_path, where = fetch_files(
-                source, sub, name, encoder_folder, cache_dir=cache_dir, local_files_only=local_files_only,
-                token=token, revision=revision)
+                source,
+                sub,
+                name,
+                encoder_folder,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                token=token,
+                revision=revision,
+            )
             states.append(weight_file_state(weight_path, where))
             if encoder_folder is not None:
                 encoder = load_image_encoder(root, encoder_folder, dtype=self.dtype, device=self.device, where=where)
         attach(self.unet, states, f"load_ip_adapter({_describe(sources, subfolders, names)})")
         if wants_encoder and encoder is None and image_encoder_folder is None:
-            logger.warning("load_ip_adapter: no image encoder loaded (image_encoder_folder=None), so calls need "
-                           "ip_adapter_image_embeds= instead of ip_adapter_image=")
+            logger.warning(
+                "load_ip_adapter: no image encoder loaded (image_encoder_folder=None), so calls need "
+                "ip_adapter_image_embeds= instead of ip_adapter_image="
+            )
         if encoder is not None:
             self.register_modules(image_encoder=encoder)
         if "feature_extractor" in type(self).component_names() and getattr(self, "feature_extractor", None) is None:
@@ -490,13 +528,21 @@ class IPAdapterMixin:
         if output_hidden_states:
             states = encoder(image, output_hidden_states=True).hidden_states[-2]
             blank = encoder(torch.zeros_like(image), output_hidden_states=True).hidden_states[-2]
-            return (states.repeat_interleave(num_images_per_prompt, dim=0),
-                    blank.repeat_interleave(num_images_per_prompt, dim=0))
+            return (
+                states.repeat_interleave(num_images_per_prompt, dim=0),
+                blank.repeat_interleave(num_images_per_prompt, dim=0),
+            )
         embeds = encoder(image).image_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         return embeds, torch.zeros_like(embeds)
 
-    def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device,
-                                        num_images_per_prompt: int, do_classifier_free_guidance: bool):
+    def prepare_ip_adapter_image_embeds(
+        self,
+        ip_adapter_image,
+        ip_adapter_image_embeds,
+        device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+    ):
         """One tensor per adapter, ``[images, n, ...]`` repeated for ``num_images_per_prompt`` (the
         whole batch), with the unconditional embeddings first under classifier-free guidance.
         ``ip_adapter_image_embeds``, if given, are in that layout already (negative half first under
@@ -506,8 +552,10 @@ class IPAdapterMixin:
             images = ip_adapter_image if isinstance(ip_adapter_image, list) else [ip_adapter_image]
             projections = require_loaded(self.unet, "ip_adapter_image").image_projection_layers
             if len(images) != len(projections):
-                raise ValueError(f"ip_adapter_image has {len(images)} entries but {len(projections)} IP-Adapters are "
-                                 "loaded; pass one image (or one list of images) per adapter")
+                raise ValueError(
+                    f"ip_adapter_image has {len(images)} entries but {len(projections)} IP-Adapters are "
+                    "loaded; pass one image (or one list of images) per adapter"
+                )
             for image, projection in zip(images, projections):
                 pos, neg = self.encode_image(image, device, 1, not isinstance(projection, ImageProjection))
                 positives.append(pos[None])
@@ -539,23 +587,33 @@ class IPAdapterMixin:
             return
         if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
             raise ValueError("pass either ip_adapter_image= or ip_adapter_image_embeds=, not both")
-        projection = require_loaded(self.unet, "ip_adapter_image" if ip_adapter_image is not None
-                                    else "ip_adapter_image_embeds")
+        projection = require_loaded(
+            self.unet, "ip_adapter_image" if ip_adapter_image is not None else "ip_adapter_image_embeds"
+        )
         if ip_adapter_image_embeds is not None:
             if not isinstance(ip_adapter_image_embeds, list) or not all(
-                    torch.is_tensor(e) and e.ndim in (3, 4) for e in ip_adapter_image_embeds):
-                raise ValueError("ip_adapter_image_embeds must be a list of 3-d or 4-d tensors, one per IP-Adapter "
-                                 "([batch, images, dim] or [batch, images, tokens, dim]); got "
-                                 f"{ip_adapter_image_embeds!r:.80}")
+                torch.is_tensor(e) and e.ndim in (3, 4) for e in ip_adapter_image_embeds
+            ):
+                raise ValueError(
+                    "ip_adapter_image_embeds must be a list of 3-d or 4-d tensors, one per IP-Adapter "
+                    "([batch, images, dim] or [batch, images, tokens, dim]); got "
+                    f"{ip_adapter_image_embeds!r:.80}"
+                )
             if len(ip_adapter_image_embeds) != projection.num_ip_adapters:
-                raise ValueError(f"ip_adapter_image_embeds has {len(ip_adapter_image_embeds)} tensors for "
-                                 f"{projection.num_ip_adapters} loaded IP-Adapters")
+                raise ValueError(
+                    f"ip_adapter_image_embeds has {len(ip_adapter_image_embeds)} tensors for "
+                    f"{projection.num_ip_adapters} loaded IP-Adapters"
+                )
             if cfg and any(e.shape[0] % 2 for e in ip_adapter_image_embeds):
-                raise ValueError("under classifier-free guidance ip_adapter_image_embeds hold the negative half first "
-                                 "and the positive half second, so their batch must be even")
+                raise ValueError(
+                    "under classifier-free guidance ip_adapter_image_embeds hold the negative half first "
+                    "and the positive half second, so their batch must be even"
+                )
         elif getattr(self, "image_encoder", None) is None:
-            raise ValueError("ip_adapter_image needs an image_encoder (the IP-Adapter was loaded with "
-                             "image_encoder_folder=None): pass ip_adapter_image_embeds= instead")
+            raise ValueError(
+                "ip_adapter_image needs an image_encoder (the IP-Adapter was loaded with "
+                "image_encoder_folder=None): pass ip_adapter_image_embeds= instead"
+            )
 
 
 def _as_lists(sources, subfolders, names):
@@ -567,8 +625,10 @@ def _as_lists(sources, subfolders, names):
     if len(subfolders) == 1:
         subfolders = subfolders * len(names)
     if not (len(sources) == len(names) == len(subfolders)):
-        raise ValueError(f"load_ip_adapter: {len(sources)} sources, {len(subfolders)} subfolders and {len(names)} "
-                         "weight names; pass one of each, or lists of the same length")
+        raise ValueError(
+            f"load_ip_adapter: {len(sources)} sources, {len(subfolders)} subfolders and {len(names)} "
+            "weight names; pass one of each, or lists of the same length"
+        )
     for name, source in zip(names, sources):
         if not isinstance(source, dict) and not isinstance(name, str):
             raise TypeError(f"load_ip_adapter: weight_name must be a file name, got {name!r}")
@@ -576,5 +636,7 @@ def _as_lists(sources, subfolders, names):
 
 
 def _describe(sources, subfolders, names) -> str:
-    return ", ".join("state dict" if isinstance(s, dict) else f"{s}/{sub + '/' if sub else ''}{n}"
-                     for s, sub, n in zip(sources, subfolders, names))
+    return ", ".join(
+        "state dict" if isinstance(s, dict) else f"{s}/{sub + '/' if sub else ''}{n}"
+        for s, sub, n in zip(sources, subfolders, names)
+    )

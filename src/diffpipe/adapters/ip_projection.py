@@ -65,8 +65,17 @@ class IPAdapterPlusImageProjectionBlock(nn.Module):
 class IPAdapterPlusImageProjection(nn.Module):
     """IP-Adapter Plus: ``num_queries`` learned queries resample the projected hidden states."""
 
-    def __init__(self, embed_dims: int = 768, output_dims: int = 1024, hidden_dims: int = 1280, depth: int = 4,
-                 dim_head: int = 64, heads: int = 16, num_queries: int = 8, ffn_ratio: float = 4):
+    def __init__(
+        self,
+        embed_dims: int = 768,
+        output_dims: int = 1024,
+        hidden_dims: int = 1280,
+        depth: int = 4,
+        dim_head: int = 64,
+        heads: int = 16,
+        num_queries: int = 8,
+        ffn_ratio: float = 4,
+    ):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(1, num_queries, hidden_dims) / hidden_dims**0.5)
         self.proj_in = nn.Linear(embed_dims, hidden_dims)
@@ -126,8 +135,10 @@ def projection_kind(image_proj: dict[str, torch.Tensor]) -> str:
     if "latents" in keys and "proj_in.weight" in keys and "proj_out.weight" in keys:
         return "plus"
     if any(k.startswith("perceiver_resampler.") for k in keys) or ("norm.weight" in keys and "proj.0.weight" in keys):
-        raise NotImplementedError("IP-Adapter FaceID checkpoints (face-embedding projections) are not implemented "
-                                  "in diffpipe; the plain, plus and full-face IP-Adapters are")
+        raise NotImplementedError(
+            "IP-Adapter FaceID checkpoints (face-embedding projections) are not implemented "
+            "in diffpipe; the plain, plus and full-face IP-Adapters are"
+        )
     raise StateDictMismatchError(
         "unknown IP-Adapter image projection layout: expected the plain ('proj.weight', 'norm.weight'), plus "
         "('latents', 'proj_in.*', 'layers.*') or full-face ('proj.0' .. 'proj.3') keys; found "
@@ -158,18 +169,25 @@ def build_image_projection(image_proj: dict[str, torch.Tensor], where: str) -> t
     if kind == "plain":
         weight, width = image_proj["proj.weight"], image_proj["norm.weight"].shape[0]
         if weight.shape[0] % width:
-            raise StateDictMismatchError(f"{where}: proj.weight {tuple(weight.shape)} is not a multiple of the "
-                                         f"token width {width} (norm.weight)")
+            raise StateDictMismatchError(
+                f"{where}: proj.weight {tuple(weight.shape)} is not a multiple of the token width {width} (norm.weight)"
+            )
         tokens = weight.shape[0] // width
-        module = ImageProjection(image_embed_dim=weight.shape[1], cross_attention_dim=width,
-                                 num_image_text_embeds=tokens)
+        module = ImageProjection(
+            image_embed_dim=weight.shape[1], cross_attention_dim=width, num_image_text_embeds=tokens
+        )
         state = {("image_embeds." + k[5:] if k.startswith("proj.") else k): v for k, v in image_proj.items()}
     elif kind == "full":
-        module = IPAdapterFullImageProjection(image_embed_dim=image_proj["proj.0.weight"].shape[1],
-                                              cross_attention_dim=image_proj["proj.3.weight"].shape[0])
+        module = IPAdapterFullImageProjection(
+            image_embed_dim=image_proj["proj.0.weight"].shape[1],
+            cross_attention_dim=image_proj["proj.3.weight"].shape[0],
+        )
         names = {"proj.0": "ff.net.0.proj", "proj.2": "ff.net.2", "proj.3": "norm"}
-        state = {names[k.rsplit(".", 1)[0]] + "." + k.rsplit(".", 1)[1]: v for k, v in image_proj.items()
-                 if k.rsplit(".", 1)[0] in names}
+        state = {
+            names[k.rsplit(".", 1)[0]] + "." + k.rsplit(".", 1)[1]: v
+            for k, v in image_proj.items()
+            if k.rsplit(".", 1)[0] in names
+        }
         tokens = 257  # CLIP-H's 256 patches + CLS; informational (the processors use the real length)
     else:
         state = {}
@@ -187,9 +205,14 @@ def build_image_projection(image_proj: dict[str, torch.Tensor], where: str) -> t
         ratio = ff_in.shape[0] / hidden if ff_in is not None else 4
         to_q = state.get("layers.0.attn.to_q.weight")
         module = IPAdapterPlusImageProjection(
-            embed_dims=state["proj_in.weight"].shape[1], output_dims=state["proj_out.weight"].shape[0],
-            hidden_dims=hidden, depth=depth, dim_head=64, heads=max(to_q.shape[0] // 64, 1) if to_q is not None else 1,
-            num_queries=latents.shape[1], ffn_ratio=int(ratio) if float(ratio).is_integer() else ratio,
+            embed_dims=state["proj_in.weight"].shape[1],
+            output_dims=state["proj_out.weight"].shape[0],
+            hidden_dims=hidden,
+            depth=depth,
+            dim_head=64,
+            heads=max(to_q.shape[0] // 64, 1) if to_q is not None else 1,
+            num_queries=latents.shape[1],
+            ffn_ratio=int(ratio) if float(ratio).is_integer() else ratio,
         )
         tokens = latents.shape[1]
     load_strict(module, state, f"{where}: image_proj ({kind})")
@@ -203,8 +226,10 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) -
     wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     if missing or unexpected or wrong:
         shapes = ", ".join(f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in wrong[:5])
-        details = [f"missing {summarize(missing)}" if missing else "",
-                   f"unexpected {summarize(unexpected)}" if unexpected else "",
-                   f"wrong shapes {shapes}" if wrong else ""]
+        details = [
+            f"missing {summarize(missing)}" if missing else "",
+            f"unexpected {summarize(unexpected)}" if unexpected else "",
+            f"wrong shapes {shapes}" if wrong else "",
+        ]
         raise StateDictMismatchError(f"{where}: the weights do not fit: " + "; ".join(d for d in details if d))
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})

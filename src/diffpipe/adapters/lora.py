@@ -51,8 +51,9 @@ class LoraLayer(nn.Module):
             self.down = nn.Linear(target.in_features, rank, bias=False)
             self.up = nn.Linear(rank, target.out_features, bias=up_bias)
         elif isinstance(target, nn.Conv2d):
-            self.down = nn.Conv2d(target.in_channels, rank, target.kernel_size, target.stride, target.padding,
-                                  bias=False)
+            self.down = nn.Conv2d(
+                target.in_channels, rank, target.kernel_size, target.stride, target.padding, bias=False
+            )
             self.up = nn.Conv2d(rank, target.out_channels, 1, bias=up_bias)
         else:
             raise TypeError(f"LoRA targets nn.Linear and nn.Conv2d layers, not {type(target).__name__}")
@@ -207,14 +208,21 @@ class ModelLora(ModuleHook):
                 get_hook(self.model.get_submodule(path), _LAYER).refresh()
 
     def fuse(self, lora_scale: float, names: list[str] | None) -> None:
-        todo = [(name, path) for path, active in self.active_at.items()
-                for name in (names if names is not None else active)
-                if path in self.paths.get(name, {}) and path not in self.fused.get(name, {})]
-        biased = [f"{name}: {path}" for name, path in todo
-                  if self.paths[name][path].up.bias is not None and self.model.get_submodule(path).bias is None]
+        todo = [
+            (name, path)
+            for path, active in self.active_at.items()
+            for name in (names if names is not None else active)
+            if path in self.paths.get(name, {}) and path not in self.fused.get(name, {})
+        ]
+        biased = [
+            f"{name}: {path}"
+            for name, path in todo
+            if self.paths[name][path].up.bias is not None and self.model.get_submodule(path).bias is None
+        ]
         if biased:
-            raise ValueError(f"fuse_lora: LoRA biases cannot be fused into layers without a bias ({biased[:3]}); "
-                             "run them unfused")
+            raise ValueError(
+                f"fuse_lora: LoRA biases cannot be fused into layers without a bias ({biased[:3]}); run them unfused"
+            )
         for name, path in todo:
             scale = self.scale(name, path) * lora_scale
             _add_delta(self.model.get_submodule(path), self.paths[name][path], scale)
@@ -248,8 +256,9 @@ def check_fits(component: str, model: nn.Module, layers: dict[str, lora_formats.
             missing.extend(w.keys)
             continue
         if not isinstance(target, (nn.Linear, nn.Conv2d)):
-            problems.append(f"{component}.{path} is a {type(target).__name__}; LoRA targets Linear and Conv2d layers "
-                            f"({w.keys[0]})")
+            problems.append(
+                f"{component}.{path} is a {type(target).__name__}; LoRA targets Linear and Conv2d layers ({w.keys[0]})"
+            )
             continue
         problems.extend(_shape_problems(component, path, target, w))
     if missing:
@@ -258,8 +267,11 @@ def check_fits(component: str, model: nn.Module, layers: dict[str, lora_formats.
             "the LoRA was made for another model"
         )
     if problems:
-        raise StateDictMismatchError("the LoRA does not fit: " + "; ".join(problems[:6])
-                                     + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else ""))
+        raise StateDictMismatchError(
+            "the LoRA does not fit: "
+            + "; ".join(problems[:6])
+            + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else "")
+        )
 
 
 def _shape_problems(component: str, path: str, target: nn.Module, w: lora_formats.LoraWeights) -> list[str]:
@@ -268,11 +280,15 @@ def _shape_problems(component: str, path: str, target: nn.Module, w: lora_format
     conv = isinstance(target, nn.Conv2d)
     want_dims = 4 if conv else 2
     if down.ndim != want_dims or up.ndim != want_dims:
-        return [f"{where}: a {type(target).__name__} takes {want_dims}-d LoRA weights, got down "
-                f"{tuple(down.shape)} and up {tuple(up.shape)}"]
+        return [
+            f"{where}: a {type(target).__name__} takes {want_dims}-d LoRA weights, got down "
+            f"{tuple(down.shape)} and up {tuple(up.shape)}"
+        ]
     if up.shape[1] != down.shape[0]:
-        return [f"{where}: rank mismatch, down has rank {down.shape[0]} {tuple(down.shape)} but up has "
-                f"{up.shape[1]} {tuple(up.shape)}"]
+        return [
+            f"{where}: rank mismatch, down has rank {down.shape[0]} {tuple(down.shape)} but up has "
+            f"{up.shape[1]} {tuple(up.shape)}"
+        ]
     in_width = target.in_channels if conv else target.in_features
     out_width = target.out_channels if conv else target.out_features
     out = []
@@ -281,8 +297,10 @@ def _shape_problems(component: str, path: str, target: nn.Module, w: lora_format
     if up.shape[0] != out_width:
         out.append(f"{where}: up {tuple(up.shape)} gives width {up.shape[0]}, the layer gives {out_width}")
     if conv and (tuple(down.shape[2:]) != tuple(target.kernel_size) or tuple(up.shape[2:]) != (1, 1)):
-        out.append(f"{where}: conv LoRA kernels down {tuple(down.shape[2:])} / up {tuple(up.shape[2:])} do not fit "
-                   f"the layer's {tuple(target.kernel_size)} (expected that and (1, 1))")
+        out.append(
+            f"{where}: conv LoRA kernels down {tuple(down.shape[2:])} / up {tuple(up.shape[2:])} do not fit "
+            f"the layer's {tuple(target.kernel_size)} (expected that and (1, 1))"
+        )
     if w.up_bias is not None and tuple(w.up_bias.shape) != (out_width,):
         out.append(f"{where}: lora_B.bias {tuple(w.up_bias.shape)}, expected ({out_width},)")
     return out
@@ -313,16 +331,25 @@ class LoraLoaderMixin:
                 state.refresh()
 
     def _lora_models(self) -> dict[str, nn.Module]:
-        return {name: m for name in self._lora_components
-                if isinstance(m := getattr(self, name, None), nn.Module)}
+        return {name: m for name in self._lora_components if isinstance(m := getattr(self, name, None), nn.Module)}
 
     def _lora_states(self) -> dict[str, ModelLora]:
         return {name: s for name, m in self._lora_models().items() if (s := ModelLora.of(m)) is not None}
 
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, *,
-                          weight_name: str | None = None, subfolder: str | None = None,
-                          use_safetensors: bool | None = None, cache_dir=None, local_files_only: bool | None = None,
-                          token=None, revision: str | None = None, **kwargs) -> None:
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict,
+        adapter_name: str | None = None,
+        *,
+        weight_name: str | None = None,
+        subfolder: str | None = None,
+        use_safetensors: bool | None = None,
+        cache_dir=None,
+        local_files_only: bool | None = None,
+        token=None,
+        revision: str | None = None,
+        **kwargs,
+    ) -> None:
         """Load a LoRA (a repo id, folder, file or state dict; diffusers/peft, older diffusers and
         kohya/A1111 layouts) into the UNet and text encoder(s) as adapter ``adapter_name``
         (``default_<n>`` if not given), which becomes the active adapter of the models it touches.
@@ -337,8 +364,16 @@ class LoraLoaderMixin:
             if bad:
                 raise TypeError(f"load_lora_weights: a LoRA state dict maps names to tensors; not tensors: {bad[:5]}")
         else:
-            path, _ = lora_file(source, weight_name=weight_name, subfolder=subfolder, use_safetensors=use_safetensors,
-                                cache_dir=cache_dir, local_files_only=local_files_only, token=token, revision=revision)
+            path, _ = lora_file(
+                source,
+                weight_name=weight_name,
+                subfolder=subfolder,
+                use_safetensors=use_safetensors,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                token=token,
+                revision=revision,
+            )
             tensors, metadata = tensors_of(path)
         models = self._lora_models()
         parsed = lora_formats.parse(tensors, metadata, models)
@@ -355,11 +390,17 @@ class LoraLoaderMixin:
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
         in_use = [c for c, s in states.items() if adapter_name in s.paths]
-        shared = [p for c, layers in parsed.items() for p in layers
-                  if not p.startswith("?") and _slot_has(models[c], p, adapter_name)]
+        shared = [
+            p
+            for c, layers in parsed.items()
+            for p in layers
+            if not p.startswith("?") and _slot_has(models[c], p, adapter_name)
+        ]
         if in_use or shared:
-            raise ValueError(f"adapter name {adapter_name!r} is already in use (in {in_use or 'a shared layer'}); pick "
-                             "another adapter_name, or delete_adapters() it first")
+            raise ValueError(
+                f"adapter name {adapter_name!r} is already in use (in {in_use or 'a shared layer'}); pick "
+                "another adapter_name, or delete_adapters() it first"
+            )
         for component, layers in parsed.items():
             check_fits(component, models[component], layers)
         for component, layers in parsed.items():
@@ -441,8 +482,14 @@ class LoraLoaderMixin:
             for name in list(state.paths):
                 state.remove(name)
 
-    def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
-                  adapter_names: list[str] | None = None, **unused) -> None:
+    def fuse_lora(
+        self,
+        components: list[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **unused,
+    ) -> None:
         """Add the active (or the named) adapters, times their weights and ``lora_scale``, into the
         weights of ``components`` (default: all holding LoRAs). ``safe_fusing`` refuses NaN results."""
         states = self._lora_states()
@@ -454,8 +501,11 @@ class LoraLoaderMixin:
             state = states.get(component)
             if state is not None:
                 state.fuse(lora_scale, adapter_names)
-                if safe_fusing and any(not torch.isfinite(state.model.get_submodule(p).weight).all()
-                                       for n in state.fused for p in state.fused[n]):
+                if safe_fusing and any(
+                    not torch.isfinite(state.model.get_submodule(p).weight).all()
+                    for n in state.fused
+                    for p in state.fused[n]
+                ):
                     state.unfuse()
                     raise ValueError(f"fuse_lora: fusing into the {component} gives NaN/Inf weights; not fused")
 

@@ -27,8 +27,12 @@ from torch import nn
 
 from ..errors import StateDictMismatchError, summarize
 
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                  "lora_te2_": "text_encoder_2"}
+KOHYA_PREFIXES = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
 METADATA_KEY = "lora_adapter_metadata"
 _ATTN_PROC = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
 _TEXT_ATTN_PROC = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
@@ -92,10 +96,10 @@ def _parse_kohya(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module],
         if component not in lookup:
             model = models.get(component)
             lookup[component] = _underscored_names(model) if model is not None else {}
-        flat = name[len(prefix):]
+        flat = name[len(prefix) :]
         path = lookup[component].get(flat)
         if path is None and flat.startswith("text_model_"):  # transformers 5 flattened CLIPTextModel
-            path = lookup[component].get(flat[len("text_model_"):])
+            path = lookup[component].get(flat[len("text_model_") :])
         if path is None:
             path = "?" + flat  # matches nothing: reported with the file's keys
         entry = out.setdefault(component, {}).setdefault(path, LoraWeights())
@@ -133,11 +137,22 @@ class _LdmNames:
     """A diffusers UNet module path -> its name in the original (LDM / SGM) UNet: ``input_blocks``
     numbered across the down blocks (conv_in is 0), ``middle_block.0..2``, ``output_blocks``."""
 
-    _RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
-               "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
-    _FIXED = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
-              "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-              "add_embedding.linear_2": "label_emb.0.2"}
+    _RESNET = {
+        "conv1": "in_layers.2",
+        "conv2": "out_layers.3",
+        "time_emb_proj": "emb_layers.1",
+        "conv_shortcut": "skip_connection",
+        "norm1": "in_layers.0",
+        "norm2": "out_layers.0",
+    }
+    _FIXED = {
+        "conv_in": "input_blocks.0.0",
+        "conv_out": "out.2",
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+    }
 
     def __init__(self, unet: nn.Module):
         self.down = [len(b.resnets) for b in unet.down_blocks]  # layers per down block
@@ -166,8 +181,8 @@ class _LdmNames:
         if m:
             block = int(m.group(2))
             if m.group(1) == "down":
-                return f"input_blocks.{sum(n + 1 for n in self.down[:block + 1])}.0.op"
-            return f"output_blocks.{sum(self.up[:block + 1]) - 1}.{2 if self.up_attention[block] else 1}.conv"
+                return f"input_blocks.{sum(n + 1 for n in self.down[: block + 1])}.0.op"
+            return f"output_blocks.{sum(self.up[: block + 1]) - 1}.{2 if self.up_attention[block] else 1}.conv"
         m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", path)
         if m:
             kind, layer, rest = m.groups()
@@ -178,9 +193,13 @@ class _LdmNames:
 
 # ------------------------------------------------------------------------------------- diffusers / peft
 _SUFFIXES = (
-    (".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_B.bias", "up_bias"),
-    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_B.bias", "up_bias"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
     (".alpha", "alpha"),
 )
 
@@ -252,7 +271,7 @@ def _apply_metadata(out: Parsed, metadata: dict) -> None:
     if not metadata:
         return
     for component, layers in out.items():
-        own = {k[len(component) + 1:]: v for k, v in metadata.items() if k.startswith(component + ".")}
+        own = {k[len(component) + 1 :]: v for k, v in metadata.items() if k.startswith(component + ".")}
         if not own:
             continue
         for path, w in layers.items():

@@ -24,8 +24,17 @@ def check_kwargs(kwargs: dict, what: str) -> None:
         raise TypeError(f"{what} got unexpected keyword argument(s) {sorted(kwargs)}")
 
 
-def fetch_files(source, subfolder: str | None, weight_name: str, encoder_folder: str | None, *, cache_dir,
-                local_files_only, token, revision) -> tuple[Path, Path, str]:
+def fetch_files(
+    source,
+    subfolder: str | None,
+    weight_name: str,
+    encoder_folder: str | None,
+    *,
+    cache_dir,
+    local_files_only,
+    token,
+    revision,
+) -> tuple[Path, Path, str]:
     """(root folder, path of ``subfolder/weight_name``, label) with the weight file and, if
     ``encoder_folder`` is given, that image encoder's config and weights on disk."""
     check_plain_name(weight_name, "weight_name")
@@ -51,14 +60,22 @@ def fetch_files(source, subfolder: str | None, weight_name: str, encoder_folder:
             wanted += [f"{encoder_folder}/{f}" for f in [*loading.non_weight_files(in_folder), *choice.all_files]]
         return wanted
 
-    root = hub.fetch(source, select, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                     token=token, what=where)
+    root = hub.fetch(
+        source,
+        select,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+        what=where,
+    )
     return root, root / rel, where
 
 
 def _encoder_spec(folder: str, where: str):
-    return loading.resolve("transformers", "CLIPVisionModelWithProjection", component=folder.rsplit("/", 1)[-1],
-                           where=where)
+    return loading.resolve(
+        "transformers", "CLIPVisionModelWithProjection", component=folder.rsplit("/", 1)[-1], where=where
+    )
 
 
 def load_image_encoder(root: Path, folder: str, *, dtype, device, where: str):
@@ -73,8 +90,17 @@ LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin
 _NOT_LORA = ("scheduler", "optimizer", "checkpoint")
 
 
-def lora_file(source, *, weight_name: str | None, subfolder: str | None, use_safetensors: bool | None, cache_dir,
-              local_files_only, token, revision) -> tuple[Path, str]:
+def lora_file(
+    source,
+    *,
+    weight_name: str | None,
+    subfolder: str | None,
+    use_safetensors: bool | None,
+    cache_dir,
+    local_files_only,
+    token,
+    revision,
+) -> tuple[Path, str]:
     """(path, label) of the LoRA weight file of a repo, folder or file path.
 
     Without ``weight_name`` the folder (or ``subfolder``) must hold one candidate: a
@@ -90,7 +116,7 @@ def lora_file(source, *, weight_name: str | None, subfolder: str | None, use_saf
     chosen: list[str] = []
 
     def select(files, read):
-        here = sorted(f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):])
+        here = sorted(f[len(prefix) :] for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :])
         if weight_name is not None:
             if weight_name not in here:
                 raise CheckpointNotFoundError(f"{label}: no file {weight_name!r}; files there: {here[:10]}")
@@ -100,8 +126,15 @@ def lora_file(source, *, weight_name: str | None, subfolder: str | None, use_saf
         chosen.append(prefix + name)
         return [prefix + name]
 
-    root = hub.fetch(source, select, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                     token=token, what=f"LoRA {label}")
+    root = hub.fetch(
+        source,
+        select,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+        what=f"LoRA {label}",
+    )
     return root / chosen[-1], f"{label}/{chosen[-1].rsplit('/', 1)[-1]}"
 
 

@@ -79,7 +79,8 @@ class ComponentSpec:
     def weight_prefixes(self) -> dict[str, str] | None:
         if self.kind == "model":
             return getattr(self.cls, "weight_prefixes", None) or {
-                SAFETENSORS: self.cls.weights_prefix, PICKLE: self.cls.weights_prefix
+                SAFETENSORS: self.cls.weights_prefix,
+                PICKLE: self.cls.weights_prefix,
             }
         if self.kind == "transformers-model":
             return TRANSFORMERS_WEIGHT_PREFIXES
@@ -157,16 +158,18 @@ def library_of(obj) -> tuple[str, str]:
     return (module.split(".")[0], type(obj).__name__)
 
 
-def component_file_choice(spec: ComponentSpec, files: set[str], *, variant, use_safetensors,
-                          where: str) -> tuple[WeightChoice | None, bool]:
+def component_file_choice(
+    spec: ComponentSpec, files: set[str], *, variant, use_safetensors, where: str
+) -> tuple[WeightChoice | None, bool]:
     """(weights chosen in the component folder, whether the variant fell back to the original)."""
     prefixes = spec.weight_prefixes
     if prefixes is None:
         return None, False
     label = f"{where}, component {spec.name!r}"
     try:
-        return choose_weights(files, prefixes=prefixes, variant=variant, use_safetensors=use_safetensors,
-                              where=label), False
+        return choose_weights(
+            files, prefixes=prefixes, variant=variant, use_safetensors=use_safetensors, where=label
+        ), False
     except CheckpointNotFoundError:
         if variant is None:
             raise
@@ -177,16 +180,26 @@ def component_file_choice(spec: ComponentSpec, files: set[str], *, variant, use_
 def files_in(folder_files: set[str], name: str) -> set[str]:
     """Direct file names inside ``name/`` from a repo-wide listing."""
     prefix = name + "/"
-    return {f[len(prefix):] for f in folder_files if f.startswith(prefix) and "/" not in f[len(prefix):]}
+    return {f[len(prefix) :] for f in folder_files if f.startswith(prefix) and "/" not in f[len(prefix) :]}
 
 
 def non_weight_files(names: set[str]) -> list[str]:
-    return sorted(n for n in names if not n.endswith(WEIGHT_SUFFIXES) and not n.endswith(".index.json")
-                  and ".index." not in n)
+    return sorted(
+        n for n in names if not n.endswith(WEIGHT_SUFFIXES) and not n.endswith(".index.json") and ".index." not in n
+    )
 
 
-def load_component(spec: ComponentSpec, root: Path, *, variant, dtype, use_safetensors, where: str,
-                   allow_missing_keys: bool = False, verify: bool = False):
+def load_component(
+    spec: ComponentSpec,
+    root: Path,
+    *,
+    variant,
+    dtype,
+    use_safetensors,
+    where: str,
+    allow_missing_keys: bool = False,
+    verify: bool = False,
+):
     """Load one component from ``root/spec.name`` (already on disk)."""
     folder = root / spec.name
     if not folder.is_dir():
@@ -194,9 +207,15 @@ def load_component(spec: ComponentSpec, root: Path, *, variant, dtype, use_safet
             f"{where}: model_index.json lists component {spec.name!r} but there is no folder {folder}"
         )
     if spec.kind == "model":
-        return spec.cls.from_pretrained(root, subfolder=spec.name, variant=variant, torch_dtype=dtype,
-                                        use_safetensors=use_safetensors, allow_missing_keys=allow_missing_keys,
-                                        verify=verify)
+        return spec.cls.from_pretrained(
+            root,
+            subfolder=spec.name,
+            variant=variant,
+            torch_dtype=dtype,
+            use_safetensors=use_safetensors,
+            allow_missing_keys=allow_missing_keys,
+            verify=verify,
+        )
     if spec.kind == "config":
         config = spec.cls.load_config(root, subfolder=spec.name)
         return spec.cls.from_config(config)
@@ -244,11 +263,20 @@ def check_loading_info(info: dict, *, label: str, folder: Path, allow_missing_ke
             f"{label}: the weights in {folder} do not fit: {describe_mismatch(missing, wrong, unexpected)}"
         )
     if missing:
-        logger.warning("%s: %d key(s) were not in the checkpoint and are randomly initialised: %s",
-                       label, len(missing), summarize(missing))
+        logger.warning(
+            "%s: %d key(s) were not in the checkpoint and are randomly initialised: %s",
+            label,
+            len(missing),
+            summarize(missing),
+        )
     if unexpected:
-        logger.warning("%s: ignoring %d key(s) in %s that the model does not have: %s",
-                       label, len(unexpected), folder, summarize(unexpected))
+        logger.warning(
+            "%s: ignoring %d key(s) in %s that the model does not have: %s",
+            label,
+            len(unexpected),
+            folder,
+            summarize(unexpected),
+        )
 
 
 def _transformers_dtype_keyword() -> str:
@@ -275,8 +303,9 @@ def save_component(obj, stage, name: str, *, variant, safe_serialization: bool, 
     from ..models.modeling import ModelMixin
 
     if isinstance(obj, ModelMixin):
-        obj.write_files(stage, name, variant=variant, safe_serialization=safe_serialization,
-                        max_shard_size=max_shard_size)
+        obj.write_files(
+            stage, name, variant=variant, safe_serialization=safe_serialization, max_shard_size=max_shard_size
+        )
         return
     if isinstance(obj, ConfigMixin):
         stage.path(f"{name}/{obj.config_name}").write_text(obj.to_json_string(), encoding="utf-8")
@@ -301,8 +330,9 @@ def save_component(obj, stage, name: str, *, variant, safe_serialization: bool, 
         (target / "config.json").unlink(missing_ok=True)
     if hasattr(obj, "state_dict"):  # stale shards of this variant from an earlier save
         v = f".{variant}" if variant else ""
-        stage.remove_stale(name, [f"model{v}.safetensors", f"model.safetensors.index{v}.json",
-                                  f"model{v}-?????-of-?????.safetensors"])
+        stage.remove_stale(
+            name, [f"model{v}.safetensors", f"model.safetensors.index{v}.json", f"model{v}-?????-of-?????.safetensors"]
+        )
 
 
 def _has_original_weights(folder: Path) -> bool:

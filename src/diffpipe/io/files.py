@@ -30,16 +30,20 @@ def check_plain_name(value: str, what: str) -> str:
     """Refuse anything but a plain file or folder name (no separators, no ``..``, not absolute)."""
     if not isinstance(value, str) or not _NAME_PART.match(value) or ".." in value:
         raise UnsafePathError(
-            f"{what} must be a plain name (letters, digits, '_', '-', '.'; no path separators or '..'), "
-            f"got {value!r}"
+            f"{what} must be a plain name (letters, digits, '_', '-', '.'; no path separators or '..'), got {value!r}"
         )
     return value
 
 
 def check_relative_path(value: str, what: str) -> str:
     """A relative path made of plain names (``models/image_encoder``); returns it in POSIX form."""
-    if (not isinstance(value, str) or not value or value.startswith(("/", "\\")) or "\\" in value
-            or not all(_NAME_PART.match(p) and ".." not in p for p in value.strip("/").split("/"))):
+    if (
+        not isinstance(value, str)
+        or not value
+        or value.startswith(("/", "\\"))
+        or "\\" in value
+        or not all(_NAME_PART.match(p) and ".." not in p for p in value.strip("/").split("/"))
+    ):
         raise UnsafePathError(
             f"{what} must be a relative path of plain names (letters, digits, '_', '-', '.'; no '..', not "
             f"absolute), got {value!r}"
@@ -73,7 +77,9 @@ def shard_pattern(prefix: str, ext: str, variant: str | None) -> re.Pattern:
     return re.compile(rf"^{base}-\d{{5}}-of-\d{{5}}\.{re.escape(ext)}$")
 
 
-_VARIANT_IN_NAME = re.compile(r"^(?P<prefix>[^.]+)\.(?:(?P<ext>safetensors|bin)\.index\.(?P<ivar>[^.]+)\.json|(?P<var>[^.\-]+)(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin))$")
+_VARIANT_IN_NAME = re.compile(
+    r"^(?P<prefix>[^.]+)\.(?:(?P<ext>safetensors|bin)\.index\.(?P<ivar>[^.]+)\.json|(?P<var>[^.\-]+)(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin))$"
+)
 
 
 def variants_present(names, prefixes) -> list[str]:

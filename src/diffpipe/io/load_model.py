@@ -168,8 +168,11 @@ def assign_weights(
             + describe_mismatch(missing, wrong, unexpected)
         )
     # integers or bools where the model has floats (or the reverse) would be assigned as they are
-    kinds = [(k, state[k].dtype, expected[k].dtype) for k in expected
-             if k in state and state[k].is_floating_point() != expected[k].is_floating_point()]
+    kinds = [
+        (k, state[k].dtype, expected[k].dtype)
+        for k in expected
+        if k in state and state[k].is_floating_point() != expected[k].is_floating_point()
+    ]
     if kinds:
         shown = "; ".join(f"{k!r} checkpoint {a} vs model {b}" for k, a, b in kinds[:5])
         raise StateDictMismatchError(
@@ -180,7 +183,11 @@ def assign_weights(
     if unexpected:
         logger.warning(
             "%s: ignoring %d key(s) in %s that %s does not have: %s",
-            where, len(unexpected), ", ".join(files), type(model).__name__, summarize(unexpected),
+            where,
+            len(unexpected),
+            ", ".join(files),
+            type(model).__name__,
+            summarize(unexpected),
         )
     target = None if dtype == "auto" else (dtype or torch.get_default_dtype())
     ready = {}
@@ -193,8 +200,12 @@ def assign_weights(
         ready[k] = t
     if missing:  # opted in: give the missing parameters real storage and their default init
         _materialize(model, set(missing))
-        logger.warning("%s: %d key(s) were not in the checkpoint and are randomly initialised: %s",
-                       where, len(missing), summarize(missing))
+        logger.warning(
+            "%s: %d key(s) were not in the checkpoint and are randomly initialised: %s",
+            where,
+            len(missing),
+            summarize(missing),
+        )
     if not _assign_in_place(model, ready):
         model.load_state_dict(ready, strict=not missing, assign=True)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -228,13 +239,19 @@ def _assign_in_place(model: torch.nn.Module, ready: dict[str, torch.Tensor]) -> 
 
 def _custom_loading(module: torch.nn.Module) -> bool:
     """Whether loading ``module`` runs code of its own (hooks, or an overridden ``_load_from_state_dict``)."""
-    return bool(module._state_dict_hooks or module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks
-                or type(module)._load_from_state_dict is not torch.nn.Module._load_from_state_dict)
+    return bool(
+        module._state_dict_hooks
+        or module._load_state_dict_pre_hooks
+        or module._load_state_dict_post_hooks
+        or type(module)._load_from_state_dict is not torch.nn.Module._load_from_state_dict
+    )
 
 
 def _materialize(model: torch.nn.Module, keys: set[str]) -> None:
     for name, module in model.named_modules():
-        own = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+        own = [n for n, _ in module.named_parameters(recurse=False)] + [
+            n for n, _ in module.named_buffers(recurse=False)
+        ]
         if any((f"{name}.{n}" if name else n) in keys for n in own):
             module.to_empty(device="cpu", recurse=False)
             if hasattr(module, "reset_parameters"):

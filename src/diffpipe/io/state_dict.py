@@ -42,8 +42,13 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
+for _code, _name in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
     if hasattr(torch, _name):
         SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
 
@@ -113,7 +118,9 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: the safetensors header is not a JSON object")
     if duplicates:
-        raise CorruptCheckpointError(f"{path}: the safetensors header names tensor(s) twice: {sorted(set(duplicates))[:5]}")
+        raise CorruptCheckpointError(
+            f"{path}: the safetensors header names tensor(s) twice: {sorted(set(duplicates))[:5]}"
+        )
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise CorruptCheckpointError(f"{path}: '__metadata__' in the safetensors header is not an object")
@@ -131,8 +138,12 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
             )
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise CorruptCheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
             raise CorruptCheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
         dtype = SAFETENSORS_DTYPES[code]
         expected = math.prod(shape) * _itemsize(dtype)

@@ -67,7 +67,9 @@ class DiagonalGaussianDistribution:
         if other is None:
             terms = self.mean.pow(2) + self.var - 1.0 - self.logvar
         else:
-            terms = (self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar
+            terms = (
+                (self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar
+            )
         return 0.5 * terms.sum(dim=[1, 2, 3])
 
     def nll(self, sample: torch.Tensor, dims: Sequence[int] = (1, 2, 3)) -> torch.Tensor:

@@ -109,7 +109,7 @@ class ModelMixin(nn.Module, ConfigMixin):
         prefixes = {SAFETENSORS: cls.weights_prefix, PICKLE: cls.weights_prefix}
 
         def component_files(files):
-            return {f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]}
+            return {f[len(prefix) :] for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :]}
 
         def select(files, read):
             if config_rel not in files:
@@ -117,13 +117,22 @@ class ModelMixin(nn.Module, ConfigMixin):
                     f"{where}: no {cls.config_name}; expected the file {config_rel}. Check the path or "
                     "repo id and the subfolder."
                 )
-            choice = choose_weights(component_files(files), prefixes=prefixes, variant=variant,
-                                    use_safetensors=use_safetensors, where=where)
+            choice = choose_weights(
+                component_files(files), prefixes=prefixes, variant=variant, use_safetensors=use_safetensors, where=where
+            )
             return [config_rel, *(prefix + f for f in choice.all_files)]
 
         hashes: dict[str, str] | None = {} if verify else None
-        root = hub.fetch(source, select, revision=revision, cache_dir=cache_dir,
-                         local_files_only=local_files_only, token=token, what=where, hashes=hashes)
+        root = hub.fetch(
+            source,
+            select,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            what=where,
+            hashes=hashes,
+        )
         folder = root / prefix if prefix else root
         # A save into the root (a whole pipeline) or into the folder itself holds that folder's lock
         # while it moves files into place: hold both, so the config and weights come from one save.
@@ -131,8 +140,9 @@ class ModelMixin(nn.Module, ConfigMixin):
             for locked in dict.fromkeys((root, folder)):
                 locks.enter_context(folder_lock(locked, shared=True))
             files = {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
-            choice = choose_weights(files, prefixes=prefixes, variant=variant,
-                                    use_safetensors=use_safetensors, where=where)
+            choice = choose_weights(
+                files, prefixes=prefixes, variant=variant, use_safetensors=use_safetensors, where=where
+            )
             config = read_json_file(root / config_rel, what=f"{where} config")
             cls._check_config_class(config, root / config_rel, where)
             if verify:
@@ -145,8 +155,15 @@ class ModelMixin(nn.Module, ConfigMixin):
                 raise type(e)(f"{where}: {e}") from e  # name the model; the file's own error is the cause
         if verify:
             check_finite(state, origin, where=where)
-        model = cls._from_state(config, state, origin=origin, where=where, dtype=target_dtype,
-                                allow_missing=allow_missing_keys, overrides=kwargs)
+        model = cls._from_state(
+            config,
+            state,
+            origin=origin,
+            where=where,
+            dtype=target_dtype,
+            allow_missing=allow_missing_keys,
+            overrides=kwargs,
+        )
         model.register_to_config(_name_or_path=source)
         model.loaded_from = [str(folder / f) for f in choice.all_files]
         logger.debug("%s: loaded %s", where, ", ".join(choice.all_files))
@@ -165,8 +182,17 @@ class ModelMixin(nn.Module, ConfigMixin):
             )
 
     @classmethod
-    def _from_state(cls, config: dict, state: dict, *, origin: dict, where: str, dtype, allow_missing: bool,
-                    overrides: dict | None = None):
+    def _from_state(
+        cls,
+        config: dict,
+        state: dict,
+        *,
+        origin: dict,
+        where: str,
+        dtype,
+        allow_missing: bool,
+        overrides: dict | None = None,
+    ):
         """Build from ``config`` on the meta device and assign ``state`` (after legacy key fixes)."""
         convert = getattr(cls, "_convert_legacy_state_dict", None)
         if convert is not None:
@@ -200,11 +226,19 @@ class ModelMixin(nn.Module, ConfigMixin):
         if variant is not None:
             check_plain_name(variant, "variant")
         with StagedFolder(save_directory) as stage:
-            self.write_files(stage, "", variant=variant, safe_serialization=safe_serialization,
-                             max_shard_size=max_shard_size)
+            self.write_files(
+                stage, "", variant=variant, safe_serialization=safe_serialization, max_shard_size=max_shard_size
+            )
 
-    def write_files(self, stage: StagedFolder, subfolder: str, *, variant: str | None,
-                    safe_serialization: bool = True, max_shard_size: int | str = "10GB") -> None:
+    def write_files(
+        self,
+        stage: StagedFolder,
+        subfolder: str,
+        *,
+        variant: str | None,
+        safe_serialization: bool = True,
+        max_shard_size: int | str = "10GB",
+    ) -> None:
         """Stage this model's config and weights under ``subfolder`` of a :class:`StagedFolder`."""
         sub = f"{subfolder}/" if subfolder else ""
         stage.path(sub + self.config_name).write_text(self.to_json_string(), encoding="utf-8")
@@ -232,6 +266,9 @@ class ModelMixin(nn.Module, ConfigMixin):
         # An earlier save of this variant and format may have been sharded differently; other
         # variants and the other format stay (what a user had is not lost).
         base = f"{prefix}.{variant}" if variant else prefix
-        stale = [single_file_name(prefix, fmt, variant), index_file_name(prefix, fmt, variant),
-                 f"{base}-?????-of-?????.{fmt}"]
+        stale = [
+            single_file_name(prefix, fmt, variant),
+            index_file_name(prefix, fmt, variant),
+            f"{base}-?????-of-?????.{fmt}",
+        ]
         stage.remove_stale(subfolder, stale)

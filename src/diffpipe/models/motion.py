@@ -128,16 +128,23 @@ def motion_stacks(
     block ``n - 1 - i`` with one layer more. ``mid`` is (layers, transformer layers) or None."""
     n = len(block_out_channels)
     down = [
-        MotionModules(block_out_channels[i], layers_per_block[i], transformer_layers[i], heads[i], norm_num_groups,
-                      max_seq_length)
+        MotionModules(
+            block_out_channels[i], layers_per_block[i], transformer_layers[i], heads[i], norm_num_groups, max_seq_length
+        )
         for i in range(n)
     ]
     middle = None
     if mid is not None:
         middle = MotionModules(block_out_channels[-1], mid[0], mid[1], heads[-1], norm_num_groups, max_seq_length)
     up = [
-        MotionModules(block_out_channels[n - 1 - i], layers_per_block[n - 1 - i] + 1, up_transformer_layers[i],
-                      heads[n - 1 - i], norm_num_groups, max_seq_length)
+        MotionModules(
+            block_out_channels[n - 1 - i],
+            layers_per_block[n - 1 - i] + 1,
+            up_transformer_layers[i],
+            heads[n - 1 - i],
+            norm_num_groups,
+            max_seq_length,
+        )
         for i in range(n)
     ]
     return down, middle, up
@@ -169,16 +176,26 @@ class MotionAdapter(ModelMixin):
         layers = per_block("motion_layers_per_block", motion_layers_per_block, n)
         depths = per_block("motion_transformer_layers_per_block", motion_transformer_layers_per_block, n)
         heads = per_block("motion_num_attention_heads", motion_num_attention_heads, n)
-        per_block("motion_transformer_layers_per_mid_block", motion_transformer_layers_per_mid_block,
-                  motion_mid_block_layers_per_block)  # length check
+        per_block(
+            "motion_transformer_layers_per_mid_block",
+            motion_transformer_layers_per_mid_block,
+            motion_mid_block_layers_per_block,
+        )  # length check
         # PIA's image-conditioned input convolution (the first 4 input channels replace the UNet's)
         self.conv_in = (
             nn.Conv2d(conv_in_channels, block_out_channels[0], kernel_size=3, padding=1) if conv_in_channels else None
         )
         mid = (motion_mid_block_layers_per_block, motion_transformer_layers_per_mid_block)
-        down, middle, up = motion_stacks(block_out_channels, layers, depths, depths[::-1], heads,
-                                         motion_norm_num_groups, motion_max_seq_length,
-                                         mid if use_motion_mid_block else None)
+        down, middle, up = motion_stacks(
+            block_out_channels,
+            layers,
+            depths,
+            depths[::-1],
+            heads,
+            motion_norm_num_groups,
+            motion_max_seq_length,
+            mid if use_motion_mid_block else None,
+        )
         self.mid_block = middle  # registered first, as in the reference's state dict
         self.down_blocks = nn.ModuleList(down)
         self.up_blocks = nn.ModuleList(up)

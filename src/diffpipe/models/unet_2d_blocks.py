@@ -80,7 +80,10 @@ def _attend(attn: Transformer2DModel, hidden_states: torch.Tensor, ctx: dict) ->
 
 
 def _paired_layers(
-    num_layers: int, resnet: Callable[[int], nn.Module], attention: Callable[[int], nn.Module | None], *,
+    num_layers: int,
+    resnet: Callable[[int], nn.Module],
+    attention: Callable[[int], nn.Module | None],
+    *,
     mid: bool = False,
 ) -> tuple[nn.ModuleList, nn.ModuleList]:
     """(attentions, resnets) of a block, built in the reference's construction order: each layer's
@@ -136,7 +139,9 @@ class DownBlock2D(nn.Module):
             for i in range(num_layers)
         )
         self.downsamplers = (
-            nn.ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding)])
+            nn.ModuleList(
+                [Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding)]
+            )
             if add_downsample
             else None
         )
@@ -182,7 +187,9 @@ class CrossAttnDownBlock2D(nn.Module):
             lambda i: _transformer(out_channels, layers[i], spec, only_cross_attention),
         )
         self.downsamplers = (
-            nn.ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding)])
+            nn.ModuleList(
+                [Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding)]
+            )
             if add_downsample
             else None
         )
@@ -236,7 +243,9 @@ class DownEncoderBlock2D(nn.Module):
             _resnet(in_channels if i == 0 else out_channels, out_channels, None, spec) for i in range(num_layers)
         )
         self.downsamplers = (
-            nn.ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding)])
+            nn.ModuleList(
+                [Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding)]
+            )
             if add_downsample
             else None
         )
@@ -327,17 +336,21 @@ class UNetMidBlock2D(nn.Module):
         self.attentions, self.resnets = _paired_layers(
             num_layers,
             lambda _: _resnet(in_channels, in_channels, temb_channels, spec),
-            lambda _: Attention(
-                in_channels,
-                heads=in_channels // head_dim,
-                dim_head=head_dim,
-                rescale_output_factor=spec["output_scale_factor"],
-                eps=spec["resnet_eps"],
-                norm_num_groups=attn_groups,
-                residual_connection=True,
-                bias=True,
-                upcast_softmax=True,
-            ) if add_attention else None,
+            lambda _: (
+                Attention(
+                    in_channels,
+                    heads=in_channels // head_dim,
+                    dim_head=head_dim,
+                    rescale_output_factor=spec["output_scale_factor"],
+                    eps=spec["resnet_eps"],
+                    norm_num_groups=attn_groups,
+                    residual_connection=True,
+                    bias=True,
+                    upcast_softmax=True,
+                )
+                if add_attention
+                else None
+            ),
             mid=True,
         )
 
@@ -352,7 +365,12 @@ class UNetMidBlock2D(nn.Module):
 
 # ====================================================================================== up blocks
 def _up_resnet(
-    i: int, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int | None, num_layers: int,
+    i: int,
+    in_channels: int,
+    prev_output_channel: int,
+    out_channels: int,
+    temb_channels: int | None,
+    num_layers: int,
     spec,
 ) -> ResnetBlock2D:
     """An up block's i-th resnet: it takes the running features concatenated with one skip connection."""
@@ -383,7 +401,9 @@ class UpBlock2D(nn.Module):
             for i in range(num_layers)
         )
         self.upsamplers = (
-            nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)]) if add_upsample else None
+            nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
+            if add_upsample
+            else None
         )
 
     def forward(
@@ -432,7 +452,9 @@ class CrossAttnUpBlock2D(nn.Module):
             lambda i: _transformer(out_channels, layers[i], spec, only_cross_attention),
         )
         self.upsamplers = (
-            nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)]) if add_upsample else None
+            nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
+            if add_upsample
+            else None
         )
 
     def forward(
@@ -484,7 +506,9 @@ class UpDecoderBlock2D(nn.Module):
             for i in range(num_layers)
         )
         self.upsamplers = (
-            nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)]) if add_upsample else None
+            nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
+            if add_upsample
+            else None
         )
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:

@@ -162,7 +162,9 @@ class UNet2DConditionModel(ModelMixin, AttentionHostMixin):
             timestep_input_dim = block_out_channels[0]
             self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
         elif time_embedding_type == "fourier":
-            raise NotImplementedError("UNet2DConditionModel: time_embedding_type='fourier' is not implemented in diffpipe")
+            raise NotImplementedError(
+                "UNet2DConditionModel: time_embedding_type='fourier' is not implemented in diffpipe"
+            )
         else:
             raise ConfigError(
                 f"UNet2DConditionModel: time_embedding_type={time_embedding_type!r}; expected 'positional' or 'fourier'"
@@ -198,7 +200,11 @@ class UNet2DConditionModel(ModelMixin, AttentionHostMixin):
 
         # ---- class embedding (summed with, or concatenated to, the time embedding)
         self.class_embedding = self._build_class_embedding(
-            class_embed_type, num_class_embeds, projection_class_embeddings_input_dim, act_fn, time_embed_dim,
+            class_embed_type,
+            num_class_embeds,
+            projection_class_embeddings_input_dim,
+            act_fn,
+            time_embed_dim,
             timestep_input_dim,
         )
 
@@ -304,7 +310,9 @@ class UNet2DConditionModel(ModelMixin, AttentionHostMixin):
 
         # ---- output
         if norm_num_groups is not None:
-            self.conv_norm_out = nn.GroupNorm(num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=norm_eps)
+            self.conv_norm_out = nn.GroupNorm(
+                num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=norm_eps
+            )
             self.conv_act = get_activation(act_fn)
         else:
             self.conv_norm_out = None
@@ -314,9 +322,9 @@ class UNet2DConditionModel(ModelMixin, AttentionHostMixin):
         )
 
         # What forward validates encoder_hidden_states against.
-        self._has_cross_attention = any(getattr(b, "has_cross_attention", False) for b in (*down_blocks, *up_blocks)) or bool(
-            getattr(mid_block, "has_cross_attention", False)
-        )
+        self._has_cross_attention = any(
+            getattr(b, "has_cross_attention", False) for b in (*down_blocks, *up_blocks)
+        ) or bool(getattr(mid_block, "has_cross_attention", False))
 
     @staticmethod
     def _build_class_embedding(

@@ -63,7 +63,9 @@ _CROSS_ATTENTION_BLOCKS = {"CrossAttnDownBlock2D", "CrossAttnUpBlock2D", "UNetMi
 
 def _lookup(table: dict[str, type[nn.Module]], block_type: str, where: str) -> type[nn.Module]:
     # Configs may prefix block names with "UNetRes" (an old alias the reference accepts).
-    name = block_type[len("UNetRes") :] if isinstance(block_type, str) and block_type.startswith("UNetRes") else block_type
+    name = (
+        block_type[len("UNetRes") :] if isinstance(block_type, str) and block_type.startswith("UNetRes") else block_type
+    )
     if name in table:
         return table[name]
     if name in _KNOWN_UNIMPLEMENTED:

@@ -35,7 +35,6 @@ from .unet_body import unet_body
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class UNetMotionOutput(ModelOutput):
     """``sample``: the prediction, ``[batch, out_channels, frames, height, width]``."""
@@ -170,19 +169,33 @@ class UNetMotionModel(ModelMixin, AttentionHostMixin):
         if bad:
             raise ConfigError(f"UNetMotionModel: unknown block type(s) {bad}; expected {sorted(_SPATIAL_BLOCKS)}")
         layers = per_block("layers_per_block", layers_per_block, n)
-        spatial_layers = [transformer_layers_per_block] * n if isinstance(transformer_layers_per_block, int) else list(
-            transformer_layers_per_block)
+        spatial_layers = (
+            [transformer_layers_per_block] * n
+            if isinstance(transformer_layers_per_block, int)
+            else list(transformer_layers_per_block)
+        )
         unet = UNet2DConditionModel(
-            sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
             down_block_types=[_SPATIAL_BLOCKS[t] for t in down_block_types],
-            up_block_types=[_SPATIAL_BLOCKS[t] for t in up_block_types], mid_block_type=None,
-            block_out_channels=block_out_channels, layers_per_block=layers, downsample_padding=downsample_padding,
-            act_fn=act_fn, norm_num_groups=norm_num_groups, norm_eps=norm_eps, cross_attention_dim=cross_attention_dim,
+            up_block_types=[_SPATIAL_BLOCKS[t] for t in up_block_types],
+            mid_block_type=None,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers,
+            downsample_padding=downsample_padding,
+            act_fn=act_fn,
+            norm_num_groups=norm_num_groups,
+            norm_eps=norm_eps,
+            cross_attention_dim=cross_attention_dim,
             transformer_layers_per_block=spatial_layers,
             reverse_transformer_layers_per_block=reverse_transformer_layers_per_block,
-            use_linear_projection=use_linear_projection, attention_head_dim=num_attention_heads,
-            encoder_hid_dim=encoder_hid_dim, encoder_hid_dim_type=encoder_hid_dim_type,
-            addition_embed_type=addition_embed_type, addition_time_embed_dim=addition_time_embed_dim,
+            use_linear_projection=use_linear_projection,
+            attention_head_dim=num_attention_heads,
+            encoder_hid_dim=encoder_hid_dim,
+            encoder_hid_dim_type=encoder_hid_dim_type,
+            addition_embed_type=addition_embed_type,
+            addition_time_embed_dim=addition_time_embed_dim,
             projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
             time_cond_proj_dim=time_cond_proj_dim,
         )
@@ -191,10 +204,17 @@ class UNetMotionModel(ModelMixin, AttentionHostMixin):
         heads = per_block("num_attention_heads", num_attention_heads, n)
         cross = cross_attention_dim if isinstance(cross_attention_dim, int) else list(cross_attention_dim)[-1]
         unet.mid_block = UNetMidBlock2DCrossAttn(
-            in_channels=block_out_channels[-1], temb_channels=block_out_channels[0] * 4, num_layers=mid_block_layers,
-            transformer_layers_per_block=transformer_layers_per_mid_block, resnet_eps=norm_eps,
-            resnet_act_fn=act_fn, resnet_groups=norm_num_groups, output_scale_factor=mid_block_scale_factor,
-            num_attention_heads=heads[-1], cross_attention_dim=cross, use_linear_projection=use_linear_projection,
+            in_channels=block_out_channels[-1],
+            temb_channels=block_out_channels[0] * 4,
+            num_layers=mid_block_layers,
+            transformer_layers_per_block=transformer_layers_per_mid_block,
+            resnet_eps=norm_eps,
+            resnet_act_fn=act_fn,
+            resnet_groups=norm_num_groups,
+            output_scale_factor=mid_block_scale_factor,
+            num_attention_heads=heads[-1],
+            cross_attention_dim=cross,
+            use_linear_projection=use_linear_projection,
         )
         temporal = (
             [temporal_transformer_layers_per_block] * n
@@ -204,18 +224,28 @@ class UNetMotionModel(ModelMixin, AttentionHostMixin):
         if reverse_temporal_transformer_layers_per_block is None:
             up_temporal = temporal[::-1]
         else:
-            up_temporal = per_block("reverse_temporal_transformer_layers_per_block",
-                                    reverse_temporal_transformer_layers_per_block, n)
+            up_temporal = per_block(
+                "reverse_temporal_transformer_layers_per_block", reverse_temporal_transformer_layers_per_block, n
+            )
         down, mid, up = motion_stacks(
-            block_out_channels, layers, temporal, up_temporal,
-            per_block("motion_num_attention_heads", motion_num_attention_heads, n), norm_num_groups,
+            block_out_channels,
+            layers,
+            temporal,
+            up_temporal,
+            per_block("motion_num_attention_heads", motion_num_attention_heads, n),
+            norm_num_groups,
             motion_max_seq_length,
             (mid_block_layers, temporal_transformer_layers_per_mid_block) if use_motion_mid_block else None,
         )
         self._assemble(unet, down, mid, up)
 
-    def _assemble(self, unet: UNet2DConditionModel, down: Sequence[MotionModules | None],
-                  mid: MotionModules | None, up: Sequence[MotionModules | None]) -> None:
+    def _assemble(
+        self,
+        unet: UNet2DConditionModel,
+        down: Sequence[MotionModules | None],
+        mid: MotionModules | None,
+        up: Sequence[MotionModules | None],
+    ) -> None:
         """Register ``unet``'s modules and the motion modules as this model's (shared, not copied)."""
         object.__setattr__(self, "_unet2d", unet)
         self.conv_in = unet.conv_in
@@ -235,8 +265,9 @@ class UNetMotionModel(ModelMixin, AttentionHostMixin):
 
     # ------------------------------------------------------------------ from a 2-D UNet
     @classmethod
-    def from_unet2d(cls, unet: UNet2DConditionModel, motion_adapter: MotionAdapter | None = None,
-                    load_weights: bool = True) -> "UNetMotionModel":
+    def from_unet2d(
+        cls, unet: UNet2DConditionModel, motion_adapter: MotionAdapter | None = None, load_weights: bool = True
+    ) -> "UNetMotionModel":
         """A motion UNet around ``unet``'s own parameters and ``motion_adapter``'s motion modules.
 
         Unlike the reference, nothing is copied: the result holds the same parameter objects as
@@ -307,9 +338,12 @@ class UNetMotionModel(ModelMixin, AttentionHostMixin):
         widths = {cfg.cross_attention_dim} if isinstance(cfg.cross_attention_dim, int) else set(cfg.cross_attention_dim)
         if cfg.encoder_hid_dim is not None:
             widths = {cfg.encoder_hid_dim}
-        if (not torch.is_tensor(encoder_hidden_states) or encoder_hidden_states.ndim != 3
-                or encoder_hidden_states.shape[0] not in (batch, batch * frames)
-                or encoder_hidden_states.shape[2] not in widths):
+        if (
+            not torch.is_tensor(encoder_hidden_states)
+            or encoder_hidden_states.ndim != 3
+            or encoder_hidden_states.shape[0] not in (batch, batch * frames)
+            or encoder_hidden_states.shape[2] not in widths
+        ):
             found = tuple(encoder_hidden_states.shape) if torch.is_tensor(encoder_hidden_states) else None
             raise ValueError(
                 f"UNetMotionModel expects `encoder_hidden_states` of shape [batch or batch * frames ({batch} or "
@@ -353,7 +387,10 @@ class UNetMotionModel(ModelMixin, AttentionHostMixin):
         )
         flat = sample.permute(0, 2, 1, 3, 4).reshape(batch * frames, sample.shape[1], *sample.shape[3:])
         out = unet_body(
-            self, flat, emb, attn_kwargs,
+            self,
+            flat,
+            emb,
+            attn_kwargs,
             down_block_additional_residuals=down_block_additional_residuals,
             mid_block_additional_residual=mid_block_additional_residual,
             block_kwargs={"num_frames": frames},
@@ -394,17 +431,22 @@ def check_adapter_fits(unet_config, adapter: MotionAdapter, *, exact: bool = Fal
     n = len(cfg.block_out_channels)
     mismatches = []
     if list(a.block_out_channels) != list(cfg.block_out_channels):
-        mismatches.append(f"block_out_channels {list(a.block_out_channels)} vs the UNet's "
-                          f"{list(cfg.block_out_channels)}")
+        mismatches.append(
+            f"block_out_channels {list(a.block_out_channels)} vs the UNet's {list(cfg.block_out_channels)}"
+        )
     elif per_block("", a.motion_layers_per_block, n) != per_block("", cfg.layers_per_block, n):
-        mismatches.append(f"motion_layers_per_block {a.motion_layers_per_block} vs the UNet's layers_per_block "
-                          f"{cfg.layers_per_block}")
+        mismatches.append(
+            f"motion_layers_per_block {a.motion_layers_per_block} vs the UNet's layers_per_block {cfg.layers_per_block}"
+        )
     if a.motion_norm_num_groups != cfg.norm_num_groups:
-        mismatches.append(f"motion_norm_num_groups {a.motion_norm_num_groups} vs the UNet's norm_num_groups "
-                          f"{cfg.norm_num_groups}")
+        mismatches.append(
+            f"motion_norm_num_groups {a.motion_norm_num_groups} vs the UNet's norm_num_groups {cfg.norm_num_groups}"
+        )
     if a.use_motion_mid_block and a.motion_mid_block_layers_per_block != cfg.get("mid_block_layers", 1):
-        mismatches.append(f"motion_mid_block_layers_per_block {a.motion_mid_block_layers_per_block} vs the "
-                          f"UNet's {cfg.get('mid_block_layers', 1)} mid-block layer(s)")
+        mismatches.append(
+            f"motion_mid_block_layers_per_block {a.motion_mid_block_layers_per_block} vs the "
+            f"UNet's {cfg.get('mid_block_layers', 1)} mid-block layer(s)"
+        )
     if a.conv_in_channels:
         raise NotImplementedError("motion adapters with conv_in_channels (PIA) are not supported by diffpipe")
     if exact:
@@ -432,8 +474,10 @@ def _canonical_adapter_config(config: dict) -> dict:
         out[key] = _norm(per_block(key, config[key], n))
     mid_layers = config["motion_mid_block_layers_per_block"]
     out["motion_transformer_layers_per_mid_block"] = _norm(
-        per_block("motion_transformer_layers_per_mid_block", config["motion_transformer_layers_per_mid_block"],
-                  mid_layers))
+        per_block(
+            "motion_transformer_layers_per_mid_block", config["motion_transformer_layers_per_mid_block"], mid_layers
+        )
+    )
     return out
 
 
@@ -450,9 +494,14 @@ _ADAPTER_KEYS = {
     "use_motion_mid_block": "use_motion_mid_block",
 }
 # The ones the reference's from_unet2d takes from the adapter (the others must already agree).
-_TAKEN_FROM_ADAPTER = ("layers_per_block", "temporal_transformer_layers_per_block",
-                       "temporal_transformer_layers_per_mid_block", "motion_num_attention_heads",
-                       "motion_max_seq_length", "use_motion_mid_block")
+_TAKEN_FROM_ADAPTER = (
+    "layers_per_block",
+    "temporal_transformer_layers_per_block",
+    "temporal_transformer_layers_per_mid_block",
+    "motion_num_attention_heads",
+    "motion_max_seq_length",
+    "use_motion_mid_block",
+)
 
 
 def _motion_config(unet_config, adapter_config) -> dict:

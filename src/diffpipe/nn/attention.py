@@ -229,9 +229,7 @@ class Attention(nn.Module):
             return self.norm_cross(encoder_hidden_states)
         return encoder_hidden_states
 
-    def finish(
-        self, out: torch.Tensor, residual: torch.Tensor, image_shape: tuple[int, ...] | None
-    ) -> torch.Tensor:
+    def finish(self, out: torch.Tensor, residual: torch.Tensor, image_shape: tuple[int, ...] | None) -> torch.Tensor:
         """Output projection, back to image layout, residual and rescale."""
         out = self.to_out[1](self.to_out[0](out))
         if image_shape is not None:

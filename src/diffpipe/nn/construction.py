@@ -8,8 +8,16 @@ import torch
 from torch import nn
 
 # Layers whose constructors run an initializer; loading replaces every value they would produce.
-_INITIALIZED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.GroupNorm, nn.LayerNorm,
-                nn.Embedding)
+_INITIALIZED = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose2d,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.Embedding,
+)
 
 
 def _skip(self) -> None:

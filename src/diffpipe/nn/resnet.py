@@ -39,7 +39,9 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         if time_embedding_norm in ("spatial", "ada_group"):
-            raise NotImplementedError(f"ResnetBlock2D with time_embedding_norm={time_embedding_norm!r} is not implemented")
+            raise NotImplementedError(
+                f"ResnetBlock2D with time_embedding_norm={time_embedding_norm!r} is not implemented"
+            )
         if temb_channels is not None and time_embedding_norm not in ("default", "scale_shift"):
             raise ValueError(
                 f"unknown time_embedding_norm {time_embedding_norm!r}; expected 'default' or 'scale_shift'"

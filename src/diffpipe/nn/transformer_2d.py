@@ -55,7 +55,9 @@ class BasicTransformerBlock(nn.Module):
         if positional_embeddings not in (None, "sinusoidal"):
             raise ValueError(f"positional_embeddings={positional_embeddings!r}; expected None or 'sinusoidal'")
         if positional_embeddings is not None and num_positional_embeddings is None:
-            raise ValueError("positional_embeddings='sinusoidal' needs num_positional_embeddings (the longest sequence)")
+            raise ValueError(
+                "positional_embeddings='sinusoidal' needs num_positional_embeddings (the longest sequence)"
+            )
         self.pos_embed = (
             SinusoidalPositionalEmbedding(dim, max_seq_length=num_positional_embeddings)
             if positional_embeddings is not None
@@ -70,7 +72,9 @@ class BasicTransformerBlock(nn.Module):
             out_bias=attention_out_bias,
         )
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
-        self.attn1 = Attention(dim, cross_attention_dim=cross_attention_dim if only_cross_attention else None, **attention)
+        self.attn1 = Attention(
+            dim, cross_attention_dim=cross_attention_dim if only_cross_attention else None, **attention
+        )
         if cross_attention_dim is not None or double_self_attention:
             self.norm2 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
             self.attn2 = Attention(

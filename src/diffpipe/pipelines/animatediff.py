@@ -61,10 +61,21 @@ def video_latents(pipe, request: VideoRequest, state: CallState) -> CallState:
     """``[B, C, F, h, w]`` noise, and the prompt embeddings repeated for every frame."""
     state.height, state.width = request.size(pipe)
     factor = pipe.vae_scale_factor
-    shape = (request.total, pipe.unet.config.in_channels, request.num_frames, state.height // factor,
-             state.width // factor)
-    state.latents = stages.initial_latents(shape, generator=request.generator, device=state.device, dtype=state.dtype,
-                                           latents=request.latents, init_noise_sigma=pipe.scheduler.init_noise_sigma)
+    shape = (
+        request.total,
+        pipe.unet.config.in_channels,
+        request.num_frames,
+        state.height // factor,
+        state.width // factor,
+    )
+    state.latents = stages.initial_latents(
+        shape,
+        generator=request.generator,
+        device=state.device,
+        dtype=state.dtype,
+        latents=request.latents,
+        init_noise_sigma=pipe.scheduler.init_noise_sigma,
+    )
     state.tensors["prompt_embeds"] = state.condition.repeat_interleave(request.num_frames, dim=0)
     return state
 
@@ -95,12 +106,14 @@ class AnimateDiffPipeline(StableDiffusionBase):
     _optional_components = ("feature_extractor", "image_encoder", "motion_adapter")
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, motion_adapter, scheduler, feature_extractor=None,
-                 image_encoder=None):
+    def __init__(
+        self, vae, text_encoder, tokenizer, unet, motion_adapter, scheduler, feature_extractor=None, image_encoder=None
+    ):
         super(StableDiffusionBase, self).__init__()  # no safety checker, no SD config fixes (as the reference)
         if motion_adapter is not None and not isinstance(motion_adapter, MotionAdapter):
-            raise TypeError(f"AnimateDiffPipeline: motion_adapter must be a MotionAdapter, got "
-                            f"{type(motion_adapter).__name__}")
+            raise TypeError(
+                f"AnimateDiffPipeline: motion_adapter must be a MotionAdapter, got {type(motion_adapter).__name__}"
+            )
         if isinstance(unet, UNet2DConditionModel):
             if motion_adapter is None:
                 raise ValueError(
@@ -112,9 +125,16 @@ class AnimateDiffPipeline(StableDiffusionBase):
                 f"AnimateDiffPipeline: unet must be a UNet2DConditionModel (with motion_adapter=) or a "
                 f"UNetMotionModel, got {type(unet).__name__}"
             )
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                              motion_adapter=motion_adapter, scheduler=scheduler,
-                              feature_extractor=feature_extractor, image_encoder=image_encoder)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            motion_adapter=motion_adapter,
+            scheduler=scheduler,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
 
     embeds_guidance_scale = False  # the reference guides every motion UNet by CFG, LCM-distilled or not
     request_type = VideoRequest
@@ -125,8 +145,12 @@ class AnimateDiffPipeline(StableDiffusionBase):
         ``decode_chunk_size`` frames at a time."""
         batch, channels, frames, height, width = latents.shape
         flat = latents.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
-        decoded = torch.cat([stages.decode_latents(self.vae, flat[i : i + decode_chunk_size])
-                             for i in range(0, flat.shape[0], decode_chunk_size)])
+        decoded = torch.cat(
+            [
+                stages.decode_latents(self.vae, flat[i : i + decode_chunk_size])
+                for i in range(0, flat.shape[0], decode_chunk_size)
+            ]
+        )
         return decoded.reshape(batch, frames, *decoded.shape[1:]).permute(0, 2, 1, 3, 4).float()
 
     def __call__(

@@ -16,10 +16,12 @@ TASKS = ("text2image", "image2image", "inpainting")
 
 # family -> (text-to-image, image-to-image, inpainting) class names
 FAMILIES: dict[str, tuple[str, str, str]] = {
-    "stable-diffusion": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
-                         "StableDiffusionInpaintPipeline"),
-    "stable-diffusion-xl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
-                            "StableDiffusionXLInpaintPipeline"),
+    "stable-diffusion": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+    "stable-diffusion-xl": (
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
+    ),
 }
 
 # other pipelines of a family that AutoPipeline may be handed (feature pipelines built by from_pipe)
@@ -40,8 +42,7 @@ def task_class(class_name: str, task: str):
     family = family_of(class_name)
     if family is None:
         raise UnsupportedComponentError(
-            f"AutoPipeline does not know the model family of {class_name!r}; known families: "
-            f"{', '.join(FAMILIES)}"
+            f"AutoPipeline does not know the model family of {class_name!r}; known families: {', '.join(FAMILIES)}"
         )
     target = FAMILIES[family][TASKS.index(task)]
     cls = find_class(target)
@@ -66,12 +67,20 @@ class _AutoPipeline:
 
         def read_index(files, read):
             if "model_index.json" in files:
-                found.update(parse_model_index_bytes(read("model_index.json"), where=str(pretrained_model_name_or_path)))
+                found.update(
+                    parse_model_index_bytes(read("model_index.json"), where=str(pretrained_model_name_or_path))
+                )
             return ["model_index.json"] if "model_index.json" in files else []
 
-        hub.fetch(pretrained_model_name_or_path, read_index, revision=kwargs.get("revision"),
-                  cache_dir=kwargs.get("cache_dir"), local_files_only=kwargs.get("local_files_only"),
-                  token=kwargs.get("token"), what=cls.__name__)
+        hub.fetch(
+            pretrained_model_name_or_path,
+            read_index,
+            revision=kwargs.get("revision"),
+            cache_dir=kwargs.get("cache_dir"),
+            local_files_only=kwargs.get("local_files_only"),
+            token=kwargs.get("token"),
+            what=cls.__name__,
+        )
         name = found.get("_class_name")
         if not isinstance(name, str):
             raise UnsupportedComponentError(

@@ -153,7 +153,9 @@ class OffloadMixin:
             attach(group, name, module)
         object.__setattr__(self, "_offload_device", device)
 
-    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+    def enable_sequential_cpu_offload(
+        self, gpu_id: int | None = None, device: torch.device | str | None = None
+    ) -> None:
         """Lowest memory: every leaf module moves to ``device`` only for its own forward."""
         device = torch.device(device) if device is not None else self._default_accelerator()
         if device.type != "cpu" and device.index is None and gpu_id is not None:

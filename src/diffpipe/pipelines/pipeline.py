@@ -35,15 +35,21 @@ from .offload import OffloadMixin
 
 logger = logging.getLogger(__name__)
 
-_ACCEPTED_NO_OPS = ("low_cpu_mem_usage", "force_download", "resume_download", "proxies", "mirror",
-                    "output_loading_info", "device_map")
+_ACCEPTED_NO_OPS = (
+    "low_cpu_mem_usage",
+    "force_download",
+    "resume_download",
+    "proxies",
+    "mirror",
+    "output_loading_info",
+    "device_map",
+)
 
 
 def _dtype_for(spec, name: str):
     if isinstance(spec, dict):
         return spec.get(name, spec.get("default"))
     return spec
-
 
 
 class DiffusionPipeline(ConfigMixin, OffloadMixin):
@@ -267,8 +273,7 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
                 )
             index = loading.parse_model_index_bytes(read("model_index.json"), where=where)
             plan.clear()
-            plan.update(cls._plan(index, files, kwargs, variant=variant, use_safetensors=use_safetensors,
-                                  where=where))
+            plan.update(cls._plan(index, files, kwargs, variant=variant, use_safetensors=use_safetensors, where=where))
             names = plan["class"].component_names()
             unknown = sorted(k for k in dtypes if k != "default" and k not in names) if isinstance(dtypes, dict) else []
             if unknown:  # a typo would silently leave that component in the default dtype
@@ -279,8 +284,16 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
             return plan["files"]
 
         hashes: dict[str, str] | None = {} if verify else None
-        root = hub.fetch(source, select, revision=revision, cache_dir=cache_dir,
-                         local_files_only=local_files_only, token=token, what=where, hashes=hashes)
+        root = hub.fetch(
+            source,
+            select,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            what=where,
+            hashes=hashes,
+        )
         pipeline_cls: type[DiffusionPipeline] = plan["class"]
         report: LoadReport = plan["report"]
         components = dict(plan["given"])
@@ -289,8 +302,13 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
                 check_hashes({f: root / f for f in plan["files"]}, hashes, where=where)
             for name, (spec, fell_back) in plan["specs"].items():
                 components[name] = loading.load_component(
-                    spec, root, variant=None if fell_back else variant, dtype=_dtype_for(dtypes, name),
-                    use_safetensors=use_safetensors, where=where, allow_missing_keys=allow_missing_keys,
+                    spec,
+                    root,
+                    variant=None if fell_back else variant,
+                    dtype=_dtype_for(dtypes, name),
+                    use_safetensors=use_safetensors,
+                    where=where,
+                    allow_missing_keys=allow_missing_keys,
                     verify=verify,
                 )
         pipeline = pipeline_cls(**components, **plan["settings"])
@@ -364,7 +382,7 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
                 continue
             if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
                 raise ConfigError(
-                    f"{where}: model_index.json entry {name!r} is {entry!r}; expected [\"library\", \"ClassName\"]"
+                    f'{where}: model_index.json entry {name!r} is {entry!r}; expected ["library", "ClassName"]'
                 )
             spec = loading.resolve(entry[0], entry[1], component=name, where=where)
             wanted = pipeline_cls._slot_mismatch(name, spec.cls)
@@ -381,7 +399,8 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
                     f"checkpoint has no files under {name}/"
                 )
             choice, fell_back = loading.component_file_choice(
-                spec, in_folder, variant=variant, use_safetensors=use_safetensors, where=where)
+                spec, in_folder, variant=variant, use_safetensors=use_safetensors, where=where
+            )
             needed += [f"{name}/{f}" for f in loading.non_weight_files(in_folder)]
             if choice is not None:
                 needed += [f"{name}/{f}" for f in choice.all_files]
@@ -400,8 +419,14 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
             report.variant_fallbacks.append(name)
         settings = {k: index[k] for k in pipeline_cls._config_keys if k in index}
         settings.update({k: overrides[k] for k in pipeline_cls._config_keys if k in overrides})
-        return {"class": pipeline_cls, "specs": specs, "given": given, "settings": settings,
-                "files": needed, "report": report}
+        return {
+            "class": pipeline_cls,
+            "specs": specs,
+            "given": given,
+            "settings": settings,
+            "files": needed,
+            "report": report,
+        }
 
     @classmethod
     def _check_override(cls, name: str, obj, spec: ComponentSpec | None) -> None:
@@ -482,8 +507,14 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
         with StagedFolder(save_directory) as stage:
             for name, obj in self.components.items():
                 if obj is not None:
-                    loading.save_component(obj, stage, name, variant=variant,
-                                           safe_serialization=safe_serialization, max_shard_size=max_shard_size)
+                    loading.save_component(
+                        obj,
+                        stage,
+                        name,
+                        variant=variant,
+                        safe_serialization=safe_serialization,
+                        max_shard_size=max_shard_size,
+                    )
             stage.path(self.config_name).write_text(self.to_json_string(), encoding="utf-8")
 
 

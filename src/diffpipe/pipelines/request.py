@@ -123,8 +123,12 @@ class SDRequest:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {n!r}")
         stages.check_generators(self.generator, self.total)
-        if self.guidance_scale > 1 and self.prompt_embeds is not None and self.negative_prompt_embeds is None \
-                and self.negative_prompt is not None:
+        if (
+            self.guidance_scale > 1
+            and self.prompt_embeds is not None
+            and self.negative_prompt_embeds is None
+            and self.negative_prompt is not None
+        ):
             raise ValueError("with prompt_embeds=, pass the negative side as negative_prompt_embeds=")
         imgs.check_output_type(self.output_type)
         pipe._check_image_prompt(self.ip_adapter_image, self.ip_adapter_image_embeds, pipe._guidance(self).active)

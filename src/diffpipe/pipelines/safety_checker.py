@@ -71,7 +71,9 @@ class StableDiffusionSafetyChecker(PreTrainedModel):
         flagged = self.flags(clip_input)
         for idx, bad in enumerate(flagged):
             if bad:
-                images[idx] = torch.zeros_like(images[idx]) if torch.is_tensor(images[idx]) else np.zeros(images[idx].shape)
+                images[idx] = (
+                    torch.zeros_like(images[idx]) if torch.is_tensor(images[idx]) else np.zeros(images[idx].shape)
+                )
         if any(flagged):
             logger.warning(
                 "Potential NSFW content was detected in one or more images; a black image is returned instead. "

@@ -22,7 +22,14 @@ from ..nn.attention import AttnProcessorMath
 from ..runtime.hooks import ModuleHook, add_hook, remove_hook
 from . import stages
 from .request import CallState, SDRequest
-from .stable_diffusion import StableDiffusionBase, decode_images, encode_prompt_stage, noise_latents, output, text_timesteps
+from .stable_diffusion import (
+    StableDiffusionBase,
+    decode_images,
+    encode_prompt_stage,
+    noise_latents,
+    output,
+    text_timesteps,
+)
 
 BLUR_KERNEL = 9
 BLUR_SIGMA = 1.0
@@ -100,7 +107,9 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int = BLUR_KERNEL, sigma: float 
     return F.conv2d(F.pad(x, (pad, pad, pad, pad), mode="reflect"), kernel, groups=x.shape[1])
 
 
-def clean_and_noise(scheduler, sample: torch.Tensor, model_output: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+def clean_and_noise(
+    scheduler, sample: torch.Tensor, model_output: torch.Tensor, t
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted x_0, predicted noise) from the model output at timestep ``t``, DDIM-style."""
     alpha = scheduler.alphas_cumprod[int(t)].to(sample.device)
     a, b = alpha**0.5, (1 - alpha) ** 0.5
@@ -196,8 +205,9 @@ class StableDiffusionSAGPipeline(StableDiffusionBase):
             )
         kind = scheduler.config.get("prediction_type", "epsilon")
         if kind not in PREDICTION_TYPES:
-            raise ValueError(f"self-attention guidance supports prediction_type {PREDICTION_TYPES}, "
-                             f"but {name} has {kind!r}")
+            raise ValueError(
+                f"self-attention guidance supports prediction_type {PREDICTION_TYPES}, but {name} has {kind!r}"
+            )
 
     def _sag_term(self, capture: AttentionMapCapture, sag_scale: float, state: CallState) -> Callable:
         """The loop's ``guide``: ``+ sag_scale * (eps - eps(degraded latents))``, where eps is the
@@ -221,8 +231,16 @@ class StableDiffusionSAGPipeline(StableDiffusionBase):
 
     request_type = SAGRequest
     embeds_guidance_scale = False  # the reference's SAG runs CFG and no guidance embedding on any UNet
-    call_stages = (text_timesteps, check_scheduler, encode_prompt_stage, noise_latents, legacy_callback,
-                   denoise_with_sag, decode_images, output)
+    call_stages = (
+        text_timesteps,
+        check_scheduler,
+        encode_prompt_stage,
+        noise_latents,
+        legacy_callback,
+        denoise_with_sag,
+        decode_images,
+        output,
+    )
 
     def __call__(
         self,

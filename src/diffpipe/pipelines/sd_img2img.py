@@ -11,8 +11,7 @@ from .request import CallState, SDRequest
 from .stable_diffusion import DENOISE_AND_DECODE, StableDiffusionBase, encode_prompt_stage
 
 
-def strength_timesteps(scheduler, num_inference_steps: int, strength: float, device, timesteps=None,
-                       sigmas=None):
+def strength_timesteps(scheduler, num_inference_steps: int, strength: float, device, timesteps=None, sigmas=None):
     """Set the schedule, then skip its first ``1 - strength``: (timesteps left, steps left)."""
     stages.set_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
     if timesteps is not None or sigmas is not None:
@@ -47,8 +46,9 @@ def tile_to_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     return torch.cat([x] * (batch // x.shape[0]), dim=0)
 
 
-def noised_image_latents(pipeline, image: torch.Tensor, timestep, *, batch: int, generator, device, dtype,
-                         add_noise: bool = True):
+def noised_image_latents(
+    pipeline, image: torch.Tensor, timestep, *, batch: int, generator, device, dtype, add_noise: bool = True
+):
     """Encode ``image`` (already a (B, C, H, W) tensor) and noise it to ``timestep`` (unless ``add_noise``
     is off: a refiner continuing from another pipeline's partly denoised latents)."""
     image = image.to(device=device, dtype=dtype)
@@ -74,15 +74,22 @@ def preprocess_image(pipe, request: SDRequest, state: CallState) -> CallState:
 def strength_schedule(pipe, request: SDRequest, state: CallState) -> CallState:
     """The schedule without its first ``1 - strength`` (the image gives the start)."""
     state.timesteps, state.num_inference_steps = strength_timesteps(
-        pipe.scheduler, request.num_inference_steps, request.strength, state.device, request.timesteps,
-        request.sigmas)
+        pipe.scheduler, request.num_inference_steps, request.strength, state.device, request.timesteps, request.sigmas
+    )
     return state
 
 
 def image_latents(pipe, request: SDRequest, state: CallState) -> CallState:
     """The encoded image noised to the first timestep left."""
-    state.latents = noised_image_latents(pipe, state.pixels, state.timesteps[:1], batch=request.total,
-                                         generator=request.generator, device=state.device, dtype=state.dtype)
+    state.latents = noised_image_latents(
+        pipe,
+        state.pixels,
+        state.timesteps[:1],
+        batch=request.total,
+        generator=request.generator,
+        device=state.device,
+        dtype=state.dtype,
+    )
     return state
 
 

@@ -39,16 +39,18 @@ def inpaint_latents(pipe, request: SDRequest, state: CallState) -> CallState:
     factor = pipe.vae_scale_factor
     shape = (total, pipe.vae.config.latent_channels, state.height // factor, state.width // factor)
     if _repaints_by_blending(pipe) or (request.latents is None and not full_strength):
-        image_latents = stages.encode_image_latents(pipe.vae, state.pixels.to(device=device, dtype=dtype),
-                                                    request.generator)
+        image_latents = stages.encode_image_latents(
+            pipe.vae, state.pixels.to(device=device, dtype=dtype), request.generator
+        )
         state.image_latents = image_latents.to(dtype).repeat(total // image_latents.shape[0], 1, 1, 1)
     if request.latents is None:
         state.noise = randn(shape, generator=request.generator, device=device, dtype=dtype)
         if full_strength:
             state.latents = state.noise * pipe.scheduler.init_noise_sigma
         else:
-            state.latents = pipe.scheduler.add_noise(state.image_latents, state.noise,
-                                                     state.timesteps[:1].repeat(total))
+            state.latents = pipe.scheduler.add_noise(
+                state.image_latents, state.noise, state.timesteps[:1].repeat(total)
+            )
     else:
         state.noise = request.latents.to(device)
         state.latents = state.noise * pipe.scheduler.init_noise_sigma
@@ -67,7 +69,9 @@ def inpaint_conditions(pipe, request: SDRequest, state: CallState) -> CallState:
         masked = (state.pixels * (state.mask_pixels < 0.5)).to(device=device, dtype=dtype)
         masked_image_latents = stages.encode_image_latents(pipe.vae, masked, request.generator)
     masked_image_latents = tile_to_batch(masked_image_latents.to(device=device, dtype=dtype), total, "images")
-    state.tensors.update(mask=state.guidance.batch(mask), masked_image_latents=state.guidance.batch(masked_image_latents))
+    state.tensors.update(
+        mask=state.guidance.batch(mask), masked_image_latents=state.guidance.batch(masked_image_latents)
+    )
     if not _repaints_by_blending(pipe):
         state.concat = ("mask", "masked_image_latents")
         return state
@@ -89,8 +93,14 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
     callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
 
     task = "inpaint"
-    call_stages = (preprocess_image_and_mask, encode_prompt_stage, strength_schedule, inpaint_latents,
-                   inpaint_conditions, *DENOISE_AND_DECODE)
+    call_stages = (
+        preprocess_image_and_mask,
+        encode_prompt_stage,
+        strength_schedule,
+        inpaint_latents,
+        inpaint_conditions,
+        *DENOISE_AND_DECODE,
+    )
 
     def __call__(
         self,

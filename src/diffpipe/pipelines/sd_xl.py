@@ -21,7 +21,13 @@ import torch
 from . import stages
 from .pipeline import DiffusionPipeline
 from .request import CallState, SDRequest, check_fraction
-from .stable_diffusion import DENOISE_AND_DECODE, StableDiffusionBase, encode_prompt_stage, noise_latents, text_timesteps
+from .stable_diffusion import (
+    DENOISE_AND_DECODE,
+    StableDiffusionBase,
+    encode_prompt_stage,
+    noise_latents,
+    text_timesteps,
+)
 
 # The 48-bit message Stability AI's reference code embeds (generative-models, streamlit_helpers.py).
 WATERMARK_MESSAGE = 0b101100111110110010010000011110111011000110011110
@@ -142,14 +148,31 @@ class StableDiffusionXLBase(StableDiffusionBase):
     """
 
     _config_keys = ("force_zeros_for_empty_prompt", "add_watermarker")
-    _optional_components = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "image_encoder",
-                            "feature_extractor")
+    _optional_components = (
+        "tokenizer",
+        "tokenizer_2",
+        "text_encoder",
+        "text_encoder_2",
+        "image_encoder",
+        "feature_extractor",
+    )
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
     callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
 
-    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
-                 image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = True,
-                 add_watermarker: bool | None = None):
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+    ):
         DiffusionPipeline.__init__(self)
         if (text_encoder is None) != (tokenizer is None) or (text_encoder_2 is None) != (tokenizer_2 is None):
             raise ValueError(
@@ -158,9 +181,17 @@ class StableDiffusionXLBase(StableDiffusionBase):
                 f"tokenizer={type(tokenizer).__name__}, text_encoder_2={type(text_encoder_2).__name__}, "
                 f"tokenizer_2={type(tokenizer_2).__name__}"
             )
-        self.register_modules(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                              tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
-                              feature_extractor=feature_extractor)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         if add_watermarker is None:
             add_watermarker = watermark_available()
@@ -190,10 +221,22 @@ class StableDiffusionXLBase(StableDiffusionBase):
             hidden.append(out.hidden_states[layer])
         return torch.cat(hidden, dim=-1), pooled
 
-    def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1,
-                      do_classifier_free_guidance: bool = True, negative_prompt=None, negative_prompt_2=None,
-                      prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
-                      negative_pooled_prompt_embeds=None, lora_scale=None, clip_skip=None):
+    def encode_prompt(
+        self,
+        prompt,
+        prompt_2=None,
+        device=None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
+        lora_scale=None,
+        clip_skip=None,
+    ):
         """(prompt embeddings, negative embeddings, pooled, negative pooled), as the reference returns them.
 
         ``prompt_2`` / ``negative_prompt_2`` go to the second encoder (default: ``prompt`` /
@@ -222,16 +265,18 @@ class StableDiffusionXLBase(StableDiffusionBase):
                     raise ValueError(f"{type(self).__name__} has no text encoder to encode negative_prompt with")
                 first = _as_list(negative_prompt or "", batch)
                 texts = [first, _as_list(negative_prompt_2 or negative_prompt or "", batch)]
-                negative, pooled = self._encode_texts(stack, texts, layer=-2, device=device,
-                                                      max_length=prompt_embeds.shape[1], warn=False)
+                negative, pooled = self._encode_texts(
+                    stack, texts, layer=-2, device=device, max_length=prompt_embeds.shape[1], warn=False
+                )
                 negative_pooled = pooled if negative_pooled is None else negative_pooled
             if negative_pooled is None:
                 raise ValueError("with negative_prompt_embeds=, pass negative_pooled_prompt_embeds= too")
         dtype = self._prompt_dtype()
 
         def per_image(x):
-            return None if x is None else stages.repeat_per_image(x.to(dtype=dtype, device=device),
-                                                                  num_images_per_prompt)
+            return (
+                None if x is None else stages.repeat_per_image(x.to(dtype=dtype, device=device), num_images_per_prompt)
+            )
 
         return tuple(per_image(x) for x in (prompt_embeds, negative, pooled_prompt_embeds, negative_pooled))
 
@@ -260,9 +305,12 @@ class StableDiffusionXLBase(StableDiffusionBase):
             self._check_text_encoder_2()
 
     def _more_prompt_arguments(self, request: SDXLRequest) -> dict:
-        return dict(prompt_2=request.prompt_2, negative_prompt_2=request.negative_prompt_2,
-                    pooled_prompt_embeds=request.pooled_prompt_embeds,
-                    negative_pooled_prompt_embeds=request.negative_pooled_prompt_embeds)
+        return dict(
+            prompt_2=request.prompt_2,
+            negative_prompt_2=request.negative_prompt_2,
+            pooled_prompt_embeds=request.pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=request.negative_pooled_prompt_embeds,
+        )
 
     def _check_text_encoder_2(self) -> None:
         if self.text_encoder_2 is None:
@@ -319,8 +367,10 @@ class StableDiffusionXLBase(StableDiffusionBase):
         if mean is None or std is None:
             return None
         shape = (1, len(mean), 1, 1)
-        return (torch.tensor(mean).view(shape).to(like.device, like.dtype),
-                torch.tensor(std).view(shape).to(like.device, like.dtype))
+        return (
+            torch.tensor(mean).view(shape).to(like.device, like.dtype),
+            torch.tensor(std).view(shape).to(like.device, like.dtype),
+        )
 
     def _decode(self, latents, generator=None) -> torch.Tensor:
         # the reference upcasts for decoding only a float16 VAE
@@ -368,7 +418,8 @@ def micro_conditioning(pipe: StableDiffusionXLBase, request: SDXLRequest, state:
 def stop_at_denoising_end(pipe, request: SDXLRequest, state: CallState) -> CallState:
     """Keep only the timesteps above ``denoising_end`` (a base model handing over to a refiner)."""
     state.timesteps, state.num_inference_steps = cut_at_denoising_end(
-        pipe.scheduler, state.timesteps, state.num_inference_steps, request.denoising_end)
+        pipe.scheduler, state.timesteps, state.num_inference_steps, request.denoising_end
+    )
     return state
 
 
@@ -383,16 +434,26 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
     """Text to image with Stable Diffusion XL (base models; ``denoising_end`` hands over to a refiner)."""
 
     request_type = SDXLRequest
-    call_stages = (encode_prompt_stage, micro_conditioning, text_timesteps, noise_latents, stop_at_denoising_end,
-                   begin_at_the_start, *DENOISE_AND_DECODE)
+    call_stages = (
+        encode_prompt_stage,
+        micro_conditioning,
+        text_timesteps,
+        noise_latents,
+        stop_at_denoising_end,
+        begin_at_the_start,
+        *DENOISE_AND_DECODE,
+    )
 
     def _time_id_rows(self, request: SDXLRequest, state: CallState) -> tuple[list, list | None, str]:
         size = request.size(self)
         row = [*(request.original_size or size), *request.crops_coords_top_left, *(request.target_size or size)]
         negative_row = None  # the positive ids, unless both negative sizes are given
         if request.negative_original_size is not None and request.negative_target_size is not None:
-            negative_row = [*request.negative_original_size, *request.negative_crops_coords_top_left,
-                            *request.negative_target_size]
+            negative_row = [
+                *request.negative_original_size,
+                *request.negative_crops_coords_top_left,
+                *request.negative_target_size,
+            ]
         return row, negative_row, ""
 
     def __call__(

@@ -17,8 +17,9 @@ from .sd_xl import SDXLRequest, StableDiffusionXLBase, micro_conditioning, stop_
 from .stable_diffusion import DENOISE_AND_DECODE, encode_prompt_stage
 
 
-def start_timesteps(scheduler, num_inference_steps: int, strength: float, device, denoising_start,
-                    timesteps=None, sigmas=None):
+def start_timesteps(
+    scheduler, num_inference_steps: int, strength: float, device, denoising_start, timesteps=None, sigmas=None
+):
     """(timesteps left, steps left): skip ``1 - strength`` of the schedule, or everything above
     ``denoising_start``'s point of the training schedule."""
     if denoising_start is None:
@@ -40,8 +41,14 @@ def start_timesteps(scheduler, num_inference_steps: int, strength: float, device
 
 def start_schedule(pipe, request: SDXLRequest, state: CallState) -> CallState:
     state.timesteps, state.num_inference_steps = start_timesteps(
-        pipe.scheduler, request.num_inference_steps, request.strength, state.device, request.denoising_start,
-        request.timesteps, request.sigmas)
+        pipe.scheduler,
+        request.num_inference_steps,
+        request.strength,
+        state.device,
+        request.denoising_start,
+        request.timesteps,
+        request.sigmas,
+    )
     return state
 
 
@@ -51,9 +58,16 @@ def start_latents(pipe, request: SDXLRequest, state: CallState) -> CallState:
     if request.latents is not None:
         state.latents = request.latents.to(device=state.device)
         return state
-    state.latents = noised_image_latents(pipe, state.pixels, state.timesteps[:1], batch=request.total,
-                                         generator=request.generator, device=state.device, dtype=state.dtype,
-                                         add_noise=request.denoising_start is None)
+    state.latents = noised_image_latents(
+        pipe,
+        state.pixels,
+        state.timesteps[:1],
+        batch=request.total,
+        generator=request.generator,
+        device=state.device,
+        dtype=state.dtype,
+        add_noise=request.denoising_start is None,
+    )
     return state
 
 
@@ -62,12 +76,34 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
 
     _config_keys = StableDiffusionXLBase._config_keys + ("requires_aesthetics_score",)
 
-    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
-                 image_encoder=None, feature_extractor=None, requires_aesthetics_score: bool = False,
-                 force_zeros_for_empty_prompt: bool = True, add_watermarker: bool | None = None):
-        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
-                         image_encoder=image_encoder, feature_extractor=feature_extractor,
-                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=add_watermarker)
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        requires_aesthetics_score: bool = False,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+    ):
+        super().__init__(
+            vae,
+            text_encoder,
+            text_encoder_2,
+            tokenizer,
+            tokenizer_2,
+            unet,
+            scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+        )
         self.register_to_config(requires_aesthetics_score=requires_aesthetics_score)
 
     def _time_id_rows(self, request: SDXLRequest, state: CallState) -> tuple[list, list, str]:
@@ -81,20 +117,30 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
         negative_target_size = request.negative_target_size or target_size
         crop = request.crops_coords_top_left
         if self.config.requires_aesthetics_score:
-            rows = ([*original_size, *crop, request.aesthetic_score],
-                    [*negative_original_size, *request.negative_crops_coords_top_left,
-                     request.negative_aesthetic_score])
+            rows = (
+                [*original_size, *crop, request.aesthetic_score],
+                [*negative_original_size, *request.negative_crops_coords_top_left, request.negative_aesthetic_score],
+            )
         else:  # the reference's negative row keeps the positive crop corner here
             rows = ([*original_size, *crop, *target_size], [*negative_original_size, *crop, *negative_target_size])
-        hint = (f" requires_aesthetics_score={self.config.requires_aesthetics_score} makes "
-                f"{len(rows[0])} ids (5 with an aesthetic score for refiners, 6 with the target size); change it "
-                "with pipe.register_to_config(requires_aesthetics_score=...) if the UNet wants the other.")
+        hint = (
+            f" requires_aesthetics_score={self.config.requires_aesthetics_score} makes "
+            f"{len(rows[0])} ids (5 with an aesthetic score for refiners, 6 with the target size); change it "
+            "with pipe.register_to_config(requires_aesthetics_score=...) if the UNet wants the other."
+        )
         return rows[0], rows[1], hint
 
     request_type = SDXLRequest
     task = "image"
-    call_stages = (preprocess_image, encode_prompt_stage, micro_conditioning, start_schedule, start_latents,
-                   stop_at_denoising_end, *DENOISE_AND_DECODE)
+    call_stages = (
+        preprocess_image,
+        encode_prompt_stage,
+        micro_conditioning,
+        start_schedule,
+        start_latents,
+        stop_at_denoising_end,
+        *DENOISE_AND_DECODE,
+    )
 
     def __call__(
         self,

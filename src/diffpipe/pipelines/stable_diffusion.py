@@ -50,8 +50,18 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
     request_type = SDRequest
     task = "text"  # "text", "image" (image-to-image) or "inpaint": which inputs the request checks
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
-                 feature_extractor=None, image_encoder=None, requires_safety_checker: bool = True):
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker: bool = True,
+    ):
         super().__init__()
         if safety_checker is None and requires_safety_checker:
             logger.warning(SAFETY_CHECKER_DISABLED.format(cls=type(self).__name__))
@@ -62,9 +72,16 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
             )
         scheduler = fix_scheduler_for_sd(scheduler)
         fix_unet_for_sd(unet)
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                              scheduler=scheduler, safety_checker=safety_checker,
-                              feature_extractor=feature_extractor, image_encoder=image_encoder)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
         self.register_to_config(requires_safety_checker=requires_safety_checker)
 
     # ------------------------------------------------------------------ helpers
@@ -86,20 +103,35 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
         h, w = (size, size) if isinstance(size, int) else size
         return h * self.vae_scale_factor, w * self.vae_scale_factor
 
-
     def _prompt_dtype(self) -> torch.dtype:
         if self.text_encoder is not None:
             return self.text_encoder.dtype
         return self.unet.dtype
 
-    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
-                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, clip_skip=None,
-                      **unused):
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        clip_skip=None,
+        **unused,
+    ):
         """(prompt embeddings, negative embeddings) as the reference's ``encode_prompt`` returns them."""
         return stages.encode_prompt(
-            self.tokenizer, self.text_encoder, prompt, num_images_per_prompt=num_images_per_prompt,
-            do_cfg=do_classifier_free_guidance, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip, dtype=self._prompt_dtype(),
+            self.tokenizer,
+            self.text_encoder,
+            prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            do_cfg=do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            clip_skip=clip_skip,
+            dtype=self._prompt_dtype(),
             device=device,
         )
 
@@ -118,8 +150,9 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
             return stages.Guidance(scale=1.0)
         return stages.Guidance(scale=request.guidance_scale, rescale=request.guidance_rescale)
 
-    def get_guidance_scale_embedding(self, w: torch.Tensor, embedding_dim: int = 512,
-                                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def get_guidance_scale_embedding(
+        self, w: torch.Tensor, embedding_dim: int = 512, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """``[len(w), embedding_dim]`` sinusoidal code of ``1000 * w`` (``w`` = guidance scale - 1), the
         condition a guidance-distilled (LCM) UNet reads through ``timestep_cond``."""
         if w.ndim != 1:
@@ -160,13 +193,23 @@ def encode_prompt_stage(pipe: StableDiffusionBase, request: SDRequest, state: Ca
     state.guidance = pipe._guidance(request)
     if request.ip_adapter_image is not None or request.ip_adapter_image_embeds is not None:
         state.image_embeds = pipe.prepare_ip_adapter_image_embeds(
-            request.ip_adapter_image, request.ip_adapter_image_embeds, state.device, request.total,
-            state.guidance.active)
+            request.ip_adapter_image,
+            request.ip_adapter_image_embeds,
+            state.device,
+            request.total,
+            state.guidance.active,
+        )
     state.embeds, state.negative, *pooled = pipe.encode_prompt(
-        prompt=request.prompt, device=state.device, num_images_per_prompt=request.num_images_per_prompt,
-        do_classifier_free_guidance=state.guidance.active, negative_prompt=request.negative_prompt,
-        prompt_embeds=request.prompt_embeds, negative_prompt_embeds=request.negative_prompt_embeds,
-        clip_skip=request.clip_skip, **pipe._more_prompt_arguments(request))
+        prompt=request.prompt,
+        device=state.device,
+        num_images_per_prompt=request.num_images_per_prompt,
+        do_classifier_free_guidance=state.guidance.active,
+        negative_prompt=request.negative_prompt,
+        prompt_embeds=request.prompt_embeds,
+        negative_prompt_embeds=request.negative_prompt_embeds,
+        clip_skip=request.clip_skip,
+        **pipe._more_prompt_arguments(request),
+    )
     if pooled:
         state.pooled, state.negative_pooled = pooled
     state.tensors.update(prompt_embeds=state.condition, negative_prompt_embeds=state.negative)
@@ -176,7 +219,8 @@ def encode_prompt_stage(pipe: StableDiffusionBase, request: SDRequest, state: Ca
 def text_timesteps(pipe, request: SDRequest, state: CallState) -> CallState:
     """The whole schedule (steps, or the caller's ``timesteps=`` / ``sigmas=``)."""
     state.timesteps, state.num_inference_steps = stages.set_timesteps(
-        pipe.scheduler, request.num_inference_steps, state.device, request.timesteps, request.sigmas)
+        pipe.scheduler, request.num_inference_steps, state.device, request.timesteps, request.sigmas
+    )
     return state
 
 
@@ -185,8 +229,14 @@ def noise_latents(pipe, request: SDRequest, state: CallState) -> CallState:
     state.height, state.width = request.size(pipe)
     factor = pipe.vae_scale_factor
     shape = (request.total, pipe.unet.config.in_channels, state.height // factor, state.width // factor)
-    state.latents = stages.initial_latents(shape, generator=request.generator, device=state.device, dtype=state.dtype,
-                                           latents=request.latents, init_noise_sigma=pipe.scheduler.init_noise_sigma)
+    state.latents = stages.initial_latents(
+        shape,
+        generator=request.generator,
+        device=state.device,
+        dtype=state.dtype,
+        latents=request.latents,
+        init_noise_sigma=pipe.scheduler.init_noise_sigma,
+    )
     return state
 
 

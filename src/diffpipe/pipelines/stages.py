@@ -33,8 +33,9 @@ def check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_
         raise ValueError("pass either prompt= or prompt_embeds=, not both")
     if prompt is None and prompt_embeds is None:
         raise ValueError("pass prompt= (a string or a list of strings) or prompt_embeds=")
-    if prompt is not None and not (isinstance(prompt, str) or
-                                   (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))):
+    if prompt is not None and not (
+        isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
+    ):
         raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
     if isinstance(prompt, list) and not prompt:
         raise ValueError("prompt is an empty list")
@@ -106,8 +107,9 @@ def tokenize_prompt(tokenizer, texts: list[str], max_length: int | None = None):
     return tokens
 
 
-def encode_text(tokenizer, text_encoder, texts: list[str], *, clip_skip: int | None, device,
-                max_length: int | None = None):
+def encode_text(
+    tokenizer, text_encoder, texts: list[str], *, clip_skip: int | None, device, max_length: int | None = None
+):
     """(B, seq, dim) embeddings of ``texts`` the way Stable Diffusion conditions on them."""
     tokens = tokenize_prompt(tokenizer, texts, max_length)
     if clip_skip is None:
@@ -148,8 +150,9 @@ def encode_prompt(
             negatives = negative_prompt
         tokens = _tokenize(tokenizer, negatives, prompt_embeds.shape[1])
         negative_prompt_embeds = _text_hidden_states(text_encoder, tokens, all_layers=False, device=device)
-    negative_prompt_embeds = repeat_per_image(negative_prompt_embeds.to(dtype=dtype, device=device),
-                                              num_images_per_prompt)
+    negative_prompt_embeds = repeat_per_image(
+        negative_prompt_embeds.to(dtype=dtype, device=device), num_images_per_prompt
+    )
     return prompt_embeds, negative_prompt_embeds
 
 
@@ -233,9 +236,15 @@ def unet_predictor(unet, cross_attention_kwargs: dict | None, state) -> Callable
         added = {name: tensors[key] for name, key in added_cond.items()}
         if image_embeds is not None:
             added["image_embeds"] = image_embeds
-        return unet(model_input, t, encoder_hidden_states=tensors["prompt_embeds"], timestep_cond=timestep_cond,
-                    cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added or None,
-                    return_dict=False)[0]
+        return unet(
+            model_input,
+            t,
+            encoder_hidden_states=tensors["prompt_embeds"],
+            timestep_cond=timestep_cond,
+            cross_attention_kwargs=cross_attention_kwargs,
+            added_cond_kwargs=added or None,
+            return_dict=False,
+        )[0]
 
     return predict
 
@@ -270,8 +279,9 @@ def denoise(pipe, request, state):
             model_output = predict(model_input, t, tensors, state.image_embeds)
             noise_pred = guidance.combine(model_output)
             if state.guide is not None:
-                noise_pred = state.guide(noise_pred, model_output=model_output, latents=latents, t=t, tensors=tensors,
-                                         predict=predict)
+                noise_pred = state.guide(
+                    noise_pred, model_output=model_output, latents=latents, t=t, tensors=tensors, predict=predict
+                )
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
             if state.after_step is not None:
                 latents = state.after_step(latents, i, t)
@@ -284,12 +294,15 @@ def denoise(pipe, request, state):
                 bar.update()
     if not bool(torch.isfinite(latents).all()):
         if not bool(torch.isfinite(initial).all()):
-            warn_non_finite("the latents given to the denoising loop (latents=, or the image the VAE "
-                            "encoded)", "Check the input; a float16 VAE encoder can overflow: upcast the VAE.")
+            warn_non_finite(
+                "the latents given to the denoising loop (latents=, or the image the VAE encoded)",
+                "Check the input; a float16 VAE encoder can overflow: upcast the VAE.",
+            )
         else:
-            warn_non_finite("the denoising loop (UNet and scheduler)",
-                            "Run the UNet in float32 or bfloat16, and check its weights with "
-                            "from_pretrained(..., verify=True).")
+            warn_non_finite(
+                "the denoising loop (UNet and scheduler)",
+                "Run the UNet in float32 or bfloat16, and check its weights with from_pretrained(..., verify=True).",
+            )
     state.latents = latents
     return state
 

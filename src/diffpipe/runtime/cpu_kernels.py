@@ -35,11 +35,25 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 # The kernels worth upcasting: their cost is arithmetic, which is what these CPUs lack for bf16/fp16.
 _KERNELS = frozenset(
     {
-        torch.conv1d, torch.conv2d, torch.conv3d,
-        torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
-        F.linear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.einsum,
-        torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.mm, torch.Tensor.bmm,
-        torch.Tensor.addmm, torch.Tensor.baddbmm,
+        torch.conv1d,
+        torch.conv2d,
+        torch.conv3d,
+        torch.conv_transpose1d,
+        torch.conv_transpose2d,
+        torch.conv_transpose3d,
+        F.linear,
+        torch.matmul,
+        torch.mm,
+        torch.bmm,
+        torch.addmm,
+        torch.baddbmm,
+        torch.einsum,
+        torch.Tensor.matmul,
+        torch.Tensor.__matmul__,
+        torch.Tensor.mm,
+        torch.Tensor.bmm,
+        torch.Tensor.addmm,
+        torch.Tensor.baddbmm,
     }
 )
 
@@ -138,8 +152,6 @@ class Float32Kernels(TorchFunctionMode):
 
 
 _state = threading.local()  # torch's mode stack is per thread; so is whether ours is on
-
-
 
 
 def _needs_mode(modules) -> bool:

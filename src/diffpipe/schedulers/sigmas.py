@@ -157,7 +157,9 @@ def beta_ppf(q: np.ndarray, a: float, b: float) -> np.ndarray:
     too flat to pin x down (at q = 1 - 1e-16, Beta(1, 2) would otherwise be off by 2e-9)."""
     q = np.asarray(q, dtype=np.float64)
     upper = q > 0.5
-    x = np.where(upper, 1 - _bisect_quantile(np.where(upper, 1 - q, 0.5), b, a), _bisect_quantile(np.where(upper, 0.5, q), a, b))
+    x = np.where(
+        upper, 1 - _bisect_quantile(np.where(upper, 1 - q, 0.5), b, a), _bisect_quantile(np.where(upper, 0.5, q), a, b)
+    )
     x = np.where(q <= 0, 0.0, x)
     return np.where(q >= 1, 1.0, x)
 
