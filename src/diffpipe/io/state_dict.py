@@ -74,6 +74,18 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
     """
     path = Path(path)
     size = path.stat().st_size
+    raw = _raw_header(path, size)
+    header = _parse_header(path, raw)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CorruptCheckpointError(f"{path}: '__metadata__' in the safetensors header is not an object")
+    tensors = {name: _tensor_entry(path, name, info) for name, info in header.items()}
+    _check_layout(path, tensors, data_len=size - 8 - len(raw))
+    return tensors, metadata, 8 + len(raw)
+
+
+def _raw_header(path: Path, size: int) -> bytes:
+    """The header's bytes, after checking the length field against the file's size."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) >= 8 or size < 8:
@@ -95,12 +107,15 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
                 "after the length field (re-download or re-save the file)"
             )
         f.seek(8)
-        raw = f.read(n)
+        return f.read(n)
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
+    """The header as a JSON object, refusing non-UTF-8 text, bad JSON and names given twice."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CorruptCheckpointError(f"{path}: the safetensors header is not UTF-8 ({e})") from e
-
     duplicates: list[str] = []
 
     def pairs(items):
@@ -121,39 +136,40 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
         raise CorruptCheckpointError(
             f"{path}: the safetensors header names tensor(s) twice: {sorted(set(duplicates))[:5]}"
         )
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CorruptCheckpointError(f"{path}: '__metadata__' in the safetensors header is not an object")
+    return header
 
-    data_len = size - 8 - n
-    tensors: dict[str, tuple] = {}
-    for name, info in header.items():
-        if not isinstance(info, dict):
-            raise CorruptCheckpointError(f"{path}: header entry {name!r} is not an object")
-        code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if code not in SAFETENSORS_DTYPES:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} has dtype {code!r}, which is not a safetensors dtype this torch "
-                f"supports ({', '.join(SAFETENSORS_DTYPES)})"
-            )
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise CorruptCheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]
-        ):
-            raise CorruptCheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
-        dtype = SAFETENSORS_DTYPES[code]
-        expected = math.prod(shape) * _itemsize(dtype)
-        if offsets[1] - offsets[0] != expected:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes but shape {shape} of {code} "
-                f"needs {expected}"
-            )
-        tensors[name] = (dtype, tuple(shape), offsets[0], offsets[1])
 
+def _tensor_entry(path: Path, name: str, info) -> tuple:
+    """One header entry checked: (dtype, shape, start, end), its span matching its shape and dtype."""
+    if not isinstance(info, dict):
+        raise CorruptCheckpointError(f"{path}: header entry {name!r} is not an object")
+    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if code not in SAFETENSORS_DTYPES:
+        raise CorruptCheckpointError(
+            f"{path}: tensor {name!r} has dtype {code!r}, which is not a safetensors dtype this torch "
+            f"supports ({', '.join(SAFETENSORS_DTYPES)})"
+        )
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise CorruptCheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CorruptCheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    dtype = SAFETENSORS_DTYPES[code]
+    expected = math.prod(shape) * _itemsize(dtype)
+    if offsets[1] - offsets[0] != expected:
+        raise CorruptCheckpointError(
+            f"{path}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes but shape {shape} of {code} "
+            f"needs {expected}"
+        )
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _check_layout(path: Path, tensors: dict, *, data_len: int) -> None:
+    """The tensors tile the data section exactly: no overlap, no gap, nothing missing or left over."""
     position = 0
     for name, (_, _, start, end) in sorted(tensors.items(), key=lambda kv: (kv[1][2], kv[1][3])):
         if start != position:
@@ -169,7 +185,6 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
         raise CorruptCheckpointError(
             f"{path}: {data_len - position} unexpected trailing bytes after the last tensor; the file is corrupt"
         )
-    return tensors, metadata, 8 + n
 
 
 def load_safetensors(path: str | os.PathLike, *, cast_to: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -35,6 +35,53 @@ logger = logging.getLogger(__name__)
 _ACCEPTED_NO_OPS = ("low_cpu_mem_usage", "force_download", "resume_download", "proxies", "mirror")
 
 
+class _ModelFiles:
+    """Which files a model's ``from_pretrained`` needs (its config and one set of weights in
+    ``subfolder``), and reading them once they are local."""
+
+    def __init__(self, cls, subfolder: str | None, *, variant, use_safetensors, where: str):
+        self.cls, self.variant, self.use_safetensors, self.where = cls, variant, use_safetensors, where
+        self.config_rel = hub.join_relative(subfolder, cls.config_name)
+        self.prefix = self.config_rel[: -len(cls.config_name)]
+        self.prefixes = {SAFETENSORS: cls.weights_prefix, PICKLE: cls.weights_prefix}
+
+    def _choose(self, files: set[str]):
+        return choose_weights(
+            files, prefixes=self.prefixes, variant=self.variant, use_safetensors=self.use_safetensors, where=self.where
+        )
+
+    def select(self, files, read) -> list[str]:
+        """The repo files to fetch (``hub.fetch``'s selector)."""
+        if self.config_rel not in files:
+            raise ConfigError(
+                f"{self.where}: no {self.cls.config_name}; expected the file {self.config_rel}. Check the path or "
+                "repo id and the subfolder."
+            )
+        prefix = self.prefix
+        own = {f[len(prefix) :] for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :]}
+        return [self.config_rel, *(prefix + f for f in self._choose(own).all_files)]
+
+    def read(self, root: Path, *, hashes, cast_to):
+        """(config, tensors, their files, folder, weight choice), read under the folders' shared locks."""
+        folder = root / self.prefix if self.prefix else root
+        where = self.where
+        # A save into the root (a whole pipeline) or into the folder itself holds that folder's lock
+        # while it moves files into place: hold both, so the config and weights come from one save.
+        with contextlib.ExitStack() as locks:
+            for locked in dict.fromkeys((root, folder)):
+                locks.enter_context(folder_lock(locked, shared=True))
+            choice = self._choose({p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set())
+            config = read_json_file(root / self.config_rel, what=f"{where} config")
+            self.cls._check_config_class(config, root / self.config_rel, where)
+            if hashes is not None:
+                check_hashes({self.prefix + f: folder / f for f in choice.all_files}, hashes, where=where)
+            try:
+                state, origin = read_weights(folder, choice, cast_to=cast_to)
+            except (CorruptCheckpointError, UnsafeCheckpointError, CheckpointNotFoundError) as e:
+                raise type(e)(f"{where}: {e}") from e  # name the model; the file's own error is the cause
+        return config, state, origin, folder, choice
+
+
 class ModelMixin(nn.Module, ConfigMixin):
     """Base of diffpipe's models: ``from_pretrained`` / ``save_pretrained`` in the diffusers format."""
 
@@ -103,29 +150,12 @@ class ModelMixin(nn.Module, ConfigMixin):
         if variant is not None:  # before anything is read or fetched
             check_plain_name(variant, "variant")
         source = os.fspath(pretrained_model_name_or_path)
-        config_rel = hub.join_relative(subfolder, cls.config_name)
-        prefix = config_rel[: -len(cls.config_name)]
         where = f"{cls.__name__} from {source}" + (f" (subfolder {subfolder!r})" if subfolder else "")
-        prefixes = {SAFETENSORS: cls.weights_prefix, PICKLE: cls.weights_prefix}
-
-        def component_files(files):
-            return {f[len(prefix) :] for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :]}
-
-        def select(files, read):
-            if config_rel not in files:
-                raise ConfigError(
-                    f"{where}: no {cls.config_name}; expected the file {config_rel}. Check the path or "
-                    "repo id and the subfolder."
-                )
-            choice = choose_weights(
-                component_files(files), prefixes=prefixes, variant=variant, use_safetensors=use_safetensors, where=where
-            )
-            return [config_rel, *(prefix + f for f in choice.all_files)]
-
+        files = _ModelFiles(cls, subfolder, variant=variant, use_safetensors=use_safetensors, where=where)
         hashes: dict[str, str] | None = {} if verify else None
         root = hub.fetch(
             source,
-            select,
+            files.select,
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
@@ -133,26 +163,9 @@ class ModelMixin(nn.Module, ConfigMixin):
             what=where,
             hashes=hashes,
         )
-        folder = root / prefix if prefix else root
-        # A save into the root (a whole pipeline) or into the folder itself holds that folder's lock
-        # while it moves files into place: hold both, so the config and weights come from one save.
-        with contextlib.ExitStack() as locks:
-            for locked in dict.fromkeys((root, folder)):
-                locks.enter_context(folder_lock(locked, shared=True))
-            files = {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
-            choice = choose_weights(
-                files, prefixes=prefixes, variant=variant, use_safetensors=use_safetensors, where=where
-            )
-            config = read_json_file(root / config_rel, what=f"{where} config")
-            cls._check_config_class(config, root / config_rel, where)
-            if verify:
-                check_hashes({prefix + f: folder / f for f in choice.all_files}, hashes, where=where)
-            try:
-                # cast while reading unless the NaN scan must see the file's own values first
-                cast_to = None if verify or target_dtype == "auto" else (target_dtype or torch.get_default_dtype())
-                state, origin = read_weights(folder, choice, cast_to=cast_to)
-            except (CorruptCheckpointError, UnsafeCheckpointError, CheckpointNotFoundError) as e:
-                raise type(e)(f"{where}: {e}") from e  # name the model; the file's own error is the cause
+        # cast while reading unless the NaN scan must see the file's own values first
+        cast_to = None if verify or target_dtype == "auto" else (target_dtype or torch.get_default_dtype())
+        config, state, origin, folder, choice = files.read(root, hashes=hashes, cast_to=cast_to)
         if verify:
             check_finite(state, origin, where=where)
         model = cls._from_state(

@@ -46,6 +46,17 @@ _ACCEPTED_NO_OPS = (
 )
 
 
+def _check_loading_kwargs(kwargs: dict, custom_pipeline, trust_remote_code) -> None:
+    """Refuse remote code; drop the reference's keyword arguments that change nothing here."""
+    if custom_pipeline is not None or trust_remote_code:
+        raise UnsafeCheckpointError(
+            "diffpipe never runs code from a checkpoint: custom_pipeline= and trust_remote_code= are "
+            "not supported. Use one of diffpipe's pipeline classes."
+        )
+    for name in _ACCEPTED_NO_OPS:
+        kwargs.pop(name, None)
+
+
 def _dtype_for(spec, name: str):
     if isinstance(spec, dict):
         return spec.get(name, spec.get("default"))
@@ -246,19 +257,8 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
         - any component name as a keyword overrides it (``scheduler=obj``, ``safety_checker=None``);
           pipeline settings such as ``requires_safety_checker`` are accepted too.
         """
-        if custom_pipeline is not None or trust_remote_code:
-            raise UnsafeCheckpointError(
-                "diffpipe never runs code from a checkpoint: custom_pipeline= and trust_remote_code= are "
-                "not supported. Use one of diffpipe's pipeline classes."
-            )
-        for name in _ACCEPTED_NO_OPS:
-            kwargs.pop(name, None)
-        if isinstance(torch_dtype, dict) or isinstance(dtype, dict):
-            if torch_dtype is not None and dtype is not None:
-                raise TypeError("pass either torch_dtype= or dtype= (they mean the same), not both")
-            dtypes = {k: resolve_dtype(v, None, what=f"torch_dtype[{k!r}]") for k, v in (torch_dtype or dtype).items()}
-        else:
-            dtypes = resolve_dtype(torch_dtype, dtype, what=f"{cls.__name__}.from_pretrained")
+        _check_loading_kwargs(kwargs, custom_pipeline, trust_remote_code)
+        dtypes = cls._resolve_dtypes(torch_dtype, dtype)
         if variant is not None:
             check_plain_name(variant, "variant")
         source = os.fspath(pretrained_model_name_or_path)
@@ -266,21 +266,12 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
         plan: dict = {}
 
         def select(files, read):
-            if "model_index.json" not in files:
-                raise ConfigError(
-                    f"{where}: no model_index.json; a pipeline in the diffusers layout has one at its top "
-                    "level (a single model folder has config.json instead: load it with the model's class)"
-                )
-            index = loading.parse_model_index_bytes(read("model_index.json"), where=where)
             plan.clear()
-            plan.update(cls._plan(index, files, kwargs, variant=variant, use_safetensors=use_safetensors, where=where))
-            names = plan["class"].component_names()
-            unknown = sorted(k for k in dtypes if k != "default" and k not in names) if isinstance(dtypes, dict) else []
-            if unknown:  # a typo would silently leave that component in the default dtype
-                raise TypeError(
-                    f"{where}: torch_dtype names {unknown}, which {plan['class'].__name__} does not have; its "
-                    f"components are {names} (and 'default' for the rest)"
+            plan.update(
+                cls._plan_listing(
+                    files, read, kwargs, dtypes, variant=variant, use_safetensors=use_safetensors, where=where
                 )
+            )
             return plan["files"]
 
         hashes: dict[str, str] | None = {} if verify else None
@@ -294,8 +285,6 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
             what=where,
             hashes=hashes,
         )
-        pipeline_cls: type[DiffusionPipeline] = plan["class"]
-        report: LoadReport = plan["report"]
         components = dict(plan["given"])
         with folder_lock(root, shared=True):
             if verify:
@@ -311,11 +300,40 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
                     allow_missing_keys=allow_missing_keys,
                     verify=verify,
                 )
-        pipeline = pipeline_cls(**components, **plan["settings"])
+        pipeline = plan["class"](**components, **plan["settings"])
         pipeline.register_to_config(_name_or_path=source)
-        object.__setattr__(pipeline, "loading_report", report)
+        object.__setattr__(pipeline, "loading_report", plan["report"])
         object.__setattr__(pipeline, "snapshot_folder", root)  # where the files are on disk
         return pipeline
+
+    @classmethod
+    def _plan_listing(cls, files: set, read, overrides: dict, dtypes, *, variant, use_safetensors, where) -> dict:
+        """The plan (see :meth:`_plan`) for a repo or folder with these files; ``read(name)`` gives a
+        small file's bytes (model_index.json)."""
+        if "model_index.json" not in files:
+            raise ConfigError(
+                f"{where}: no model_index.json; a pipeline in the diffusers layout has one at its top "
+                "level (a single model folder has config.json instead: load it with the model's class)"
+            )
+        index = loading.parse_model_index_bytes(read("model_index.json"), where=where)
+        plan = cls._plan(index, files, overrides, variant=variant, use_safetensors=use_safetensors, where=where)
+        names = plan["class"].component_names()
+        unknown = sorted(k for k in dtypes if k != "default" and k not in names) if isinstance(dtypes, dict) else []
+        if unknown:  # a typo would silently leave that component in the default dtype
+            raise TypeError(
+                f"{where}: torch_dtype names {unknown}, which {plan['class'].__name__} does not have; its "
+                f"components are {names} (and 'default' for the rest)"
+            )
+        return plan
+
+    @classmethod
+    def _resolve_dtypes(cls, torch_dtype, dtype):
+        """One dtype (or None / "auto"), or ``{component or "default": dtype}``."""
+        if isinstance(torch_dtype, dict) or isinstance(dtype, dict):
+            if torch_dtype is not None and dtype is not None:
+                raise TypeError("pass either torch_dtype= or dtype= (they mean the same), not both")
+            return {k: resolve_dtype(v, None, what=f"torch_dtype[{k!r}]") for k, v in (torch_dtype or dtype).items()}
+        return resolve_dtype(torch_dtype, dtype, what=f"{cls.__name__}.from_pretrained")
 
     @classmethod
     def _choose_class(cls, index: dict, where: str) -> type["DiffusionPipeline"]:
@@ -380,26 +398,8 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
                     )
                 given[name] = None
                 continue
-            if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
-                raise ConfigError(
-                    f'{where}: model_index.json entry {name!r} is {entry!r}; expected ["library", "ClassName"]'
-                )
-            spec = loading.resolve(entry[0], entry[1], component=name, where=where)
-            wanted = pipeline_cls._slot_mismatch(name, spec.cls)
-            if wanted is not None:
-                raise UnsupportedComponentError(
-                    f"{where}: model_index.json puts {entry[0]}.{entry[1]} in the slot {name!r} of "
-                    f"{pipeline_cls.__name__}, which holds a {' or '.join(wanted)}; the checkpoint is "
-                    "mislabelled or meant for another pipeline"
-                )
-            in_folder = loading.files_in(files, name)
-            if not in_folder:
-                raise CheckpointNotFoundError(
-                    f"{where}: model_index.json lists component {name!r} ({entry[0]}.{entry[1]}) but the "
-                    f"checkpoint has no files under {name}/"
-                )
-            choice, fell_back = loading.component_file_choice(
-                spec, in_folder, variant=variant, use_safetensors=use_safetensors, where=where
+            spec, in_folder, choice, fell_back = pipeline_cls._plan_component(
+                name, entry, files, variant=variant, use_safetensors=use_safetensors, where=where
             )
             needed += [f"{name}/{f}" for f in loading.non_weight_files(in_folder)]
             if choice is not None:
@@ -427,6 +427,33 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
             "files": needed,
             "report": report,
         }
+
+    @classmethod
+    def _plan_component(cls, name: str, entry, files: set, *, variant, use_safetensors, where):
+        """(spec, the component folder's files, the weight choice or None, whether it fell back to the
+        original weights) for the model_index.json entry of component ``name``."""
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+            raise ConfigError(
+                f'{where}: model_index.json entry {name!r} is {entry!r}; expected ["library", "ClassName"]'
+            )
+        spec = loading.resolve(entry[0], entry[1], component=name, where=where)
+        wanted = cls._slot_mismatch(name, spec.cls)
+        if wanted is not None:
+            raise UnsupportedComponentError(
+                f"{where}: model_index.json puts {entry[0]}.{entry[1]} in the slot {name!r} of "
+                f"{cls.__name__}, which holds a {' or '.join(wanted)}; the checkpoint is "
+                "mislabelled or meant for another pipeline"
+            )
+        in_folder = loading.files_in(files, name)
+        if not in_folder:
+            raise CheckpointNotFoundError(
+                f"{where}: model_index.json lists component {name!r} ({entry[0]}.{entry[1]}) but the "
+                f"checkpoint has no files under {name}/"
+            )
+        choice, fell_back = loading.component_file_choice(
+            spec, in_folder, variant=variant, use_safetensors=use_safetensors, where=where
+        )
+        return spec, in_folder, choice, fell_back
 
     @classmethod
     def _check_override(cls, name: str, obj, spec: ComponentSpec | None) -> None:

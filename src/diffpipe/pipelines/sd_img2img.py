@@ -79,8 +79,8 @@ def strength_schedule(pipe, request: SDRequest, state: CallState) -> CallState:
     return state
 
 
-def image_latents(pipe, request: SDRequest, state: CallState) -> CallState:
-    """The encoded image noised to the first timestep left."""
+def image_latents(pipe, request: SDRequest, state: CallState, *, add_noise: bool = True) -> CallState:
+    """The encoded image noised to the first timestep left (``add_noise=False``: as it is)."""
     state.latents = noised_image_latents(
         pipe,
         state.pixels,
@@ -89,6 +89,7 @@ def image_latents(pipe, request: SDRequest, state: CallState) -> CallState:
         generator=request.generator,
         device=state.device,
         dtype=state.dtype,
+        add_noise=add_noise,
     )
     return state
 

@@ -12,7 +12,7 @@ import torch
 
 from . import stages
 from .request import CallState
-from .sd_img2img import noised_image_latents, preprocess_image, strength_timesteps
+from .sd_img2img import image_latents, preprocess_image, strength_timesteps
 from .sd_xl import SDXLRequest, StableDiffusionXLBase, micro_conditioning, stop_at_denoising_end
 from .stable_diffusion import DENOISE_AND_DECODE, encode_prompt_stage
 
@@ -58,17 +58,7 @@ def start_latents(pipe, request: SDXLRequest, state: CallState) -> CallState:
     if request.latents is not None:
         state.latents = request.latents.to(device=state.device)
         return state
-    state.latents = noised_image_latents(
-        pipe,
-        state.pixels,
-        state.timesteps[:1],
-        batch=request.total,
-        generator=request.generator,
-        device=state.device,
-        dtype=state.dtype,
-        add_noise=request.denoising_start is None,
-    )
-    return state
+    return image_latents(pipe, request, state, add_noise=request.denoising_start is None)
 
 
 class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
