@@ -291,3 +291,32 @@ def test_bfloat16_on_cpu_end_to_end(folders):
     psnr = 10 * np.log10(1.0 / np.mean((ours_bf16 - ours_fp32) ** 2))
     assert psnr >= 30, f"bf16 vs fp32 PSNR {psnr:.1f} dB"
     assert np.abs(ours_bf16 - generate(diffusers, torch.bfloat16)).max() <= TOL
+
+
+def test_encode_prompt_with_only_the_text_components(folders):
+    """Precomputing embeddings: unet=None, vae=None loads the text parts only (as in the reference), and
+    encode_prompt gives the reference's tensors; a generating call says what is missing."""
+    import diffusers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(folders["nosafety"], unet=None, vae=None)
+    ours = diffpipe.StableDiffusionPipeline.from_pretrained(folders["nosafety"], unet=None, vae=None)
+    assert ours.unet is None and ours.vae is None
+    for args in (("a cat", "cpu", 2, True), (["a", "b"], "cpu", 1, False)):
+        expected = ref.encode_prompt(*args, negative_prompt=None)
+        got = ours.encode_prompt(*args, negative_prompt=None)
+        assert len(got) == len(expected)
+        for e, g in zip(expected, got):
+            assert (e is None and g is None) or torch.equal(e, g)
+    with pytest.raises(ValueError, match="has no unet, vae .*unet=None"):
+        ours(prompt="a cat", num_inference_steps=2)
+    embeds, negative = ours.encode_prompt("a cat", "cpu", 1, True)
+    full = diffpipe.StableDiffusionPipeline.from_pretrained(folders["nosafety"], text_encoder=None, tokenizer=None)
+    full.set_progress_bar_config(disable=True)
+    image = full(
+        prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=2, output_type="np", **SIZE
+    ).images
+    assert image.shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="has no text_encoder, tokenizer"):
+        full(prompt="a cat", num_inference_steps=2)

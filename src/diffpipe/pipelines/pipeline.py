@@ -457,9 +457,7 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
 
     @classmethod
     def _check_override(cls, name: str, obj, spec: ComponentSpec | None) -> None:
-        if obj is None:
-            if name not in cls._optional_components:
-                raise TypeError(f"{cls.__name__}: component {name!r} is required and cannot be None")
+        if obj is None:  # as in the reference: e.g. unet=None, vae=None to load only the text parts
             return
         expected = _expected_base(spec)
         if expected is not None and not isinstance(obj, expected):

@@ -94,7 +94,9 @@ class SDRequest:
 
     # ------------------------------------------------------------------ checks
     def check(self, pipe) -> None:
-        """Every input rule of the call, before any model runs (the task's own first)."""
+        """Every input rule of the call, before any model runs: the components the call needs, the
+        task's own inputs, then the common ones."""
+        pipe._check_components(self)
         self.check_task(pipe)
         self.check_common(pipe)
 

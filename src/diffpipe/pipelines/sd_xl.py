@@ -304,6 +304,11 @@ class StableDiffusionXLBase(StableDiffusionBase):
         if prompt_embeds is None:
             self._check_text_encoder_2()
 
+    def _components_needed(self, request: SDXLRequest) -> list[str]:
+        # the text encoders are SDXL's optional parts (a refiner has only the second; _check_xl says
+        # when a prompt needs it)
+        return [n for n in super()._components_needed(request) if n not in ("text_encoder", "tokenizer")]
+
     def _more_prompt_arguments(self, request: SDXLRequest) -> dict:
         return dict(
             prompt_2=request.prompt_2,

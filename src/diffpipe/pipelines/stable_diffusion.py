@@ -135,6 +135,25 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
             device=device,
         )
 
+    def _components_needed(self, request: SDRequest) -> list[str]:
+        """The components this call runs: the UNet and scheduler always, the VAE unless text-to-image
+        stops at latents, the text encoder and tokenizer unless the call gives ``prompt_embeds``."""
+        needed = ["unet", "scheduler"]
+        if request.output_type != "latent" or self.task != "text":
+            needed.append("vae")
+        if request.prompt_embeds is None:
+            needed += ["text_encoder", "tokenizer"]
+        return needed
+
+    def _check_components(self, request: SDRequest) -> None:
+        missing = [name for name in self._components_needed(request) if getattr(self, name, None) is None]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} has no {', '.join(missing)} (loaded with {missing[0]}=None?), which "
+                "this call needs. A pipeline of the text parts only can encode_prompt(); to generate, load "
+                "it with every component or pass the missing ones (from_pipe(pipe, unet=...))."
+            )
+
     def _more_prompt_arguments(self, request: SDRequest) -> dict:
         """Arguments of this family's ``encode_prompt`` beyond SD's (SDXL's second prompt, pooled embeds)."""
         return {}
