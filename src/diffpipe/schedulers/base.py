@@ -222,22 +222,23 @@ class SchedulerMixin(ConfigMixin):
         return t
 
     # ---------------------------------------------------------------- q(x_t | x_0)
+    def _sqrt_alphas_at(self, like: torch.Tensor, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(alphabar_t), sqrt(1 - alphabar_t)) at integer ``timesteps``, shaped to broadcast over ``like``."""
+        self.alphas_cumprod = self.alphas_cumprod.to(device=like.device)
+        alphas_cumprod = self.alphas_cumprod.to(dtype=like.dtype)
+        timesteps = timesteps.to(like.device)
+        signal = _broadcast_to(alphas_cumprod[timesteps] ** 0.5, like)
+        noise_scale = _broadcast_to((1 - alphas_cumprod[timesteps]) ** 0.5, like)
+        return signal, noise_scale
+
     def _add_noise_alphas_cumprod(self, original_samples, noise, timesteps) -> torch.Tensor:
         """x_t = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps, timesteps indexing alphas_cumprod."""
-        self.alphas_cumprod = self.alphas_cumprod.to(device=original_samples.device)
-        alphas_cumprod = self.alphas_cumprod.to(dtype=original_samples.dtype)
-        timesteps = timesteps.to(original_samples.device)
-        signal = _broadcast_to(alphas_cumprod[timesteps] ** 0.5, original_samples)
-        noise_scale = _broadcast_to((1 - alphas_cumprod[timesteps]) ** 0.5, original_samples)
+        signal, noise_scale = self._sqrt_alphas_at(original_samples, timesteps)
         return signal * original_samples + noise_scale * noise
 
     def _velocity_alphas_cumprod(self, sample, noise, timesteps) -> torch.Tensor:
         """v = sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) x_0 (Salimans & Ho 2022)."""
-        self.alphas_cumprod = self.alphas_cumprod.to(device=sample.device)
-        alphas_cumprod = self.alphas_cumprod.to(dtype=sample.dtype)
-        timesteps = timesteps.to(sample.device)
-        signal = _broadcast_to(alphas_cumprod[timesteps] ** 0.5, sample)
-        noise_scale = _broadcast_to((1 - alphas_cumprod[timesteps]) ** 0.5, sample)
+        signal, noise_scale = self._sqrt_alphas_at(sample, timesteps)
         return signal * noise - noise_scale * sample
 
 
