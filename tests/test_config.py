@@ -84,9 +84,12 @@ def test_unknown_config_keys_are_kept_and_reported_once(caplog):
     assert caplog.text.count("mystery_key") == 1
 
 
-def test_unknown_explicit_override_is_an_error():
-    with pytest.raises(TypeError, match="beta_schedul"):
-        Sched.from_config({}, beta_schedul="linear")
+def test_an_override_the_class_does_not_take_is_ignored_with_a_warning(caplog):
+    caplog.set_level(logging.WARNING)
+    obj, unused = Sched.from_config({}, beta_schedul="linear", return_unused_kwargs=True)
+    assert "beta_schedul" not in obj.config and unused == {"beta_schedul": "linear"}
+    assert "were passed to Sched, but are not expected and will be ignored" in caplog.text
+    assert "beta_schedul" in caplog.text
 
 
 def test_save_and_load_config_round_trip(tmp_path):

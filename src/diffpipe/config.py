@@ -187,18 +187,26 @@ class ConfigMixin:
                 f"got {type(config).__name__}"
             )
         init_kwargs, kept = cls._split_config(config, overrides)
-        unknown_overrides = sorted(k for k in overrides if k not in init_kwargs)
-        if unknown_overrides:
-            raise TypeError(
-                f"{cls.__name__}.from_config got unknown argument(s) {unknown_overrides}; "
-                f"it accepts {sorted(cls.init_keys())}"
+        # Keyword arguments the class does not take are ignored, as the reference ignores them: configs
+        # and their overrides move between scheduler classes all the time. They are said in a warning
+        # with the reference's wording (log filters look for it) and returned as unused.
+        ignored = {k: v for k, v in overrides.items() if k not in init_kwargs}
+        if ignored:
+            logger.warning(
+                "The config attributes %s were passed to %s, but are not expected and will be ignored. "
+                "Please verify your %s configuration file. (%s takes %s)",
+                ignored,
+                cls.__name__,
+                cls.config_name,
+                cls.__name__,
+                sorted(cls.init_keys()),
             )
         obj = cls(**init_kwargs)
         if "_class_name" in kept:
             kept["_class_name"] = cls.__name__
         obj.register_to_config(**kept)
         if return_unused_kwargs:
-            return obj, {k: v for k, v in kept.items() if not k.startswith("_")}
+            return obj, {**{k: v for k, v in kept.items() if not k.startswith("_")}, **ignored}
         return obj
 
     @classmethod

@@ -1,8 +1,11 @@
 """The error types diffpipe raises.
 
-Every loading or saving failure ends in one of these. Each derives from the built-in exception a
-caller would naturally catch (``FileNotFoundError``, ``ValueError``, ...) so existing ``except``
-clauses keep working, and from :class:`DiffpipeError` so a caller can catch all of ours at once.
+Every loading or saving failure ends in one of these. Each derives from the built-in exceptions the
+reference raises in the same situation, so ``except`` clauses written for it keep working: where the
+reference raises ``OSError`` for one case and ``ValueError`` for a neighbouring one (a missing local
+folder is a ValueError there, a missing model file an OSError; an unreadable config.json an OSError,
+a wrong value a ValueError), ours is both. And each derives from :class:`DiffpipeError`, so a caller
+can catch all of ours at once.
 Messages name the file or component, what was expected, what was found, and what to do.
 """
 
@@ -13,11 +16,11 @@ class DiffpipeError(Exception):
     """Base class of every error diffpipe raises on purpose."""
 
 
-class ConfigError(DiffpipeError, ValueError):
+class ConfigError(DiffpipeError, ValueError, OSError):
     """A config file or config value is missing, malformed or inconsistent."""
 
 
-class CheckpointNotFoundError(DiffpipeError, FileNotFoundError):
+class CheckpointNotFoundError(DiffpipeError, FileNotFoundError, ValueError):
     """The files a load needs are not there (no weights, no such variant, not in the cache)."""
 
 
@@ -25,7 +28,7 @@ class CorruptCheckpointError(DiffpipeError, ValueError):
     """A weight file exists but cannot be read as what its name says (truncated, bad header, LFS pointer)."""
 
 
-class UnsafeCheckpointError(DiffpipeError):
+class UnsafeCheckpointError(DiffpipeError, ValueError):
     """A file would need code execution to load (a pickle carrying a code payload, custom code)."""
 
 

@@ -371,3 +371,19 @@ def test_schedulers_load_through_the_package_namespace():
     for name in NAMES:
         cls = getattr(diffpipe, name)
         assert cls.__name__ == name and cls is find_class(name)
+
+
+@pytest.mark.parametrize("source", ["PNDMScheduler", "DDIMScheduler"])
+def test_from_config_with_keys_the_class_does_not_take_is_the_reference(source, caplog):
+    """Configs and overrides moving between scheduler classes: keys the target does not take are
+    ignored (not an error), warned about, returned as unused, and the schedule is the reference's."""
+    caplog.set_level(logging.WARNING)
+    config = getattr(diffusers, source)(**SOURCE_CONFIGS.get(source, {})).config
+    extra = dict(skip_prk_steps=True, foo=1, timestep_spacing="trailing")
+    for name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "LCMScheduler"):
+        ref, ref_unused = getattr(diffusers, name).from_config(config, return_unused_kwargs=True, **extra)
+        ours, unused = find_class(name).from_config(dict(config), return_unused_kwargs=True, **extra)
+        assert ours.config.timestep_spacing == "trailing" and "foo" not in ours.config
+        assert unused["foo"] == ref_unused["foo"] == 1
+        assert_same_timesteps(ours, ref)
+    assert "were passed to" in caplog.text and "'foo': 1" in caplog.text
