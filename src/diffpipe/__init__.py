@@ -26,6 +26,7 @@ _EXTRA = {
     "load_image": "diffpipe.images:load_image",
     "export_to_gif": "diffpipe.images:export_to_gif",
     "export_to_video": "diffpipe.images:export_to_video",
+    "make_image_grid": "diffpipe.images:make_image_grid",
 }
 
 

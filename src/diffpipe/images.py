@@ -73,6 +73,21 @@ def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+def make_image_grid(images: list, rows: int, cols: int, resize: int | None = None) -> PIL.Image.Image:
+    """One RGB image of ``rows`` x ``cols`` cells filled row by row; each cell is the size of the first
+    image (``resize``: every image scaled to ``resize`` x ``resize`` first)."""
+    if len(images) != rows * cols:
+        raise ValueError(f"make_image_grid: {len(images)} images do not fill {rows} rows x {cols} columns")
+    if resize is not None:
+        images = [image.resize((resize, resize)) for image in images]
+    width, height = images[0].size
+    grid = PIL.Image.new("RGB", (cols * width, rows * height))
+    for i, image in enumerate(images):
+        row, col = divmod(i, cols)
+        grid.paste(image, (col * width, row * height))
+    return grid
+
+
 def check_output_type(output_type: str) -> None:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")

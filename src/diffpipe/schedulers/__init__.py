@@ -4,6 +4,8 @@ Nothing is imported here: ``diffpipe.registry`` reads the table below and import
 when its class is used (``from diffpipe import DDIMScheduler``).
 """
 
+from .ays import AysSchedules  # noqa: F401  (plain data, no torch)
+
 # Class name -> "module:attribute"; read by diffpipe.registry (the allow-list).
 SCHEDULERS: dict[str, str] = {
     "DDPMScheduler": "diffpipe.schedulers.ddpm:DDPMScheduler",
