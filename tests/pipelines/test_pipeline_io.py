@@ -342,3 +342,23 @@ def test_load_image_errors(tmp_path):
         load_image("http://127.0.0.1:9/nothing.png", timeout=2)
     PIL.Image.new("RGBA", (4, 4)).save(tmp_path / "ok.png")
     assert load_image(tmp_path / "ok.png").mode == "RGB"
+
+
+def test_saving_logs_where_each_component_went(tmp_path, caplog):
+    """As the reference's saves do (at INFO): every config and weight file, at its final path."""
+    import logging
+
+    import diffpipe
+    from sd_factory import save_reference_pipeline
+
+    folder = save_reference_pipeline(tmp_path / "sd", safety_checker=False, seed=9)
+    pipe = diffpipe.StableDiffusionPipeline.from_pretrained(folder)
+    caplog.set_level(logging.INFO, logger="diffpipe")
+    out = tmp_path / "out"
+    pipe.save_pretrained(out, variant="fp16")
+    text = caplog.text
+    for rel in ("unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"):
+        assert f"Model weights saved in {out / rel}" in text
+    for rel in ("unet/config.json", "scheduler/scheduler_config.json", "model_index.json"):
+        assert f"Configuration saved in {out / rel}" in text
+    assert f"{out / 'text_encoder'}" in text and ".staging" not in text

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,8 @@ try:  # POSIX only; elsewhere saves are still staged, just not locked
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None
+
+logger = logging.getLogger(__name__)
 
 
 def _fsync_file(path: Path) -> None:
@@ -168,3 +171,19 @@ class StagedFolder:
                     rel = f"{sub}/{f.name}" if sub else f.name
                     if f.is_file() and rel not in written and any(fnmatch.fnmatch(f.name, p) for p in patterns):
                         f.unlink()
+        _log_saved(self.target, staged)
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _log_saved(target: Path, files: list[str]) -> None:
+    """Say where each file of a save went, in the reference's words (tools and users read these lines)."""
+    for rel in files:
+        name = rel.rsplit("/", 1)[-1]
+        if name.endswith(_WEIGHT_SUFFIXES):
+            logger.info("Model weights saved in %s", target / rel)
+        elif name in ("config.json", "scheduler_config.json", "model_index.json", "preprocessor_config.json"):
+            logger.info("Configuration saved in %s", target / rel)
+        else:
+            logger.info("Saved %s", target / rel)
