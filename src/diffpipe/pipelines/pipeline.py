@@ -89,6 +89,11 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
         "feature_extractor": ("ImageProcessingMixin",),
     }
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # the reference's name for the tensors a step-end callback may ask for
+        cls._callback_tensor_inputs = list(getattr(cls, "callback_tensor_inputs", ()))
+
     # ------------------------------------------------------------------ components
     @classmethod
     def component_names(cls) -> list[str]:
@@ -212,6 +217,31 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
     @property
     def interrupt(self) -> bool:
         return getattr(self, "_interrupt", False)
+
+    # What the reference's pipelines expose during a call (step-end callbacks read and set them).
+    @property
+    def guidance_scale(self) -> float | None:
+        state = getattr(self, "_call_state", None)
+        return None if state is None else state.guidance_scale
+
+    @property
+    def _guidance_scale(self) -> float | None:
+        return self.guidance_scale
+
+    @_guidance_scale.setter
+    def _guidance_scale(self, value: float) -> None:
+        """A step-end callback setting ``pipe._guidance_scale`` (the reference's protocol) changes the
+        guidance of the remaining steps; ``0.0`` turns classifier-free guidance off."""
+        state = getattr(self, "_call_state", None)
+        if state is None or state.guidance is None:
+            raise RuntimeError("_guidance_scale can only be changed during a pipeline call (from a callback)")
+        state.guidance_scale = value
+        state.guidance = self._guidance_for(value, state.guidance.rescale)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        state = getattr(self, "_call_state", None)
+        return bool(state is not None and state.guidance is not None and state.guidance.active)
 
     # ------------------------------------------------------------------ progress bars
     def set_progress_bar_config(self, **kwargs) -> None:

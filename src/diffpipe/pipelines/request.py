@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .. import images as imgs
+from ..callbacks import MultiPipelineCallbacks, PipelineCallback
 from . import stages
 
 
@@ -69,6 +70,9 @@ class SDRequest:
         unknown = sorted(set(values) - names)
         if unknown:
             raise TypeError(f"{cls.__name__} has no field for the call argument(s) {unknown}")
+        callback = values.get("callback_on_step_end")
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            values["callback_on_step_end_tensor_inputs"] = callback.tensor_inputs  # what the callback reads
         return cls(**values)
 
     # ------------------------------------------------------------------ derived values
@@ -161,7 +165,8 @@ class CallState:
     pixels: torch.Tensor | None = None  # the input image in [-1, 1] (or latents handed on as they are)
     mask_pixels: torch.Tensor | None = None  # inpainting's mask, 1 where to repaint
     # prompt stage
-    guidance: stages.Guidance | None = None
+    guidance_scale: float | None = None  # the call's guidance_scale, what ``pipe.guidance_scale`` says
+    guidance: stages.Guidance | None = None  # what the loop does now (a callback may turn it off)
     embeds: torch.Tensor | None = None
     negative: torch.Tensor | None = None
     pooled: torch.Tensor | None = None  # SDXL's pooled text embeddings

@@ -165,9 +165,13 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
         return self.embeds_guidance_scale and self.unet.config.get("time_cond_proj_dim") is not None
 
     def _guidance(self, request: SDRequest) -> stages.Guidance:
+        return self._guidance_for(request.guidance_scale, request.guidance_rescale)
+
+    def _guidance_for(self, scale: float, rescale: float = 0.0) -> stages.Guidance:
+        """Classifier-free guidance at ``scale``; none for a UNet that takes the scale as an embedding."""
         if self._embeds_guidance():
             return stages.Guidance(scale=1.0)
-        return stages.Guidance(scale=request.guidance_scale, rescale=request.guidance_rescale)
+        return stages.Guidance(scale=scale, rescale=rescale)
 
     def get_guidance_scale_embedding(
         self, w: torch.Tensor, embedding_dim: int = 512, dtype: torch.dtype = torch.float32
@@ -209,7 +213,7 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
 # Each is ``stage(pipe, request, state) -> state``; a pipeline lists the ones its task runs.
 def encode_prompt_stage(pipe: StableDiffusionBase, request: SDRequest, state: CallState) -> CallState:
     """The prompt (and the IP-Adapter image prompt) as embeddings; decides classifier-free guidance."""
-    state.guidance = pipe._guidance(request)
+    state.guidance_scale, state.guidance = request.guidance_scale, pipe._guidance(request)
     if request.ip_adapter_image is not None or request.ip_adapter_image_embeds is not None:
         state.image_embeds = pipe.prepare_ip_adapter_image_embeds(
             request.ip_adapter_image,

@@ -260,7 +260,7 @@ def denoise(pipe, request, state):
     given (the names in ``request.callback_on_step_end_tensor_inputs``; ``latents`` among them).
     A callback that sets ``pipe._interrupt = True`` skips the remaining steps.
     """
-    scheduler, guidance = pipe.scheduler, state.guidance
+    scheduler = pipe.scheduler
     latents = initial = state.latents
     timesteps = state.timesteps
     predict = unet_predictor(pipe.unet, request.cross_attention_kwargs, state)
@@ -275,6 +275,7 @@ def denoise(pipe, request, state):
         for i, t in enumerate(timesteps):
             if pipe._interrupt:
                 continue
+            guidance = state.guidance  # read at every step: a callback may turn guidance off
             model_input = scheduler.scale_model_input(guidance.batch(latents), t)
             model_output = predict(model_input, t, tensors, state.image_embeds)
             noise_pred = guidance.combine(model_output)
