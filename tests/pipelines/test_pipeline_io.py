@@ -105,9 +105,13 @@ def test_optional_component_set_to_none_survives_save_and_load(sd_folder, tmp_pa
     assert again.safety_checker is None and again.config.requires_safety_checker is False
 
 
-def test_required_component_none_is_an_error(sd_folder):
-    with pytest.raises(TypeError, match="'unet' is required"):
-        StableDiffusionPipeline.from_pretrained(sd_folder, unet=None)
+def test_a_required_component_passed_as_none_loads_and_a_call_says_it_is_missing(sd_folder):
+    # the reference accepts unet=None (people load the text parts to precompute embeddings), so
+    # loading does too; the error comes when a call needs the component
+    pipe = StableDiffusionPipeline.from_pretrained(sd_folder, unet=None)
+    assert pipe.unet is None
+    with pytest.raises(ValueError, match="has no unet .*unet=None"):
+        pipe("a cat", num_inference_steps=1)
 
 
 # ------------------------------------------------------------------------------------- loading rules

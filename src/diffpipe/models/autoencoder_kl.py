@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..io.key_fixes import rename_old_vae_attention
 from ..nn.activations import get_activation
 from ..nn.attention import AttentionHostMixin
+from ..nn.memory import MemorySwitchesMixin
 from ..runtime.cpu_kernels import with_float32_kernels
 from .modeling import ModelMixin
 from .outputs import AutoencoderKLOutput, DecoderOutput
@@ -249,7 +250,7 @@ def _blend_cols(left: torch.Tensor, tile: torch.Tensor, extent: int) -> torch.Te
     return torch.cat([head, tile[:, :, :, extent:]], dim=3)
 
 
-class AutoencoderKL(ModelMixin, AttentionHostMixin):
+class AutoencoderKL(ModelMixin, AttentionHostMixin, MemorySwitchesMixin):
     """KL-regularised VAE (Stable Diffusion's image <-> latent codec)."""
 
     def __init__(

@@ -52,9 +52,7 @@ class AttnProcessor:
         context = attn.context_for(hidden_states, encoder_hidden_states)
 
         batch = hidden_states.shape[0]
-        query = attn.split_heads(attn.to_q(hidden_states))
-        key = attn.split_heads(attn.to_k(context))
-        value = attn.split_heads(attn.to_v(context))
+        query, key, value = (attn.split_heads(x) for x in attn.project_qkv(hidden_states, context))
         mask = attn.sdpa_mask(attention_mask, batch, key.shape[-2])
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, scale=attn.scale)
@@ -88,12 +86,13 @@ class AttnProcessorMath:
         batch = hidden_states.shape[0]
         mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
 
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(context))
-        value = attn.head_to_batch_dim(attn.to_v(context))
-        probs = self.probabilities(attn, query, key, mask)
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        query, key, value = (attn.head_to_batch_dim(x) for x in attn.project_qkv(hidden_states, context))
+        out = attn.batch_to_head_dim(self.attend(attn, query, key, value, mask))
         return attn.finish(out, residual, image_shape)
+
+    def attend(self, attn: "Attention", query, key, value, mask) -> torch.Tensor:
+        """``[B * heads, L_q, d]`` attention output from ``[B * heads, L, d]`` queries, keys, values."""
+        return torch.bmm(self.probabilities(attn, query, key, mask), value)
 
     def probabilities(
         self, attn: "Attention", query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None
@@ -101,6 +100,27 @@ class AttnProcessorMath:
         """The ``[B * heads, L_q, L_k]`` attention probabilities; a subclass may keep or alter them
         (self-attention guidance reads the mid block's map this way)."""
         return attn.get_attention_scores(query, key, mask)
+
+
+class SlicedAttnProcessor(AttnProcessorMath):
+    """Explicit attention computed ``slice_size`` (batch x head) rows at a time: the probabilities of
+    only those rows exist at once, which bounds the attention's peak memory (``enable_attention_slicing``).
+    The result is the same as unsliced attention."""
+
+    def __init__(self, slice_size: int):
+        if isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1:
+            raise ValueError(f"slice_size must be a positive integer, got {slice_size!r}")
+        self.slice_size = slice_size
+
+    def attend(self, attn: "Attention", query, key, value, mask) -> torch.Tensor:
+        rows = range(0, query.shape[0], self.slice_size)
+        parts = []
+        for start in rows:
+            end = start + self.slice_size
+            part_mask = None if mask is None else mask[start:end]
+            probs = self.probabilities(attn, query[start:end], key[start:end], part_mask)
+            parts.append(torch.bmm(probs, value[start:end]))
+        return torch.cat(parts)
 
 
 def _accepted_kwargs(processor: Callable) -> tuple[frozenset[str], bool]:
@@ -166,7 +186,46 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(self.cross_attention_dim, inner_dim, bias=bias)
         self.to_v = nn.Linear(self.cross_attention_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
+        self.fused_projections = False
         self.set_processor(AttnProcessor() if processor is None else processor)
+
+    # ------------------------------------------------------------------ projections
+    def project_qkv(self, hidden_states: torch.Tensor, context: torch.Tensor):
+        """(query, key, value) ``[B, L, heads * d]``: three matmuls, or after :meth:`fuse_projections`
+        one (self-attention: ``to_qkv``) or two (cross-attention: ``to_q`` and ``to_kv``)."""
+        if not self.fused_projections:
+            return self.to_q(hidden_states), self.to_k(context), self.to_v(context)
+        if not self.is_cross_attention:
+            return self.to_qkv(hidden_states).chunk(3, dim=-1)
+        return (self.to_q(hidden_states), *self.to_kv(context).chunk(2, dim=-1))
+
+    def fuse_projections(self) -> None:
+        """Join the key and value projections (and the query's, for self-attention) into one Linear,
+        ``to_qkv`` / ``to_kv`` as the reference names them; the separate ones stay for unfusing."""
+        if self.fused_projections:
+            return
+        parts = [self.to_k, self.to_v] if self.is_cross_attention else [self.to_q, self.to_k, self.to_v]
+        first = parts[0]
+        fused = nn.Linear(
+            first.in_features,
+            sum(p.out_features for p in parts),
+            bias=first.bias is not None,
+            device=first.weight.device,
+            dtype=first.weight.dtype,
+        )
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([p.weight for p in parts]))
+            if first.bias is not None:
+                fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        setattr(self, "to_kv" if self.is_cross_attention else "to_qkv", fused)
+        self.fused_projections = True
+
+    def unfuse_projections(self) -> None:
+        """Back to the separate projections; the fused Linear is removed."""
+        for name in ("to_qkv", "to_kv"):
+            if name in self._modules:
+                del self._modules[name]
+        self.fused_projections = False
 
     # ------------------------------------------------------------------ processor
     def set_processor(self, processor: Callable) -> None:

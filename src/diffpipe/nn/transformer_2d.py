@@ -92,6 +92,24 @@ class BasicTransformerBlock(nn.Module):
             inner_dim=ff_inner_dim,
             bias=ff_bias,
         )
+        self._chunk_size: int | None = None  # enable_forward_chunking: feed-forward in chunks
+        self._chunk_dim = 0
+
+    def set_chunk_feed_forward(self, chunk_size: int | None, dim: int = 0) -> None:
+        self._chunk_size, self._chunk_dim = chunk_size, dim
+
+    def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self._chunk_size is None:
+            return self.ff(hidden_states)
+        length = hidden_states.shape[self._chunk_dim]
+        if length % self._chunk_size:
+            raise ValueError(
+                f"forward chunking: dimension {self._chunk_dim} has {length} entries, which chunks of "
+                f"{self._chunk_size} do not divide; pick a chunk_size that divides it"
+            )
+        return torch.cat(
+            [self.ff(c) for c in hidden_states.split(self._chunk_size, dim=self._chunk_dim)], dim=self._chunk_dim
+        )
 
     def forward(
         self,
@@ -115,7 +133,7 @@ class BasicTransformerBlock(nn.Module):
                 attention_mask=encoder_attention_mask,
                 **kwargs,
             )
-        return hidden_states + self.ff(self.norm3(hidden_states))
+        return hidden_states + self._feed_forward(self.norm3(hidden_states))
 
     def _normed(self, norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         """An attention's input: the normalised states, plus the positional code if the block has one."""

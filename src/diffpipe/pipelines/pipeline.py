@@ -31,6 +31,7 @@ from ..runtime.collector import gc_paused
 from ..runtime.cpu_kernels import float32_kernels_for
 from ..io import components as loading
 from ..io.components import ComponentSpec, LoadReport
+from .memory import MemorySwitchesMixin
 from .offload import OffloadMixin
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def _dtype_for(spec, name: str):
     return spec
 
 
-class DiffusionPipeline(ConfigMixin, OffloadMixin):
+class DiffusionPipeline(ConfigMixin, OffloadMixin, MemorySwitchesMixin):
     """Base of all pipelines. Subclasses declare their components as ``__init__`` parameters."""
 
     config_name = "model_index.json"
@@ -144,7 +145,12 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin):
         return torch.float32
 
     def to(self, *args, **kwargs) -> "DiffusionPipeline":
-        """Move every model component to a device and/or dtype: ``pipe.to("cuda")``, ``pipe.to(torch.float16)``."""
+        """Move every model component to a device and/or dtype: ``pipe.to("cuda")``, ``pipe.to(torch.float16)``,
+        and the reference's keywords ``pipe.to(torch_device="cuda", torch_dtype=torch.float16)``."""
+        kwargs.pop("silence_dtype_warnings", None)
+        for ours, theirs in (("device", "torch_device"), ("dtype", "torch_dtype")):
+            if theirs in kwargs:
+                kwargs[ours] = kwargs.pop(theirs)
         for _, module in self._modules_in_order():
             module.to(*args, **kwargs)
         return self
