@@ -20,6 +20,7 @@ from torch import nn
 from ..nn.attention import Attention
 from ..nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from ..nn.transformer_2d import Transformer2DModel
+from .freeu import join_skip
 
 # The per-layer hook of the UNet's blocks: (layer index, hidden states) -> hidden states.
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -416,7 +417,7 @@ class UpBlock2D(nn.Module):
     ) -> torch.Tensor:
         skips = list(res_hidden_states_tuple)
         for i, resnet in enumerate(self.resnets):
-            hidden_states = _after(after_layer, i, resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb))
+            hidden_states = _after(after_layer, i, resnet(join_skip(self, hidden_states, skips.pop()), temb))
         if self.upsamplers is not None:
             for up in self.upsamplers:
                 hidden_states = up(hidden_states, upsample_size)
@@ -477,7 +478,7 @@ class CrossAttnUpBlock2D(nn.Module):
         )
         skips = list(res_hidden_states_tuple)
         for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
-            hidden_states = resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb)
+            hidden_states = resnet(join_skip(self, hidden_states, skips.pop()), temb)
             hidden_states = _after(after_layer, i, _attend(attn, hidden_states, ctx))
         if self.upsamplers is not None:
             for up in self.upsamplers:

@@ -135,6 +135,13 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
             device=device,
         )
 
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU on the UNet (see ``models/freeu.py``): sharper detail at no cost; ``disable_freeu`` undoes it."""
+        self.unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def disable_freeu(self) -> None:
+        self.unet.disable_freeu()
+
     def _components_needed(self, request: SDRequest) -> list[str]:
         """The components this call runs: the UNet and scheduler always, the VAE unless text-to-image
         stops at latents, the text encoder and tokenizer unless the call gives ``prompt_embeds``."""
