@@ -354,57 +354,23 @@ class LoraLoaderMixin:
         kohya/A1111 layouts) into the UNet and text encoder(s) as adapter ``adapter_name``
         (``default_<n>`` if not given), which becomes the active adapter of the models it touches.
         Everything is checked against the models before any of them changes."""
-        from .source import check_kwargs, lora_file, tensors_of
+        from .source import check_kwargs
 
         check_kwargs(kwargs, "load_lora_weights")
-        source = pretrained_model_name_or_path_or_dict
-        if isinstance(source, dict):
-            tensors, metadata = dict(source), {}
-            bad = [k for k, v in tensors.items() if not torch.is_tensor(v)]
-            if bad:
-                raise TypeError(f"load_lora_weights: a LoRA state dict maps names to tensors; not tensors: {bad[:5]}")
-        else:
-            path, _ = lora_file(
-                source,
-                weight_name=weight_name,
-                subfolder=subfolder,
-                use_safetensors=use_safetensors,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                token=token,
-                revision=revision,
-            )
-            tensors, metadata = tensors_of(path)
-        models = self._lora_models()
-        parsed = lora_formats.parse(tensors, metadata, models)
-        absent = sorted(c for c in parsed if c not in models)
-        if absent:
-            keys = [k for c in absent for w in parsed[c].values() for k in w.keys]
-            raise StateDictMismatchError(
-                f"load_lora_weights: the LoRA has weights for {absent}, which {type(self).__name__} does not have "
-                f"(its LoRA-capable components: {sorted(models)}); keys {summarize(sorted(keys))}"
-            )
-        states = self._lora_states()
-        if adapter_name is None:
-            adapter_name = f"default_{len({n for s in states.values() for n in s.paths})}"
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
-        in_use = [c for c, s in states.items() if adapter_name in s.paths]
-        shared = [
-            p
-            for c, layers in parsed.items()
-            for p in layers
-            if not p.startswith("?") and _slot_has(models[c], p, adapter_name)
-        ]
-        if in_use or shared:
-            raise ValueError(
-                f"adapter name {adapter_name!r} is already in use (in {in_use or 'a shared layer'}); pick "
-                "another adapter_name, or delete_adapters() it first"
-            )
-        for component, layers in parsed.items():
-            check_fits(component, models[component], layers)
-        for component, layers in parsed.items():
-            ModelLora.of(models[component], create=True).add(adapter_name, layers)
+        tensors, metadata = read_lora_source(
+            pretrained_model_name_or_path_or_dict,
+            "load_lora_weights",
+            weight_name=weight_name,
+            subfolder=subfolder,
+            use_safetensors=use_safetensors,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            revision=revision,
+        )
+        attach_adapter(
+            self._lora_models(), tensors, metadata, adapter_name, "load_lora_weights", owner=type(self).__name__
+        )
 
     # ------------------------------------------------------------------ adapter controls
     def get_list_adapters(self) -> dict[str, list[str]]:
@@ -514,6 +480,57 @@ class LoraLoaderMixin:
         for component, state in self._lora_states().items():
             if components is None or component in components:
                 state.unfuse()
+
+
+def read_lora_source(source, what: str, **fetch) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, safetensors metadata) of a LoRA given as a state dict, a file, a folder or a repo id."""
+    from .source import lora_file, tensors_of
+
+    if isinstance(source, dict):
+        tensors = dict(source)
+        bad = [k for k, v in tensors.items() if not torch.is_tensor(v)]
+        if bad:
+            raise TypeError(f"{what}: a LoRA state dict maps names to tensors; not tensors: {bad[:5]}")
+        return tensors, {}
+    path, _ = lora_file(source, **fetch)
+    return tensors_of(path)
+
+
+def attach_adapter(
+    models: dict[str, nn.Module], tensors: dict, metadata: dict, adapter_name, what: str, owner: str
+) -> str:
+    """Parse a LoRA for ``models`` (``{component: model}``), check every layer it names, then attach it
+    to each model as ``adapter_name`` (``default_<n>`` if None) and make it active there."""
+    parsed = lora_formats.parse(tensors, metadata, models)
+    absent = sorted(c for c in parsed if c not in models)
+    if absent:
+        keys = [k for c in absent for w in parsed[c].values() for k in w.keys]
+        raise StateDictMismatchError(
+            f"{what}: the LoRA has weights for {absent}, which {owner} does not have (its LoRA-capable "
+            f"components: {sorted(models)}); keys {summarize(sorted(keys))}"
+        )
+    states = {c: s for c, m in models.items() if (s := ModelLora.of(m)) is not None}
+    if adapter_name is None:
+        adapter_name = f"default_{len({n for s in states.values() for n in s.paths})}"
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+    in_use = [c for c, s in states.items() if adapter_name in s.paths]
+    shared = [
+        p
+        for c, layers in parsed.items()
+        for p in layers
+        if not p.startswith("?") and _slot_has(models[c], p, adapter_name)
+    ]
+    if in_use or shared:
+        raise ValueError(
+            f"adapter name {adapter_name!r} is already in use (in {in_use or 'a shared layer'}); pick "
+            "another adapter_name, or delete_adapters() it first"
+        )
+    for component, layers in parsed.items():
+        check_fits(component, models[component], layers)
+    for component, layers in parsed.items():
+        ModelLora.of(models[component], create=True).add(adapter_name, layers)
+    return adapter_name
 
 
 def _slot_has(model: nn.Module, path: str, name: str) -> bool:

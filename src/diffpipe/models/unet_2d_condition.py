@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..nn.activations import get_activation
 from ..nn.attention import AttentionHostMixin
 from ..nn.memory import MemorySwitchesMixin
+from ..adapters.lora_model import LoraModelMixin
 from .freeu import FreeUMixin
 from ..nn.embeddings import TimestepEmbedding, Timesteps
 from ..nn.transformer_2d import mask_to_bias
@@ -48,7 +49,7 @@ def _per_block(name: str, value: Any, n: int, *, scalar_types=(int,)) -> list:
     return value
 
 
-class UNet2DConditionModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin, FreeUMixin):
+class UNet2DConditionModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin, FreeUMixin, LoraModelMixin):
     """Conditional 2D UNet predicting noise (or v / x0) from a noisy latent, a timestep and text states."""
 
     def __init__(

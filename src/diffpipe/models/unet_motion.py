@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn.attention import AttentionHostMixin
 from ..nn.memory import MemorySwitchesMixin
+from ..adapters.lora_model import LoraModelMixin
 from .freeu import FreeUMixin
 from ..nn.transformer_2d import mask_to_bias
 from .modeling import ModelMixin
@@ -108,7 +109,7 @@ class MotionBlock(nn.Module):
         return self._spatial(*args, after_layer=lambda i, h: modules[i](h, num_frames), **kwargs)
 
 
-class UNetMotionModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin, FreeUMixin):
+class UNetMotionModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin, FreeUMixin, LoraModelMixin):
     """Denoiser for videos: ``sample`` ``[batch, channels, frames, height, width]``, text states per frame.
 
     Takes the reference's config keys. Build one from an image UNet with :meth:`from_unet2d` (shares
