@@ -22,6 +22,7 @@ from .errors import (  # noqa: E402  (light: no torch)
 _EXTRA = {
     "ConfigMixin": "diffpipe.config:ConfigMixin",
     "ModelMixin": "diffpipe.models.modeling:ModelMixin",
+    "AutoModel": "diffpipe.models.auto:AutoModel",  # not on the allow-list: no checkpoint names it
     "SchedulerMixin": "diffpipe.schedulers.base:SchedulerMixin",
     "load_image": "diffpipe.images:load_image",
     "export_to_gif": "diffpipe.images:export_to_gif",
