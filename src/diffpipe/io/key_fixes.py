@@ -17,14 +17,22 @@ _NEW_ATTENTION_NAMES = tuple(_OLD_ATTENTION_NAMES.values())
 
 def rename_old_vae_attention(state_dict: MutableMapping[str, torch.Tensor]) -> MutableMapping[str, torch.Tensor]:
     """Map ``{encoder,decoder}.mid_block.attentions.N.{query,key,value,proj_attn}.{weight,bias}`` to
-    ``to_q``/``to_k``/``to_v``/``to_out.0``, in place, and return the dict.
+    ``to_q``/``to_k``/``to_v``/``to_out.0``, in place, and return the dict (see :func:`rename_old_attention`)."""
+    return rename_old_attention(state_dict, r"(?:.+\.)?(?:encoder|decoder)\.mid_block\.attentions\.\d+")
+
+
+def rename_old_attention(
+    state_dict: MutableMapping[str, torch.Tensor], layer: str
+) -> MutableMapping[str, torch.Tensor]:
+    """Map the old ``{query,key,value,proj_attn}.{weight,bias}`` of the attention layers whose paths
+    match the regex ``layer`` to ``to_q``/``to_k``/``to_v``/``to_out.0``, in place, and return the dict.
 
     Old checkpoints stored these projections as 1x1 convolutions (``[C, C, 1, 1]``); such weights
     become the ``[C, C]`` Linear weights of the current layout (also when they already carry the new
     names). Keys of current checkpoints pass through untouched, so the function is idempotent.
     """
     pattern = re.compile(
-        r"^(?P<path>(?:.+\.)?(?:encoder|decoder)\.mid_block\.attentions\.\d+)\."
+        rf"^(?P<path>{layer})\."
         r"(?P<name>query|key|value|proj_attn|to_q|to_k|to_v|to_out\.0)\.(?P<kind>weight|bias)$"
     )
     for key in list(state_dict):

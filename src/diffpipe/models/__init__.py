@@ -6,4 +6,5 @@ MODELS: dict[str, str] = {
     "AutoencoderKL": "diffpipe.models.autoencoder_kl:AutoencoderKL",
     "MotionAdapter": "diffpipe.models.motion:MotionAdapter",
     "UNetMotionModel": "diffpipe.models.unet_motion:UNetMotionModel",
+    "UNet2DModel": "diffpipe.models.unet_2d:UNet2DModel",
 }

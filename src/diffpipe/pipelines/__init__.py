@@ -10,6 +10,8 @@ PIPELINES: dict[str, str] = {
     "StableDiffusionXLPipeline": "diffpipe.pipelines.sd_xl:StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline": "diffpipe.pipelines.sd_xl_img2img:StableDiffusionXLImg2ImgPipeline",
     "AnimateDiffPipeline": "diffpipe.pipelines.animatediff:AnimateDiffPipeline",
+    "DDPMPipeline": "diffpipe.pipelines.unconditional:DDPMPipeline",
+    "DDIMPipeline": "diffpipe.pipelines.unconditional:DDIMPipeline",
     "AutoPipelineForText2Image": "diffpipe.pipelines.auto:AutoPipelineForText2Image",
     "AutoPipelineForImage2Image": "diffpipe.pipelines.auto:AutoPipelineForImage2Image",
     "AutoPipelineForInpainting": "diffpipe.pipelines.auto:AutoPipelineForInpainting",

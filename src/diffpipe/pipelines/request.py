@@ -185,6 +185,8 @@ class CallState:
     timestep_cond: torch.Tensor | None = None  # guidance embedding of a guidance-distilled UNet
     after_step: Callable | None = None  # (latents, i, t) -> latents after each step (inpainting's blend)
     guide: Callable | None = None  # a further guidance term on the guided prediction (SAG)
+    predict: Callable | None = None  # the model call of the loop, if not the text-conditioned UNet's
+    step_kwargs: dict[str, Any] = field(default_factory=dict)  # more scheduler.step arguments
     callback: Callable | None = None  # the step-end callback the loop calls
     callback_names: tuple[str, ...] = ("latents",)
     # result

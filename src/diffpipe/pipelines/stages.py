@@ -263,12 +263,12 @@ def denoise(pipe, request, state):
     scheduler = pipe.scheduler
     latents = initial = state.latents
     timesteps = state.timesteps
-    predict = unet_predictor(pipe.unet, request.cross_attention_kwargs, state)
+    predict = state.predict or unet_predictor(pipe.unet, request.cross_attention_kwargs, state)
     callback, names = request.callback_on_step_end, request.callback_on_step_end_tensor_inputs or ()
     if state.callback is not None:  # a task's own step-end callback (SAG's legacy ``callback=``)
         callback, names = state.callback, state.callback_names
     tensors = state.tensors
-    step_kwargs = {"eta": request.eta, "generator": request.generator}
+    step_kwargs = {"eta": request.eta, "generator": request.generator, **state.step_kwargs}
     order = getattr(scheduler, "order", 1)
     warmup = len(timesteps) - state.num_inference_steps * order
     with pipe.progress_bar(total=state.num_inference_steps) as bar:
