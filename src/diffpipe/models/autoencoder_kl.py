@@ -97,6 +97,21 @@ def _standard_normal(shape, generator, device: torch.device, dtype: torch.dtype)
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
+def _mid_block(channels: int, act_fn: str, norm_num_groups: int, add_attention: bool) -> UNetMidBlock2D:
+    """The encoder's and the decoder's mid block: resnet, single-head pixel attention, resnet."""
+    return UNetMidBlock2D(
+        in_channels=channels,
+        temb_channels=None,
+        resnet_eps=1e-6,
+        resnet_act_fn=act_fn,
+        output_scale_factor=1,
+        resnet_time_scale_shift="default",
+        attention_head_dim=channels,
+        resnet_groups=norm_num_groups,
+        add_attention=add_attention,
+    )
+
+
 class Encoder(nn.Module):
     """conv_in -> down blocks -> mid block (resnet, attention, resnet) -> GroupNorm/SiLU -> conv_out.
 
@@ -136,17 +151,7 @@ class Encoder(nn.Module):
                 )
             )
         self.down_blocks = nn.ModuleList(blocks)
-        self.mid_block = UNetMidBlock2D(
-            in_channels=block_out_channels[-1],
-            temb_channels=None,
-            resnet_eps=1e-6,
-            resnet_act_fn=act_fn,
-            output_scale_factor=1,
-            resnet_time_scale_shift="default",
-            attention_head_dim=block_out_channels[-1],
-            resnet_groups=norm_num_groups,
-            add_attention=mid_block_add_attention,
-        )
+        self.mid_block = _mid_block(block_out_channels[-1], act_fn, norm_num_groups, mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(num_channels=block_out_channels[-1], num_groups=norm_num_groups, eps=1e-6)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(block_out_channels[-1], 2 * out_channels if double_z else out_channels, 3, padding=1)
@@ -180,17 +185,7 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[-1], kernel_size=3, stride=1, padding=1)
         # The mid block is built before the up blocks (the reference's order, so a seeded construction
         # draws the reference's initial weights) but registered after them (the checkpoint order).
-        mid_block = UNetMidBlock2D(
-            in_channels=block_out_channels[-1],
-            temb_channels=None,
-            resnet_eps=1e-6,
-            resnet_act_fn=act_fn,
-            output_scale_factor=1,
-            resnet_time_scale_shift="default",
-            attention_head_dim=block_out_channels[-1],
-            resnet_groups=norm_num_groups,
-            add_attention=mid_block_add_attention,
-        )
+        mid_block = _mid_block(block_out_channels[-1], act_fn, norm_num_groups, mid_block_add_attention)
         reversed_channels = list(reversed(block_out_channels))
         blocks = []
         output_channel = reversed_channels[0]

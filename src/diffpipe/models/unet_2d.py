@@ -23,7 +23,16 @@ from ..nn.memory import MemorySwitchesMixin
 from ..nn.resnet import Downsample2D, Upsample2D
 from ..outputs import BaseOutput
 from .modeling import ModelMixin
-from .unet_2d_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D, _block_spec, _paired_layers, _resnet, _up_resnet
+from .unet_2d_blocks import (
+    DownBlock2D,
+    UNetMidBlock2D,
+    UpBlock2D,
+    _block_spec,
+    _paired_layers,
+    _resnet,
+    _up_resnet,
+    downsampled,
+)
 from .unet_body import unet_body
 
 _NOT_IMPLEMENTED = {
@@ -98,11 +107,7 @@ class AttnDownBlock2D(nn.Module):
         for resnet, attn in zip(self.resnets, self.attentions):
             hidden_states = attn(resnet(hidden_states, temb), temb=temb)
             outputs.append(hidden_states)
-        if self.downsamplers is not None:
-            for down in self.downsamplers:
-                hidden_states = down(hidden_states)
-            outputs.append(hidden_states)
-        return hidden_states, tuple(outputs)
+        return downsampled(self.downsamplers, hidden_states, outputs)
 
 
 class AttnUpBlock2D(nn.Module):

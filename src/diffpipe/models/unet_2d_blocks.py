@@ -104,6 +104,15 @@ def _paired_layers(
     return nn.ModuleList(a for a in attentions if a is not None), nn.ModuleList(resnets)
 
 
+def downsampled(downsamplers: nn.ModuleList | None, hidden_states: torch.Tensor, outputs: list) -> tuple:
+    """A down block's (output, skips): through its downsampler, whose output is a skip too, if it has one."""
+    if downsamplers is not None:
+        for down in downsamplers:
+            hidden_states = down(hidden_states)
+        outputs.append(hidden_states)
+    return hidden_states, tuple(outputs)
+
+
 def _block_spec(
     resnet_eps: float = 1e-6,
     resnet_act_fn: str = "swish",
@@ -154,11 +163,7 @@ class DownBlock2D(nn.Module):
         for i, resnet in enumerate(self.resnets):
             hidden_states = _after(after_layer, i, resnet(hidden_states, temb))
             outputs.append(hidden_states)
-        if self.downsamplers is not None:
-            for down in self.downsamplers:
-                hidden_states = down(hidden_states)
-            outputs.append(hidden_states)
-        return hidden_states, tuple(outputs)
+        return downsampled(self.downsamplers, hidden_states, outputs)
 
 
 class CrossAttnDownBlock2D(nn.Module):
@@ -219,11 +224,7 @@ class CrossAttnDownBlock2D(nn.Module):
             if i == last and additional_residuals is not None:  # T2I-Adapter features
                 hidden_states = hidden_states + additional_residuals
             outputs.append(hidden_states)
-        if self.downsamplers is not None:
-            for down in self.downsamplers:
-                hidden_states = down(hidden_states)
-            outputs.append(hidden_states)
-        return hidden_states, tuple(outputs)
+        return downsampled(self.downsamplers, hidden_states, outputs)
 
 
 class DownEncoderBlock2D(nn.Module):
