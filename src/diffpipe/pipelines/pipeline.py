@@ -249,6 +249,13 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin, MemorySwitchesMixin):
         state = getattr(self, "_call_state", None)
         return bool(state is not None and state.guidance is not None and state.guidance.active)
 
+    @staticmethod
+    def numpy_to_pil(images):
+        """``[B, H, W, C]`` (or ``[H, W, C]``) numbers in ``[0, 1]`` -> a list of PIL images."""
+        from ..images import numpy_to_pil
+
+        return numpy_to_pil(images)
+
     # ------------------------------------------------------------------ progress bars
     def set_progress_bar_config(self, **kwargs) -> None:
         self._progress_bar_config = dict(kwargs)

@@ -56,6 +56,7 @@ class SDRequest:
     image: Any = None
     mask_image: Any = None
     masked_image_latents: torch.Tensor | None = None
+    padding_mask_crop: int | None = None
     strength: float = 1.0
 
     # call-argument names that differ from the field they fill (AnimateDiff's num_videos_per_prompt)
@@ -115,12 +116,29 @@ class SDRequest:
         check_strength(self.strength)
         if task == "inpaint":
             stages.check_size(*self.size(pipe), pipe.vae_scale_factor)
+            self._check_padding_mask_crop()
             unet_channels, latent_channels = pipe.unet.config.in_channels, pipe.vae.config.latent_channels
             if unet_channels not in (latent_channels, 2 * latent_channels + 1):
                 raise ValueError(
                     f"inpainting needs a UNet with {latent_channels} or {2 * latent_channels + 1} input channels, "
                     f"this one has {unet_channels}"
                 )
+
+    def _check_padding_mask_crop(self) -> None:
+        if self.padding_mask_crop is None:
+            return
+        import PIL.Image
+
+        if not (isinstance(self.image, PIL.Image.Image) and isinstance(self.mask_image, PIL.Image.Image)):
+            raise ValueError(
+                "padding_mask_crop crops around the mask of one PIL image: pass image= and mask_image= as PIL "
+                f"images, got {type(self.image).__name__} and {type(self.mask_image).__name__}"
+            )
+        if self.output_type != "pil":
+            raise ValueError(
+                'padding_mask_crop pastes the result back into the image: use output_type="pil", '
+                f"got {self.output_type!r}"
+            )
 
     def check_common(self, pipe) -> None:
         stages.check_prompt_inputs(self.prompt, self.negative_prompt, self.prompt_embeds, self.negative_prompt_embeds)
@@ -163,6 +181,7 @@ class CallState:
     height: int | None = None
     width: int | None = None
     pixels: torch.Tensor | None = None  # the input image in [-1, 1] (or latents handed on as they are)
+    crop: tuple[int, int, int, int] | None = None  # padding_mask_crop's box in the input image
     mask_pixels: torch.Tensor | None = None  # inpainting's mask, 1 where to repaint
     # prompt stage
     guidance_scale: float | None = None  # the call's guidance_scale, what ``pipe.guidance_scale`` says

@@ -14,15 +14,45 @@ from ..schedulers.base import randn
 from . import stages
 from .request import CallState, SDRequest
 from .sd_img2img import strength_schedule, tile_to_batch
-from .stable_diffusion import DENOISE_AND_DECODE, StableDiffusionBase, encode_prompt_stage
+from .stable_diffusion import (
+    StableDiffusionBase,
+    decode_images,
+    encode_prompt_stage,
+    guidance_embedding,
+    output,
+)
 
 
 # ---------------------------------------------------------------------------------------- stages
 def preprocess_image_and_mask(pipe, request: SDRequest, state: CallState) -> CallState:
     state.height, state.width = request.size(pipe)
+    if request.padding_mask_crop is not None:
+        return _crop_around_the_mask(pipe, request, state)
     size = dict(height=state.height, width=state.width, multiple=pipe.vae_scale_factor)
     state.pixels = imgs.preprocess(request.image, **size, what="image")
     state.mask_pixels = imgs.preprocess_mask(request.mask_image, **size)
+    return state
+
+
+def _crop_around_the_mask(pipe, request: SDRequest, state: CallState) -> CallState:
+    """``padding_mask_crop``: repaint only the mask's bounding box (padded, at the output's aspect ratio),
+    scaled to the output size; :func:`paste_into_the_image` puts the result back."""
+    state.crop = pipe.mask_processor.get_crop_region(
+        request.mask_image, state.width, state.height, pad=request.padding_mask_crop
+    )
+    crop = dict(height=state.height, width=state.width, crops_coords=state.crop, resize_mode="fill")
+    state.pixels = pipe.image_processor.preprocess(request.image, **crop)
+    state.mask_pixels = pipe.mask_processor.preprocess(request.mask_image, **crop)
+    return state
+
+
+def paste_into_the_image(pipe, request: SDRequest, state: CallState) -> CallState:
+    """After ``padding_mask_crop``: each result pasted over the original image inside the mask."""
+    if state.crop is not None:
+        state.images = [
+            pipe.image_processor.apply_overlay(request.mask_image, request.image, image, state.crop)
+            for image in state.images
+        ]
     return state
 
 
@@ -99,7 +129,11 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         strength_schedule,
         inpaint_latents,
         inpaint_conditions,
-        *DENOISE_AND_DECODE,
+        guidance_embedding,
+        stages.denoise,
+        decode_images,
+        paste_into_the_image,
+        output,
     )
 
     def __call__(
@@ -110,6 +144,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         masked_image_latents: torch.Tensor | None = None,
         height: int | None = None,
         width: int | None = None,
+        padding_mask_crop: int | None = None,
         strength: float = 1.0,
         num_inference_steps: int = 50,
         timesteps: list[int] | None = None,

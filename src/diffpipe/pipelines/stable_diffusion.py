@@ -86,6 +86,26 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
 
     # ------------------------------------------------------------------ helpers
     @property
+    def image_processor(self):
+        """The reference's ``pipe.image_processor`` (a ``VaeImageProcessor`` at this VAE's scale)."""
+        return self._processor("image")
+
+    @property
+    def mask_processor(self):
+        """Masks as inpainting reads them: grayscale, binarized, not normalized."""
+        return self._processor("mask")
+
+    def _processor(self, kind: str):
+        from ..image_processor import VaeImageProcessor
+
+        cache = self.__dict__.setdefault("_processors", {})
+        key = (kind, self.vae_scale_factor)
+        if key not in cache:
+            settings = dict(do_normalize=False, do_binarize=True, do_convert_grayscale=True) if kind == "mask" else {}
+            cache[key] = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, **settings)
+        return cache[key]
+
+    @property
     def vae_scale_factor(self) -> int:
         vae = getattr(self, "vae", None)
         return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
