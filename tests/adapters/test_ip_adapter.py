@@ -265,3 +265,38 @@ def test_image_to_image_and_inpainting(folders, task):
     )
     args = {k: v for k, v in ARGS.items() if k not in ("height", "width")}
     assert_close(images(ref, {**args, **kwargs}), images(ours, {**args, **kwargs}))
+
+
+def test_regional_masks_per_image_are_the_reference_s(folders):
+    """Two images for one adapter, each confined to its half of the picture by ip_adapter_masks, with
+    per-image scales (the reference's documented recipe)."""
+    import diffusers.image_processor
+
+    from diffpipe.image_processor import IPAdapterMaskProcessor
+
+    left, right = np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.uint8)
+    left[:, :16], right[:, 16:] = 255, 255
+    masks = [PIL.Image.fromarray(left), PIL.Image.fromarray(right)]
+    theirs = diffusers.image_processor.IPAdapterMaskProcessor().preprocess(masks, height=32, width=32)
+    ours = IPAdapterMaskProcessor().preprocess(masks, height=32, width=32)
+    assert torch.equal(ours, theirs)
+    ref, pipe = load_both(folders["sd"])
+    for p in (ref, pipe):
+        p.load_ip_adapter(str(folders["repo"]), subfolder="models", weight_name="ip-plain.bin")
+        p.set_ip_adapter_scale([[0.7, 0.5]])
+    regional = [ours.reshape(1, ours.shape[0], ours.shape[2], ours.shape[3])]
+    args = dict(ip_adapter_image=[[an_image(1), an_image(2)]], cross_attention_kwargs={"ip_adapter_masks": regional})
+    expected, got = run(ref, **args), run(pipe, **args)
+    assert_close(expected, got)
+    # a mask per image matters: without the second image's region the picture changes
+    pipe.set_ip_adapter_scale([[0.7, 0.0]])
+    assert np.abs(run(pipe, **args) - got).max() > 0.01
+    with pytest.raises(ValueError, match="pass one mask per image"):
+        run(
+            pipe,
+            ip_adapter_image=[[an_image(1), an_image(2)]],
+            cross_attention_kwargs={"ip_adapter_masks": [regional[0][:, :1]]},
+        )
+    pipe.set_ip_adapter_scale([[0.7, 0.5]])
+    with pytest.raises(ValueError, match="per-image IP-Adapter scales"):
+        run(pipe, ip_adapter_image=[[an_image(1), an_image(2)]])

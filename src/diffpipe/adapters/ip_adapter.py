@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import ConfigError, StateDictMismatchError, summarize
 from ..nn.attention import Attention
+from ..image_processor import IPAdapterMaskProcessor
 from ..runtime.hooks import ModuleHook, add_hook, get_hook, remove_hook
 from .ip_projection import (
     ImageProjection,
@@ -83,8 +84,6 @@ class IPAdapterAttnProcessor(nn.Module):
         ip_adapter_masks=None,
         **kwargs: Any,
     ):
-        if ip_adapter_masks is not None:
-            raise NotImplementedError("ip_adapter_masks (regional IP-Adapter masks) are not implemented in diffpipe")
         if not isinstance(encoder_hidden_states, tuple):
             raise ValueError(
                 "this cross-attention layer runs an IP-Adapter and needs (text states, image tokens); call the UNet "
@@ -99,15 +98,56 @@ class IPAdapterAttnProcessor(nn.Module):
         query = attn.split_heads(attn.to_q(tokens))
         mask = attn.sdpa_mask(attention_mask, batch, context.shape[1])
         out = self._attend(attn, query, attn.to_k(context), attn.to_v(context), mask)
-        for states, scale, to_k, to_v in zip(image_tokens, self.scale, self.to_k_ip, self.to_v_ip):
+        masks = self._masks(ip_adapter_masks, image_tokens)
+        for states, scale, to_k, to_v, region in zip(image_tokens, self.scale, self.to_k_ip, self.to_v_ip, masks):
             if all(s == 0 for s in (scale if isinstance(scale, list) else [scale])):
                 continue
-            if isinstance(scale, list):
-                raise NotImplementedError(
-                    "per-image IP-Adapter scales need ip_adapter_masks, which diffpipe does not implement"
-                )
-            out = out + scale * self._attend(attn, query, to_k(states), to_v(states), None)
+            if region is None:
+                if isinstance(scale, list):
+                    raise ValueError(
+                        "per-image IP-Adapter scales (a list per adapter) weigh each image by its region: pass "
+                        "cross_attention_kwargs={'ip_adapter_masks': [...]} with one mask per image"
+                    )
+                out = out + scale * self._attend(attn, query, to_k(states), to_v(states), None)
+                continue
+            per_image = scale if isinstance(scale, list) else [scale] * region.shape[1]
+            for i in range(region.shape[1]):
+                part = self._attend(attn, query, to_k(states[:, i]), to_v(states[:, i]), None)
+                weight = IPAdapterMaskProcessor.downsample(region[:, i], batch, part.shape[1], part.shape[2])
+                out = out + per_image[i] * part * weight.to(dtype=part.dtype, device=part.device)
         return attn.finish(out, residual, image_shape)
+
+    def _masks(self, ip_adapter_masks, image_tokens) -> list:
+        """One region mask ``[1, images, H, W]`` (or None) per adapter, checked against its image tokens."""
+        if ip_adapter_masks is None:
+            return [None] * len(self.scale)
+        if torch.is_tensor(ip_adapter_masks):
+            ip_adapter_masks = list(ip_adapter_masks.unsqueeze(1))
+        if not (len(ip_adapter_masks) == len(self.scale) == len(image_tokens)):
+            raise ValueError(
+                f"ip_adapter_masks has {len(ip_adapter_masks)} entries for {len(self.scale)} loaded IP-Adapters; "
+                "pass one mask tensor (or None) per adapter"
+            )
+        for index, (mask, scale, states) in enumerate(zip(ip_adapter_masks, self.scale, image_tokens)):
+            if mask is None:
+                continue
+            if not torch.is_tensor(mask) or mask.ndim != 4:
+                raise ValueError(
+                    f"ip_adapter_masks[{index}] must be a tensor [1, images of that adapter, height, width] (from "
+                    f"IPAdapterMaskProcessor().preprocess(...).reshape(1, -1, height, width)), got {mask!r:.60}"
+                )
+            if states.ndim != 4 or mask.shape[1] != states.shape[1]:
+                images = states.shape[1] if states.ndim == 4 else 1
+                raise ValueError(
+                    f"ip_adapter_masks[{index}] has {mask.shape[1]} masks for {images} images of that adapter; "
+                    "pass one mask per image"
+                )
+            if isinstance(scale, list) and len(scale) != mask.shape[1]:
+                raise ValueError(
+                    f"IP-Adapter {index} has {len(scale)} per-image scales for {mask.shape[1]} masks; "
+                    "pass one per image"
+                )
+        return list(ip_adapter_masks)
 
     @staticmethod
     def _attend(attn: Attention, query, key, value, mask) -> torch.Tensor:
@@ -379,7 +419,7 @@ def set_scales(unet: nn.Module, scale, what: str = "set_ip_adapter_scale") -> No
     """``scale`` (one config, or a list with one per adapter) onto every IP-Adapter processor."""
     configs = list(scale) if isinstance(scale, list) else [scale]
     host = ip_host(unet)
-    expanded = [layer_scales(host, c, default=0.0, what=what) for c in configs]
+    expanded = [_adapter_scale(host, c, what) for c in configs]
     for name, layer in cross_attention_layers(host):
         proc = layer.processor
         if not isinstance(proc, IPAdapterAttnProcessor):
@@ -391,7 +431,15 @@ def set_scales(unet: nn.Module, scale, what: str = "set_ip_adapter_scale") -> No
                 f"{what}: {len(expanded)} scale configs for {len(proc.scale)} loaded IP-Adapters; pass "
                 "one, or one per adapter"
             )
-        proc.scale = [scale_for(name, s, 0.0) for s in expanded]
+        proc.scale = [list(s) if isinstance(s, list) else scale_for(name, s, 0.0) for s in expanded]
+
+
+def _adapter_scale(host: nn.Module, config, what: str):
+    """One adapter's scale config: a list of numbers is one scale per image (for every layer; it needs
+    ``ip_adapter_masks``), anything else goes through :func:`layer_scales`."""
+    if isinstance(config, (list, tuple)) and config:
+        return [_number(v, what) for v in config]
+    return layer_scales(host, config, default=0.0, what=what)
 
 
 def weight_file_state(path: Path, where: str) -> dict[str, dict[str, torch.Tensor]]:
