@@ -21,6 +21,7 @@ from ..models.outputs import ModelOutput
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.unet_motion import UNetMotionModel
 from . import stages
+from .free_init import FreeInitMixin, denoise_with_free_init
 from .request import CallState, SDRequest
 from .stable_diffusion import StableDiffusionBase, encode_prompt_stage, text_timesteps
 
@@ -99,7 +100,7 @@ def video_output(pipe, request: VideoRequest, state: CallState) -> CallState:
     return state
 
 
-class AnimateDiffPipeline(StableDiffusionBase):
+class AnimateDiffPipeline(FreeInitMixin, StableDiffusionBase):
     """Text to video with a Stable Diffusion 1.x checkpoint and an AnimateDiff motion adapter."""
 
     _config_keys = ()
@@ -138,7 +139,14 @@ class AnimateDiffPipeline(StableDiffusionBase):
 
     embeds_guidance_scale = False  # the reference guides every motion UNet by CFG, LCM-distilled or not
     request_type = VideoRequest
-    call_stages = (encode_prompt_stage, text_timesteps, video_latents, stages.denoise, decode_video, video_output)
+    call_stages = (
+        encode_prompt_stage,
+        text_timesteps,
+        video_latents,
+        denoise_with_free_init,
+        decode_video,
+        video_output,
+    )
 
     def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int = 16) -> torch.Tensor:
         """``[B, C, F, h, w]`` latents -> ``[B, C, F, H, W]`` float32 frames in ``[-1, 1]``, decoding
