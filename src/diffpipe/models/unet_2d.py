@@ -17,7 +17,7 @@ from torch import nn
 
 from ..io.key_fixes import rename_old_attention
 from ..nn.activations import get_activation
-from ..nn.attention import Attention, AttentionHostMixin
+from ..nn.attention import AttentionHostMixin
 from ..nn.embeddings import TimestepEmbedding, Timesteps
 from ..nn.memory import MemorySwitchesMixin
 from ..nn.resnet import Downsample2D, Upsample2D
@@ -31,7 +31,9 @@ from .unet_2d_blocks import (
     _paired_layers,
     _resnet,
     _up_resnet,
+    attention_groups,
     downsampled,
+    pixel_attention,
 )
 from .unet_body import unet_body
 
@@ -47,28 +49,6 @@ class UNet2DOutput(BaseOutput):
     """``sample``: the UNet's prediction, ``[batch, out_channels, height, width]``."""
 
     sample: torch.Tensor
-
-
-def _pixel_attention(channels: int, head_dim: int | None, spec: dict, groups: int | None) -> Attention:
-    """Self-attention over pixels with its own GroupNorm and residual (one head per ``head_dim`` channels)."""
-    head_dim = channels if head_dim is None else head_dim
-    return Attention(
-        channels,
-        heads=channels // head_dim,
-        dim_head=head_dim,
-        rescale_output_factor=spec["output_scale_factor"],
-        eps=spec["resnet_eps"],
-        norm_num_groups=groups,
-        residual_connection=True,
-        bias=True,
-        upcast_softmax=True,
-    )
-
-
-def _attention_groups(attn_groups: int | None, spec: dict) -> int | None:
-    if attn_groups is None and spec["resnet_time_scale_shift"] == "default":
-        return spec["resnet_groups"]
-    return attn_groups
 
 
 class AttnDownBlock2D(nn.Module):
@@ -88,11 +68,11 @@ class AttnDownBlock2D(nn.Module):
     ):
         super().__init__()
         spec = _block_spec(**spec)
-        groups = _attention_groups(attn_groups, spec)
+        groups = attention_groups(attn_groups, spec)
         self.attentions, self.resnets = _paired_layers(
             num_layers,
             lambda i: _resnet(in_channels if i == 0 else out_channels, out_channels, temb_channels, spec),
-            lambda i: _pixel_attention(out_channels, attention_head_dim, spec, groups),
+            lambda i: pixel_attention(out_channels, attention_head_dim, spec, groups),
         )
         self.downsamplers = (
             nn.ModuleList(
@@ -128,12 +108,12 @@ class AttnUpBlock2D(nn.Module):
     ):
         super().__init__()
         spec = _block_spec(**spec)
-        groups = _attention_groups(attn_groups, spec)
+        groups = attention_groups(attn_groups, spec)
         self.resolution_idx = resolution_idx
         self.attentions, self.resnets = _paired_layers(
             num_layers,
             lambda i: _up_resnet(i, in_channels, prev_output_channel, out_channels, temb_channels, num_layers, spec),
-            lambda i: _pixel_attention(out_channels, attention_head_dim, spec, groups),
+            lambda i: pixel_attention(out_channels, attention_head_dim, spec, groups),
         )
         self.upsamplers = (
             nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])

@@ -113,6 +113,30 @@ def downsampled(downsamplers: nn.ModuleList | None, hidden_states: torch.Tensor,
     return hidden_states, tuple(outputs)
 
 
+def pixel_attention(channels: int, head_dim: int | None, spec: dict, groups: int | None) -> Attention:
+    """Self-attention over pixels with its own GroupNorm and a residual connection (one head per
+    ``head_dim`` channels, one head when None): the VAE's and the unconditional UNet's attention."""
+    head_dim = channels if head_dim is None else head_dim
+    return Attention(
+        channels,
+        heads=channels // head_dim,
+        dim_head=head_dim,
+        rescale_output_factor=spec["output_scale_factor"],
+        eps=spec["resnet_eps"],
+        norm_num_groups=groups,
+        residual_connection=True,
+        bias=True,
+        upcast_softmax=True,
+    )
+
+
+def attention_groups(attn_groups: int | None, spec: dict) -> int | None:
+    """The pixel attention's GroupNorm groups: the resnets' unless given (none with a spatial time shift)."""
+    if attn_groups is None and spec["resnet_time_scale_shift"] == "default":
+        return spec["resnet_groups"]
+    return attn_groups
+
+
 def _block_spec(
     resnet_eps: float = 1e-6,
     resnet_act_fn: str = "swish",
@@ -331,28 +355,12 @@ class UNetMidBlock2D(nn.Module):
         spec = _block_spec(**spec)
         if spec["resnet_groups"] is None:
             spec["resnet_groups"] = min(in_channels // 4, 32)
-        if attn_groups is None and spec["resnet_time_scale_shift"] == "default":
-            attn_groups = spec["resnet_groups"]
-        head_dim = in_channels if attention_head_dim is None else attention_head_dim
+        groups = attention_groups(attn_groups, spec)
         self.add_attention = add_attention
         self.attentions, self.resnets = _paired_layers(
             num_layers,
             lambda _: _resnet(in_channels, in_channels, temb_channels, spec),
-            lambda _: (
-                Attention(
-                    in_channels,
-                    heads=in_channels // head_dim,
-                    dim_head=head_dim,
-                    rescale_output_factor=spec["output_scale_factor"],
-                    eps=spec["resnet_eps"],
-                    norm_num_groups=attn_groups,
-                    residual_connection=True,
-                    bias=True,
-                    upcast_softmax=True,
-                )
-                if add_attention
-                else None
-            ),
+            lambda _: pixel_attention(in_channels, attention_head_dim, spec, groups) if add_attention else None,
             mid=True,
         )
 
