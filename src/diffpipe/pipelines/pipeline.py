@@ -81,7 +81,7 @@ class DiffusionPipeline(ConfigMixin, OffloadMixin, MemorySwitchesMixin):
     # Slots not listed take any allow-listed class.
     _slot_classes: dict[str, tuple[str, ...]] = {
         "unet": ("UNet2DConditionModel", "UNetMotionModel"),
-        "vae": ("AutoencoderKL", "AutoencoderTiny"),
+        "vae": ("AutoencoderKL", "AutoencoderTiny", "AsymmetricAutoencoderKL"),
         "scheduler": ("SchedulerMixin",),
         "text_encoder": ("PreTrainedModel",),
         "image_encoder": ("PreTrainedModel",),

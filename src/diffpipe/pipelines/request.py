@@ -208,6 +208,7 @@ class CallState:
     step_kwargs: dict[str, Any] = field(default_factory=dict)  # more scheduler.step arguments
     callback: Callable | None = None  # the step-end callback the loop calls
     callback_names: tuple[str, ...] = ("latents",)
+    decode_kwargs: dict[str, Any] = field(default_factory=dict)  # more vae.decode arguments (the masked VAE)
     # result
     images: Any = None
     nsfw: list[bool] | None = None

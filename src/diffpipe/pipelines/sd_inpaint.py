@@ -102,6 +102,11 @@ def inpaint_conditions(pipe, request: SDRequest, state: CallState) -> CallState:
     state.tensors.update(
         mask=state.guidance.batch(mask), masked_image_latents=state.guidance.batch(masked_image_latents)
     )
+    if getattr(pipe.vae, "decodes_with_mask", False):  # AsymmetricAutoencoderKL keeps the unmasked pixels
+        state.decode_kwargs = {
+            "image": tile_to_batch(state.pixels.to(device=device, dtype=dtype), total, "images"),
+            "mask": tile_to_batch(state.mask_pixels.to(device=device, dtype=dtype), total, "masks"),
+        }
     if not _repaints_by_blending(pipe):
         state.concat = ("mask", "masked_image_latents")
         return state

@@ -377,14 +377,14 @@ class StableDiffusionXLBase(StableDiffusionBase):
             torch.tensor(std).view(shape).to(like.device, like.dtype),
         )
 
-    def _decode(self, latents, generator=None) -> torch.Tensor:
+    def _decode(self, latents, generator=None, **decode_kwargs) -> torch.Tensor:
         # the reference upcasts for decoding only a float16 VAE
         with self._vae_upcast(self.vae.dtype == torch.float16):
             stats = self._latent_stats(latents)
             if stats is not None:  # VAEs with per-channel latent statistics: undo them around the scaling
                 mean, std = stats
                 latents = latents * std + mean * self.vae.config.scaling_factor
-            image = super()._decode(latents, generator)
+            image = super()._decode(latents, generator, **decode_kwargs)
         if self.watermark is not None:
             image = self.watermark.apply(image)
         return image

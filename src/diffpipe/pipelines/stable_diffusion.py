@@ -223,8 +223,8 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
         pixels = inputs["pixel_values"].to(device=device, dtype=dtype)
         return self.safety_checker(images=image, clip_input=pixels)
 
-    def _decode(self, latents, generator=None) -> torch.Tensor:
-        return stages.decode_latents(self.vae, latents, generator)
+    def _decode(self, latents, generator=None, **decode_kwargs) -> torch.Tensor:
+        return stages.decode_latents(self.vae, latents, generator, **decode_kwargs)
 
     def _encode_image(self, pixels, generator) -> torch.Tensor:
         """Image in ``[-1, 1]`` -> scaled latents (img2img's and inpainting's start)."""
@@ -304,7 +304,7 @@ def decode_images(pipe: StableDiffusionBase, request: SDRequest, state: CallStat
     if request.output_type == "latent":
         state.images = state.latents
         return state
-    image = pipe._decode(state.latents, request.generator)
+    image = pipe._decode(state.latents, request.generator, **state.decode_kwargs)
     image, state.nsfw = pipe.run_safety_checker(image, state.device, state.dtype)
     denormalize = None if state.nsfw is None else [not flagged for flagged in state.nsfw]
     state.images = imgs.postprocess(image, output_type=request.output_type, do_denormalize=denormalize)

@@ -314,14 +314,15 @@ def warn_non_finite(stage: str, fix: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ decode
-def decode_latents(vae, latents: torch.Tensor, generator=None) -> torch.Tensor:
-    """Latents -> images in ``[-1, 1]``, undoing the VAE's scaling (and shift) factor."""
+def decode_latents(vae, latents: torch.Tensor, generator=None, **decode_kwargs) -> torch.Tensor:
+    """Latents -> images in ``[-1, 1]``, undoing the VAE's scaling (and shift) factor; ``decode_kwargs``
+    go to ``vae.decode`` (the masked VAE's ``image`` and ``mask``)."""
     bring_to_device(vae)
     config = vae.config
     latents = latents / config.scaling_factor
     if config.get("shift_factor") is not None:
         latents = latents + config.shift_factor
-    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    image = vae.decode(latents.to(vae.dtype), return_dict=False, **decode_kwargs)[0]
     if not bool(torch.isfinite(image).all()) and bool(torch.isfinite(latents).all()):
         warn_non_finite(
             f"VAE decoding ({vae.dtype})",
