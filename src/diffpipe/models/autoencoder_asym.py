@@ -25,10 +25,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn.activations import get_activation
 from ..runtime.cpu_kernels import with_float32_kernels
-from .autoencoder_kl import DiagonalGaussianDistribution, Encoder, _mid_block
+from .autoencoder_kl import DiagonalGaussianDistribution, Encoder, _mid_block, decoder_up_blocks
 from .modeling import ModelMixin
 from .outputs import AutoencoderKLOutput, DecoderOutput
-from .unet_block_factory import get_up_block
 
 
 # Config keys __init__ records itself (from its arguments), as the reference does.
@@ -101,27 +100,9 @@ class MaskConditionDecoder(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[-1], kernel_size=3, stride=1, padding=1)
         # Built in the reference's order (mid block before the up blocks), registered in the checkpoint's.
         mid_block = _mid_block(block_out_channels[-1], act_fn, norm_num_groups, add_attention=True)
-        reversed_channels = list(reversed(block_out_channels))
-        blocks = []
-        output_channel = reversed_channels[0]
-        for i, block_type in enumerate(up_block_types):
-            prev_output_channel, output_channel = output_channel, reversed_channels[i]
-            blocks.append(
-                get_up_block(
-                    block_type,
-                    num_layers=layers_per_block + 1,
-                    in_channels=prev_output_channel,
-                    out_channels=output_channel,
-                    prev_output_channel=None,
-                    temb_channels=None,
-                    add_upsample=i < len(block_out_channels) - 1,
-                    resnet_eps=1e-6,
-                    resnet_act_fn=act_fn,
-                    resnet_groups=norm_num_groups,
-                    resnet_time_scale_shift="group",
-                )
-            )
-        self.up_blocks = nn.ModuleList(blocks)
+        self.up_blocks = decoder_up_blocks(
+            up_block_types, block_out_channels, layers_per_block, norm_num_groups, act_fn
+        )
         self.mid_block = mid_block
         self.condition_encoder = MaskConditionEncoder(
             in_ch=out_channels, out_ch=block_out_channels[0], res_ch=block_out_channels[-1]

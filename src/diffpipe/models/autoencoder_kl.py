@@ -112,6 +112,36 @@ def _mid_block(channels: int, act_fn: str, norm_num_groups: int, add_attention: 
     )
 
 
+def decoder_up_blocks(
+    up_block_types: Sequence[str],
+    block_out_channels: Sequence[int],
+    layers_per_block: int,
+    norm_num_groups: int,
+    act_fn: str,
+) -> nn.ModuleList:
+    """A VAE decoder's up blocks, widest first, each upsampling but the last (no time embedding)."""
+    reversed_channels = list(reversed(block_out_channels))
+    blocks, output_channel = [], reversed_channels[0]
+    for i, block_type in enumerate(up_block_types):
+        prev_output_channel, output_channel = output_channel, reversed_channels[i]
+        blocks.append(
+            get_up_block(
+                block_type,
+                num_layers=layers_per_block + 1,
+                in_channels=prev_output_channel,
+                out_channels=output_channel,
+                prev_output_channel=prev_output_channel,
+                temb_channels=None,
+                add_upsample=i < len(block_out_channels) - 1,
+                resnet_eps=1e-6,
+                resnet_act_fn=act_fn,
+                resnet_groups=norm_num_groups,
+                resnet_time_scale_shift="group",
+            )
+        )
+    return nn.ModuleList(blocks)
+
+
 class Encoder(nn.Module):
     """conv_in -> down blocks -> mid block (resnet, attention, resnet) -> GroupNorm/SiLU -> conv_out.
 
@@ -186,27 +216,9 @@ class Decoder(nn.Module):
         # The mid block is built before the up blocks (the reference's order, so a seeded construction
         # draws the reference's initial weights) but registered after them (the checkpoint order).
         mid_block = _mid_block(block_out_channels[-1], act_fn, norm_num_groups, mid_block_add_attention)
-        reversed_channels = list(reversed(block_out_channels))
-        blocks = []
-        output_channel = reversed_channels[0]
-        for i, block_type in enumerate(up_block_types):
-            prev_output_channel, output_channel = output_channel, reversed_channels[i]
-            blocks.append(
-                get_up_block(
-                    block_type,
-                    num_layers=layers_per_block + 1,
-                    in_channels=prev_output_channel,
-                    out_channels=output_channel,
-                    prev_output_channel=prev_output_channel,
-                    temb_channels=None,
-                    add_upsample=i < len(block_out_channels) - 1,
-                    resnet_eps=1e-6,
-                    resnet_act_fn=act_fn,
-                    resnet_groups=norm_num_groups,
-                    resnet_time_scale_shift="group",
-                )
-            )
-        self.up_blocks = nn.ModuleList(blocks)
+        self.up_blocks = decoder_up_blocks(
+            up_block_types, block_out_channels, layers_per_block, norm_num_groups, act_fn
+        )
         self.mid_block = mid_block
         self.conv_norm_out = nn.GroupNorm(num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=1e-6)
         self.conv_act = nn.SiLU()
