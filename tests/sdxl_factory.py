@@ -34,6 +34,29 @@ def _text_config(vocab_size: int, hidden: int, **extra):
     )
 
 
+def tiny_unet_config(refiner: bool = False) -> dict:
+    """The tiny SDXL UNet's config: cross-attention over both encoders' widths (the second's alone for
+    a refiner) and an added embedding for the pooled text plus 6 time ids (5 with the aesthetic score)."""
+    n_ids = 5 if refiner else 6
+    return dict(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_DIM,
+        projection_class_embeddings_input_dim=PROJECTION + n_ids * TIME_DIM,
+        cross_attention_dim=WIDTH_2 if refiner else WIDTH_1 + WIDTH_2,
+        norm_num_groups=4,
+    )
+
+
 def sdxl_components(
     seed: int = 0,
     *,
@@ -51,26 +74,7 @@ def sdxl_components(
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
-    n_ids = 5 if refiner else 6
-    cross = WIDTH_2 if refiner else WIDTH_1 + WIDTH_2
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_DIM,
-        projection_class_embeddings_input_dim=PROJECTION + n_ids * TIME_DIM,
-        cross_attention_dim=cross,
-        norm_num_groups=4,
-        **(unet_kwargs or {}),
-    )
+    unet = diffusers.UNet2DConditionModel(**tiny_unet_config(refiner), **(unet_kwargs or {}))
     vae_extra = {}
     if latents_stats:
         vae_extra = dict(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])

@@ -23,7 +23,7 @@ import torch
 import diffpipe
 from adapter_factory import assert_close, images, kohya_lora, lora_pairs, peft_lora, save_lora
 from sd_factory import save_reference_pipeline
-from sdxl_factory import PROJECTION, TIME_DIM, WIDTH_1, WIDTH_2, save_reference_sdxl
+from sdxl_factory import save_reference_sdxl, tiny_unet_config
 
 LCM_UNET = {"time_cond_proj_dim": 32}
 SIZE = dict(height=32, width=32)
@@ -267,24 +267,7 @@ UNET_CONFIGS = {
         norm_num_groups=4,
         class_embed_type="timestep",
     ),
-    "sdxl": dict(
-        block_out_channels=(8, 16),
-        layers_per_block=2,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_DIM,
-        projection_class_embeddings_input_dim=PROJECTION + 6 * TIME_DIM,
-        cross_attention_dim=WIDTH_1 + WIDTH_2,
-        norm_num_groups=4,
-        time_cond_proj_dim=32,
-    ),
+    "sdxl": {**tiny_unet_config(), "layers_per_block": 2, "time_cond_proj_dim": 32},
 }
 OTHER_MODELS = {
     "AutoencoderKL": dict(

@@ -84,7 +84,7 @@ class LoraModelMixin:
         layout ``load_lora_adapter`` reads works here too, keys with or without the ``unet.`` prefix."""
         adapter_name = kwargs.pop("adapter_name", None)
         source = pretrained_model_name_or_path_or_dict
-        if isinstance(source, dict) and any("custom_diffusion" in k or ".to_k_custom_diffusion" in k for k in source):
+        if isinstance(source, dict) and any("custom_diffusion" in k for k in source):
             raise NotImplementedError("Custom Diffusion attention processors are not implemented in diffpipe")
         keys = source.keys() if isinstance(source, dict) else ()
         prefix = self._lora_component if any(k.startswith(self._lora_component + ".") for k in keys) else None
