@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..nn.attention import AttentionHostMixin
+from ..nn.context_windows import ContextWindows, remove_splits, split_batches
 from ..nn.memory import MemorySwitchesMixin
 from ..adapters.lora_model import LoraModelMixin
 from .freeu import FreeUMixin
@@ -306,6 +307,45 @@ class UNetMotionModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin, FreeU
         check_adapter_fits(self.config, motion_adapter, exact=True)
         _follow(motion_adapter, self._unet2d)
         self._assemble(self._unet2d, motion_adapter.down_blocks, motion_adapter.mid_block, motion_adapter.up_blocks)
+        self.set_context_windows(self.context_windows)
+
+    # ------------------------------------------------------------------ FreeNoise
+    @property
+    def context_windows(self) -> ContextWindows | None:
+        """The FreeNoise windows the motion modules attend in (None: all frames at once)."""
+        return self.__dict__.get("_context_windows")
+
+    def _motion_transformers(self):
+        for block in self._blocks():
+            for module in block.motion_modules or ():
+                yield module
+
+    def set_context_windows(self, windows: ContextWindows | None) -> None:
+        """Temporal attention within ``windows`` (longer videos than the modules were trained on), or
+        over all frames again (None). The motion modules are shared: every holder of them sees it."""
+        self.__dict__["_context_windows"] = windows
+        for module in self._motion_transformers():
+            for block in module.transformer_blocks:
+                block.context_windows = windows
+
+    def set_split_inference(self, spatial_split_size: int | None, temporal_split_size: int | None = None) -> None:
+        """Bound activation memory on long videos: motion modules over ``spatial_split_size`` pixels at a
+        time, the 2-D layers over ``temporal_split_size`` frames at a time; ``None`` for both undoes it."""
+        remove_splits(self)
+        if spatial_split_size is None and temporal_split_size is None:
+            return
+        split_batches(
+            [m for t in self._motion_transformers() for m in (t.proj_in, *t.transformer_blocks, t.proj_out)],
+            spatial_split_size,
+        )
+        layers = ("resnets", "attentions", "downsamplers", "upsamplers")
+        split_batches(
+            [m for block in self._blocks() for name in layers for m in (getattr(block, name, None) or ())],
+            temporal_split_size,
+        )
+
+    def _blocks(self):
+        return [*self.down_blocks, self.mid_block, *self.up_blocks]
 
     def save_motion_modules(self, save_directory, **kwargs) -> None:
         """Save the motion modules as a :class:`MotionAdapter` folder (the tensors are not copied)."""
@@ -333,10 +373,12 @@ class UNetMotionModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin, FreeU
                 f"got {found}"
             )
         batch, frames = sample.shape[0], sample.shape[2]
-        if frames > cfg.motion_max_seq_length:
+        windows = self.context_windows
+        if (frames if windows is None else min(frames, windows.length)) > cfg.motion_max_seq_length:
             raise ValueError(
-                f"UNetMotionModel: {frames} frames, but its motion modules take at most motion_max_seq_length="
-                f"{cfg.motion_max_seq_length}"
+                f"UNetMotionModel: {'windows of ' if windows else ''}{frames if windows is None else windows.length}"
+                f" frames, but its motion modules take at most motion_max_seq_length={cfg.motion_max_seq_length}"
+                + ("; enable FreeNoise (pipe.enable_free_noise()) for longer videos" if windows is None else "")
             )
         widths = {cfg.cross_attention_dim} if isinstance(cfg.cross_attention_dim, int) else set(cfg.cross_attention_dim)
         if cfg.encoder_hid_dim is not None:

@@ -94,6 +94,7 @@ class BasicTransformerBlock(nn.Module):
         )
         self._chunk_size: int | None = None  # enable_forward_chunking: feed-forward in chunks
         self._chunk_dim = 0
+        self.context_windows = None  # FreeNoise: attention within sliding windows of the sequence
 
     def set_chunk_feed_forward(self, chunk_size: int | None, dim: int = 0) -> None:
         self._chunk_size, self._chunk_dim = chunk_size, dim
@@ -120,19 +121,25 @@ class BasicTransformerBlock(nn.Module):
         cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         kwargs = cross_attention_kwargs or {}
-        hidden_states = hidden_states + self.attn1(
-            self._normed(self.norm1, hidden_states),
-            encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
-            attention_mask=attention_mask,
-            **kwargs,
-        )
-        if self.attn2 is not None:
-            hidden_states = hidden_states + self.attn2(
+
+        def attend(hidden_states: torch.Tensor) -> torch.Tensor:
+            hidden_states = hidden_states + self.attn1(
+                self._normed(self.norm1, hidden_states),
+                encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
+                attention_mask=attention_mask,
+                **kwargs,
+            )
+            if self.attn2 is None:
+                return hidden_states
+            return hidden_states + self.attn2(
                 self._normed(self.norm2, hidden_states),
                 encoder_hidden_states=encoder_hidden_states,
                 attention_mask=encoder_attention_mask,
                 **kwargs,
             )
+
+        windows = self.context_windows
+        hidden_states = attend(hidden_states) if windows is None else windows.blend(hidden_states, attend)
         return hidden_states + self._feed_forward(self.norm3(hidden_states))
 
     def _normed(self, norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

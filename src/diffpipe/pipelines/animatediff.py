@@ -9,7 +9,7 @@ adds only the adapter's memory and leaves ``pipe_sd`` as it was); latents carry 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from ..models.unet_2d_condition import UNet2DConditionModel
 from ..models.unet_motion import UNetMotionModel
 from . import stages
 from .free_init import FreeInitMixin, denoise_with_free_init
+from .free_noise import FreeNoiseMixin, encode_prompt_schedule, prompt_schedule, reschedule_noise
 from .request import CallState, SDRequest
 from .stable_diffusion import StableDiffusionBase, encode_prompt_stage, text_timesteps
 
@@ -42,24 +43,54 @@ class VideoRequest(SDRequest):
     decode_chunk_size: int = 16
     renamed = {"num_videos_per_prompt": "num_images_per_prompt"}
 
+    @property
+    def batch(self) -> int:
+        return 1 if isinstance(self.prompt, dict) else super().batch
+
     def check_task(self, pipe) -> None:
         num_frames, chunk = self.num_frames, self.decode_chunk_size
-        longest = pipe.unet.config.motion_max_seq_length
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
-        if num_frames > longest:
+        longest, free_noise = pipe.unet.config.motion_max_seq_length, pipe.free_noise
+        if free_noise is None and num_frames > longest:
             raise ValueError(
                 f"num_frames={num_frames} is more than this motion adapter's motion_max_seq_length={longest}; "
-                f"generate at most {longest} frames"
+                f"generate at most {longest} frames, or enable FreeNoise (pipe.enable_free_noise()) for longer videos"
+            )
+        if free_noise is not None and min(num_frames, free_noise.windows.length) > longest:
+            raise ValueError(
+                f"FreeNoise's context_length={free_noise.windows.length} is more than this motion adapter's "
+                f"motion_max_seq_length={longest}; call pipe.enable_free_noise(context_length={longest}) or less"
             )
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"decode_chunk_size must be a positive integer, got {chunk!r}")
         super().check_task(pipe)
 
+    def check_common(self, pipe) -> None:
+        scheduled = isinstance(self.prompt, dict) or isinstance(self.negative_prompt, dict)
+        if pipe.free_noise is None or self.prompt_embeds is not None:
+            if scheduled:
+                raise ValueError(
+                    "a dict prompt ({frame: prompt}) needs FreeNoise: call pipe.enable_free_noise() first"
+                    if pipe.free_noise is None
+                    else "a dict negative_prompt goes with a prompt, not with prompt_embeds="
+                )
+            return super().check_common(pipe)
+        prompt_schedule(self.prompt, self.num_frames, "prompt")
+        if self.negative_prompt is not None:
+            prompt_schedule(self.negative_prompt, self.num_frames, "negative_prompt")
+
+        # the common rules, with each schedule standing in as its first prompt
+        def first(prompt):
+            return prompt[min(prompt)] if isinstance(prompt, dict) else prompt
+
+        plain = replace(self, prompt=first(self.prompt), negative_prompt=first(self.negative_prompt))
+        super(VideoRequest, plain).check_common(pipe)
+
 
 # ---------------------------------------------------------------------------------------- stages
 def video_latents(pipe, request: VideoRequest, state: CallState) -> CallState:
-    """``[B, C, F, h, w]`` noise, and the prompt embeddings repeated for every frame."""
+    """``[B, C, F, h, w]`` noise."""
     state.height, state.width = request.size(pipe)
     factor = pipe.vae_scale_factor
     shape = (
@@ -77,7 +108,9 @@ def video_latents(pipe, request: VideoRequest, state: CallState) -> CallState:
         latents=request.latents,
         init_noise_sigma=pipe.scheduler.init_noise_sigma,
     )
-    state.tensors["prompt_embeds"] = state.condition.repeat_interleave(request.num_frames, dim=0)
+    free_noise = pipe.free_noise  # FreeNoise reschedules fresh noise (the caller's latents stay as given)
+    if free_noise is not None and free_noise.noise_type == "shuffle_context" and request.latents is None:
+        reschedule_noise(state.latents, free_noise.windows, request.generator)
     return state
 
 
@@ -100,7 +133,7 @@ def video_output(pipe, request: VideoRequest, state: CallState) -> CallState:
     return state
 
 
-class AnimateDiffPipeline(FreeInitMixin, StableDiffusionBase):
+class AnimateDiffPipeline(FreeInitMixin, FreeNoiseMixin, StableDiffusionBase):
     """Text to video with a Stable Diffusion 1.x checkpoint and an AnimateDiff motion adapter."""
 
     _config_keys = ()
@@ -147,6 +180,17 @@ class AnimateDiffPipeline(FreeInitMixin, StableDiffusionBase):
         decode_video,
         video_output,
     )
+
+    def _encode_text(self, request: VideoRequest, state: CallState) -> None:
+        """Embeddings per frame (``[videos * frames, L, D]``): the prompt's repeated, or under FreeNoise
+        interpolated between the keyframes of a ``{frame: prompt}`` schedule."""
+        if self.free_noise is not None and request.prompt_embeds is None:
+            encode_prompt_schedule(self, request, state)
+            return
+        super()._encode_text(request, state)
+        state.embeds = state.embeds.repeat_interleave(request.num_frames, dim=0)
+        if state.negative is not None:
+            state.negative = state.negative.repeat_interleave(request.num_frames, dim=0)
 
     def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int = 16) -> torch.Tensor:
         """``[B, C, F, h, w]`` latents -> ``[B, C, F, H, W]`` float32 frames in ``[-1, 1]``, decoding

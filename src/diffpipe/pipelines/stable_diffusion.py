@@ -155,6 +155,22 @@ class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
             device=device,
         )
 
+    def _encode_text(self, request: SDRequest, state: CallState) -> None:
+        """The call's prompt embeddings into ``state`` (``embeds``, ``negative``, SDXL's pooled ones)."""
+        state.embeds, state.negative, *pooled = self.encode_prompt(
+            prompt=request.prompt,
+            device=state.device,
+            num_images_per_prompt=request.num_images_per_prompt,
+            do_classifier_free_guidance=state.guidance.active,
+            negative_prompt=request.negative_prompt,
+            prompt_embeds=request.prompt_embeds,
+            negative_prompt_embeds=request.negative_prompt_embeds,
+            clip_skip=request.clip_skip,
+            **self._more_prompt_arguments(request),
+        )
+        if pooled:
+            state.pooled, state.negative_pooled = pooled
+
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         """FreeU on the UNet (see ``models/freeu.py``): sharper detail at no cost; ``disable_freeu`` undoes it."""
         self.unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
@@ -249,19 +265,7 @@ def encode_prompt_stage(pipe: StableDiffusionBase, request: SDRequest, state: Ca
             request.total,
             state.guidance.active,
         )
-    state.embeds, state.negative, *pooled = pipe.encode_prompt(
-        prompt=request.prompt,
-        device=state.device,
-        num_images_per_prompt=request.num_images_per_prompt,
-        do_classifier_free_guidance=state.guidance.active,
-        negative_prompt=request.negative_prompt,
-        prompt_embeds=request.prompt_embeds,
-        negative_prompt_embeds=request.negative_prompt_embeds,
-        clip_skip=request.clip_skip,
-        **pipe._more_prompt_arguments(request),
-    )
-    if pooled:
-        state.pooled, state.negative_pooled = pooled
+    pipe._encode_text(request, state)
     state.tensors.update(prompt_embeds=state.condition, negative_prompt_embeds=state.negative)
     return state
 
