@@ -238,6 +238,11 @@ CASES = [
     C("TCDScheduler", steps=8, step_kwargs={"eta": 0.8}, prediction_type="v_prediction"),
     C("TCDScheduler", steps=6, prediction_type="sample", set_kwargs={"original_inference_steps": 100}),
     C("TCDScheduler", steps=None, set_kwargs={"timesteps": [999, 759, 499, 259]}),
+    # ---- KDPM2 ancestral
+    # ---- DEIS multistep
+    # ---- EDM Euler
+    # ---- EDM DPM-Solver multistep
+    # ---- DPM-Solver SDE
 ]
 
 # special shapes and noise sources
