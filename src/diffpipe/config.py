@@ -19,6 +19,7 @@ import functools
 import inspect
 import json
 import logging
+import warnings
 import os
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,23 @@ def read_json_file(path: Path, *, what: str) -> dict:
     return data
 
 
+def config_attribute(obj, name: str) -> Any:
+    """A config value read as an attribute (``scheduler.num_train_timesteps``): deprecated in the
+    reference, which still answers it with this FutureWarning; anything else is an AttributeError."""
+    config = obj.__dict__.get("_internal_dict")
+    if config is None or name.startswith("_") or name not in config:
+        raise AttributeError(f"'{type(obj).__name__}' object has no attribute '{name}'")
+    cls = type(obj).__name__
+    example = "scheduler" if hasattr(type(obj), "set_timesteps") else "unet"  # the reference's wording
+    warnings.warn(
+        f"Accessing config attribute `{name}` directly via '{cls}' object attribute is deprecated. Please access "
+        f"'{name}' over '{cls}'s config object instead, e.g. '{example}.config.{name}'.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return config[name]
+
+
 class ConfigMixin:
     """Mixin giving a class a config recorded from its constructor arguments.
 
@@ -157,6 +175,9 @@ class ConfigMixin:
     @property
     def config(self) -> Config:
         return self.__dict__.get("_internal_dict", Config())
+
+    def __getattr__(self, name: str) -> Any:
+        return config_attribute(self, name)
 
     def register_to_config(self, **kwargs) -> None:
         object.__setattr__(self, "_internal_dict", Config({**self.config, **kwargs}))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import hub
-from ..config import ConfigMixin, read_json_file
+from ..config import ConfigMixin, config_attribute, read_json_file
 from ..errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, UnsafeCheckpointError
 from ..io.atomic import StagedFolder, folder_lock
 from ..nn.construction import empty_modules
@@ -87,6 +87,12 @@ class ModelMixin(nn.Module, ConfigMixin):
 
     config_name = "config.json"
     weights_prefix = "diffusion_pytorch_model"
+
+    def __getattr__(self, name: str):
+        try:
+            return nn.Module.__getattr__(self, name)  # parameters, buffers, submodules
+        except AttributeError:
+            return config_attribute(self, name)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -22,9 +22,11 @@ class UNet2DConditionOutput(ModelOutput):
 
 @dataclass
 class DecoderOutput(ModelOutput):
-    """``sample``: the decoded images, ``[batch, out_channels, height, width]``."""
+    """``sample``: the decoded images, ``[batch, out_channels, height, width]``; ``commit_loss``: a
+    quantising VAE's commitment loss (None for the others)."""
 
     sample: torch.Tensor
+    commit_loss: torch.Tensor | None = None
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..outputs import BaseOutput
 from . import stages
 from .pipeline import DiffusionPipeline
 from .request import CallState, SDRequest, check_fraction
@@ -34,14 +35,8 @@ WATERMARK_MESSAGE = 0b101100111110110010010000011110111011000110011110
 
 
 @dataclass
-class StableDiffusionXLPipelineOutput:
+class StableDiffusionXLPipelineOutput(BaseOutput):
     images: Any
-
-    def __getitem__(self, i):
-        return (self.images,)[i]
-
-    def __iter__(self):
-        return iter((self.images,))
 
 
 class InvisibleWatermark:
@@ -389,11 +384,15 @@ class StableDiffusionXLBase(StableDiffusionBase):
             image = self.watermark.apply(image)
         return image
 
+    # Whether encoding normalizes by the VAE's latents_mean / latents_std. The reference's inpainting
+    # does not (its decoding does): StableDiffusionXLInpaintPipeline turns it off to give its numbers.
+    _encode_with_latent_stats = True
+
     def _encode_image(self, pixels, generator) -> torch.Tensor:
         # the reference upcasts for encoding whenever the config asks
         with self._vae_upcast(True):
             latents = super()._encode_image(pixels, generator)  # cast to the VAE's dtype there
-        stats = self._latent_stats(latents)
+        stats = self._latent_stats(latents) if self._encode_with_latent_stats else None
         if stats is not None:
             mean, std = stats
             latents = (latents - mean * self.vae.config.scaling_factor) / std

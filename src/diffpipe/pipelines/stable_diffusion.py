@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .. import images as imgs
+from ..outputs import BaseOutput
 from ..adapters import IPAdapterMixin, LoraLoaderMixin
 from ..config import fix_scheduler_for_sd, fix_unet_for_sd
 from . import stages
@@ -28,15 +29,11 @@ SAFETY_CHECKER_DISABLED = (
 
 
 @dataclass
-class StableDiffusionPipelineOutput:
+class StableDiffusionPipelineOutput(BaseOutput):
+    """``images``, and per image whether the safety checker flagged it (None without a checker)."""
+
     images: Any
     nsfw_content_detected: list[bool] | None = None
-
-    def __getitem__(self, i):
-        return (self.images, self.nsfw_content_detected)[i]
-
-    def __iter__(self):
-        return iter((self.images, self.nsfw_content_detected))
 
 
 class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):

@@ -1,0 +1,196 @@
+"""Output objects behave as the reference's: each of ours next to the reference's class of the same
+name, built with the same values (some fields None), asked the same questions; and the outputs the
+schedulers' ``step`` returns have the reference's keys, with ``return_dict=False`` the same tuples."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import pickle
+import warnings
+
+import pytest
+import torch
+
+import diffusers  # the oracle (test extra): missing, the module fails to load
+from diffpipe.models import outputs as model_outputs
+from diffpipe.models.unet_2d import UNet2DOutput
+from diffpipe.models.unet_motion import UNetMotionOutput
+from diffpipe.pipelines.animatediff import AnimateDiffPipelineOutput
+from diffpipe.pipelines.sd_xl import StableDiffusionXLPipelineOutput
+from diffpipe.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffpipe.pipelines.unconditional import ImagePipelineOutput
+from diffpipe.registry import find_class
+from diffpipe.schedulers import SCHEDULERS
+from diffpipe.schedulers.base import SchedulerOutput
+from diffpipe.schedulers.lcm import LCMSchedulerOutput
+from diffpipe.schedulers.tcd import TCDSchedulerOutput
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the reference on numpy 2
+T1, T2 = torch.ones(1), torch.zeros(2)
+SD_OUT = "diffusers.pipelines.stable_diffusion.StableDiffusionPipelineOutput"
+SDXL_OUT = "diffusers.pipelines.stable_diffusion_xl.StableDiffusionXLPipelineOutput"
+PAIRS = [
+    (SchedulerOutput, "diffusers.schedulers.scheduling_ddim.DDIMSchedulerOutput", (T1, None)),
+    (SchedulerOutput, "diffusers.schedulers.scheduling_ddim.DDIMSchedulerOutput", (T1, T2)),
+    (LCMSchedulerOutput, "diffusers.schedulers.scheduling_lcm.LCMSchedulerOutput", (T1, T2)),
+    (TCDSchedulerOutput, "diffusers.schedulers.scheduling_tcd.TCDSchedulerOutput", (T1, None)),
+    (model_outputs.UNet2DConditionOutput, "diffusers.models.unets.unet_2d_condition.UNet2DConditionOutput", (T1,)),
+    (model_outputs.DecoderOutput, "diffusers.models.autoencoders.vae.DecoderOutput", (T1,)),
+    (model_outputs.AutoencoderKLOutput, "diffusers.models.modeling_outputs.AutoencoderKLOutput", (T1,)),
+    (UNet2DOutput, "diffusers.models.unets.unet_2d.UNet2DOutput", (T1,)),
+    (UNetMotionOutput, "diffusers.models.unets.unet_motion_model.UNetMotionOutput", (T1,)),
+    (StableDiffusionPipelineOutput, SD_OUT, ([T1], None)),
+    (
+        StableDiffusionPipelineOutput,
+        SD_OUT,
+        ([T1], [False]),
+    ),
+    (
+        StableDiffusionXLPipelineOutput,
+        SDXL_OUT,
+        ([T1],),
+    ),
+    (AnimateDiffPipelineOutput, "diffusers.pipelines.animatediff.AnimateDiffPipelineOutput", (T2,)),
+    (ImagePipelineOutput, "diffusers.pipelines.pipeline_utils.ImagePipelineOutput", ([T1],)),
+]
+
+
+def reference_class(path: str):
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def answers(out) -> dict:
+    """What a user can ask an output, as plain values (errors by their kind)."""
+
+    def attempt(fn):
+        try:
+            return fn()
+        except Exception as e:  # the kind of failure is part of the behaviour
+            return (
+                "raises",
+                KeyError if isinstance(e, KeyError) else IndexError if isinstance(e, IndexError) else Exception,
+            )
+
+    names = [f.name for f in dataclasses.fields(out)]
+    got = {
+        "is_dict": isinstance(out, dict),
+        "fields": names,
+        "keys": list(out.keys()),
+        "iter": list(out),
+        "len": len(out),
+        "contains": [n in out for n in names],
+        "values": [id(v) for v in out.values()],
+        "items": [(k, id(v)) for k, v in out.items()],
+        "to_tuple": [id(v) for v in out.to_tuple()],
+        "index": [attempt(lambda i=i: id(out[i])) for i in range(3)],
+        "slice": [id(v) for v in out[0:2]],
+        "by_name": [attempt(lambda n=n: id(out[n])) for n in [*names, "missing"]],
+        "by_attribute": [id(getattr(out, n)) for n in names],
+    }
+    for method, args in (
+        ("pop", (names[0],)),
+        ("setdefault", ("x", 1)),
+        ("update", ({"x": 1},)),
+        ("__delitem__", (names[0],)),
+    ):
+        got[method] = attempt(lambda m=method, a=args: getattr(out, m)(*a))
+    return got
+
+
+@pytest.mark.parametrize("ours,path,values", PAIRS, ids=lambda v: v.rpartition(".")[2] if isinstance(v, str) else None)
+def test_output_objects_behave_as_the_reference_s(ours, path, values):
+    ref_cls = reference_class(path)
+    assert [f.name for f in dataclasses.fields(ours)] == [f.name for f in dataclasses.fields(ref_cls)]
+    mine, theirs = ours(*values), ref_cls(*values)
+    assert answers(mine) == answers(theirs)
+    # assigning a set field, by attribute and by key, changes both views (as the reference's)
+    name = next(iter(mine))
+    for out in (mine, theirs):
+        setattr(out, name, T2)
+    assert mine[name] is T2 and theirs[name] is T2 and mine[0] is T2
+    for out in (mine, theirs):
+        out[name] = T1
+    assert getattr(mine, name) is T1 and getattr(theirs, name) is T1
+    # and an output survives pickling and deep copies with its fields
+    for back in (pickle.loads(pickle.dumps(mine)), copy.deepcopy(mine)):
+        assert type(back) is ours and list(back.keys()) == list(mine.keys())
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_step_outputs_have_the_reference_s_keys(name):
+    steps = 4 if name in ("LCMScheduler", "TCDScheduler") else 10
+    ours, ref = find_class(name)(), getattr(diffusers, name)()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for lib, scheduler in (("ours", ours), ("ref", ref)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler.set_timesteps(steps)
+            t = scheduler.timesteps[0]
+            seeded = "generator" in inspect.signature(scheduler.step).parameters
+            kwargs = {"generator": torch.Generator().manual_seed(1)} if seeded else {}
+            out = scheduler.step(x * 0.1, t, x, **kwargs)
+            fresh = type(scheduler).from_config(scheduler.config)  # a fresh one for return_dict=False
+            fresh.set_timesteps(steps)
+            kwargs = {"generator": torch.Generator().manual_seed(1)} if seeded else {}
+            tup = fresh.step(x * 0.1, t, x, return_dict=False, **kwargs)
+        results[lib] = (isinstance(out, dict), list(out.keys()), type(tup).__name__, len(tup))
+        torch.testing.assert_close(tup[0], out[0])
+    assert results["ours"] == results["ref"]
+
+
+# ------------------------------------------------------------------------------------------------
+# config values read as attributes: deprecated in the reference, answered with its FutureWarning
+
+TINY_MODELS = {
+    "AutoencoderKL": dict(
+        block_out_channels=(8,),
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    ),
+    "UNet2DConditionModel": dict(
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    ),
+}
+
+
+def read_with_warnings(obj, name):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            value = getattr(obj, name)
+        except AttributeError as e:
+            value = ("AttributeError", str(e))
+    return value, [(w.category, str(w.message)) for w in caught if w.category is FutureWarning]
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler", *TINY_MODELS])
+def test_config_values_read_as_attributes_warn_as_the_reference(name):
+    kwargs = TINY_MODELS.get(name, {})
+    torch.manual_seed(0)
+    ours = find_class(name)(**kwargs)
+    torch.manual_seed(0)
+    ref = getattr(diffusers, name)(**kwargs)
+    keys = [k for k in ref.config if not k.startswith("_")]
+    assert keys and set(keys) <= set(ours.config)
+    for key in [*keys, "no_such_key"]:
+        if key in type(ref).__dict__ or key in vars(ref):
+            continue  # a real attribute of that name in the reference (no warning to compare)
+        got, expected = read_with_warnings(ours, key), read_with_warnings(ref, key)
+        assert got[1] == expected[1], key
+        if key == "no_such_key":
+            assert got[0] == ("AttributeError", expected[0][1].replace("diffusers", "diffpipe"))
+        else:
+            assert got[0] == expected[0] or (torch.is_tensor(got[0]) and torch.equal(got[0], expected[0])), key
