@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 
+import diffpipe
 import diffusers  # the oracle (test extra): missing, the module fails to load
 from diffpipe.models import outputs as model_outputs
 from diffpipe.models.unet_2d import UNet2DOutput
@@ -124,7 +125,8 @@ def test_output_objects_behave_as_the_reference_s(ours, path, values):
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_step_outputs_have_the_reference_s_keys(name):
     steps = 4 if name in ("LCMScheduler", "TCDScheduler") else 10
-    ours, ref = find_class(name)(), getattr(diffusers, name)()
+    config = {"noise_sampler_seed": 0} if name == "DPMSolverSDEScheduler" else {}  # its noise is seeded so
+    ours, ref = find_class(name)(**config), getattr(diffusers, name)(**config)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     results = {}
     for lib, scheduler in (("ours", ours), ("ref", ref)):
@@ -194,3 +196,66 @@ def test_config_values_read_as_attributes_warn_as_the_reference(name):
             assert got[0] == ("AttributeError", expected[0][1].replace("diffusers", "diffpipe"))
         else:
             assert got[0] == expected[0] or (torch.is_tensor(got[0]) and torch.equal(got[0], expected[0])), key
+
+
+# ------------------------------------------------------------------------------------------------
+# signature audit: every argument the reference's pipelines take, ours take, in the same order
+
+EXPORTED_PIPELINES = sorted(n for n in dir(diffpipe) if n.endswith("Pipeline") and n != "DiffusionPipeline")
+# Reference arguments we do not take, each with why and what passing them does: the one place to say so.
+KWARGS_REASON = (
+    "the reference's **kwargs carries only the deprecated callback= / callback_steps= and silently drops any "
+    "other name (a typo goes unnoticed); diffpipe raises TypeError naming the unknown argument. Use "
+    "callback_on_step_end= (the SAG pipeline, whose reference has no callback_on_step_end, takes callback=)."
+)
+UNSUPPORTED: dict[tuple[str, str], str] = {(name, "kwargs"): KWARGS_REASON for name in EXPORTED_PIPELINES}
+
+
+def _plain_default(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("name", EXPORTED_PIPELINES)
+def test_pipeline_call_takes_every_argument_of_the_reference(name):
+    ours = inspect.signature(getattr(diffpipe, name).__call__).parameters
+    ref = inspect.signature(getattr(diffusers, name).__call__).parameters
+    shared = [p for p in ref if p in ours]
+    missing = [p for p in ref if p not in ours and (name, p) not in UNSUPPORTED]
+    assert not missing, f"{name} lacks {missing}: add them or list them in UNSUPPORTED with the reason"
+    assert [p for p in ours if p in ref] == shared, "a positional call would bind differently"
+    for p in shared:
+        if p in ("self", "kwargs"):
+            continue
+        assert ours[p].kind == ref[p].kind, p
+        assert repr(_plain_default(ours[p].default)) == repr(_plain_default(ref[p].default)), p
+
+
+def test_call_arguments_readable_on_the_pipeline_as_the_reference_s(tmp_path):
+    from sd_factory import save_reference_pipeline
+
+    folder = save_reference_pipeline(tmp_path / "sd", safety_checker=False, seed=3)
+    seen = {}
+    for lib in (diffusers, diffpipe):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe = lib.StableDiffusionPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+
+        def callback(pipe, i, t, tensors, lib=lib):
+            names = ("cross_attention_kwargs", "clip_skip", "guidance_rescale", "guidance_scale", "num_timesteps")
+            seen[lib.__name__] = {n: getattr(pipe, n) for n in (*names, "do_classifier_free_guidance")}
+            return tensors
+
+        pipe(
+            "a cat",
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            output_type="np",
+            cross_attention_kwargs={"scale": 0.5},
+            guidance_rescale=0.3,  # (clip_skip= fails in the reference with transformers 5: not compared)
+            callback_on_step_end=callback,
+        )
+        seen[lib.__name__ + " after"] = (pipe.clip_skip, pipe.cross_attention_kwargs, pipe.guidance_rescale)
+    assert seen["diffpipe"] == seen["diffusers"]
+    assert seen["diffpipe after"] == seen["diffusers after"]

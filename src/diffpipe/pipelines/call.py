@@ -55,6 +55,7 @@ class CallPathMixin:
             state = CallState(device=self._execution_device)
             object.__setattr__(self, "_interrupt", False)
             object.__setattr__(self, "_call_state", state)
+            object.__setattr__(self, "_call_request", request)  # kept after the call, as the reference's attributes
             stack.callback(self._end_call, state)
             yield state
 
@@ -105,6 +106,17 @@ class CallPathMixin:
         from .stages import Guidance
 
         return Guidance(scale=scale, rescale=rescale)
+
+    def _request_value(self, name: str):
+        return getattr(self.__dict__.get("_call_request"), name, None)
+
+    # the call's arguments, as the reference's pipelines keep them (None before the first call)
+    cross_attention_kwargs = property(lambda self: self._request_value("cross_attention_kwargs"))
+    clip_skip = property(lambda self: self._request_value("clip_skip"))
+    guidance_rescale = property(lambda self: self._request_value("guidance_rescale"))
+    denoising_start = property(lambda self: self._request_value("denoising_start"))
+    denoising_end = property(lambda self: self._request_value("denoising_end"))
+    lora_scale = property(lambda self: self._request_value("lora_scale"))
 
     @property
     def do_classifier_free_guidance(self) -> bool:
