@@ -222,9 +222,10 @@ def test_step_outputs_read_as_tuples():
     out = base.SchedulerOutput(prev_sample=a, pred_original_sample=b)
     assert out[0] is a and out[1] is b and out["pred_original_sample"] is b
     assert out.to_tuple() == (a, b) and len(out) == 2
-    prev, x0 = out
+    prev, x0 = out.to_tuple()
     assert prev is a and x0 is b
+    assert list(out) == ["prev_sample", "pred_original_sample"]  # a dict: iteration gives the names
     only = base.SchedulerOutput(prev_sample=a)
-    assert only.to_tuple() == (a,) and only.keys() == ["prev_sample"]
+    assert only.to_tuple() == (a,) and list(only.keys()) == ["prev_sample"]
     with pytest.raises(KeyError):
         only["pred_original_sample"]
