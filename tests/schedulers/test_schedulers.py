@@ -239,14 +239,113 @@ CASES = [
     C("TCDScheduler", steps=6, prediction_type="sample", set_kwargs={"original_inference_steps": 100}),
     C("TCDScheduler", steps=None, set_kwargs={"timesteps": [999, 759, 499, 259]}),
     # ---- KDPM2 ancestral
+    C("KDPM2AncestralDiscreteScheduler"),
+    C("KDPM2AncestralDiscreteScheduler", use_karras_sigmas=True, **SD),
+    C("KDPM2AncestralDiscreteScheduler", use_exponential_sigmas=True, prediction_type="v_prediction"),
+    C("KDPM2AncestralDiscreteScheduler", use_beta_sigmas=True, **SD),
+    C("KDPM2AncestralDiscreteScheduler", timestep_spacing="leading", steps_offset=1, **SD),
+    C("KDPM2AncestralDiscreteScheduler", timestep_spacing="trailing", prediction_type="v_prediction"),
+    C("KDPM2AncestralDiscreteScheduler", timestep_spacing="trailing", beta_schedule="squaredcos_cap_v2"),
+    C(
+        "KDPM2AncestralDiscreteScheduler",
+        num_train_timesteps=100,
+        trained_betas=[0.0005 + 0.0002 * i for i in range(100)],
+    ),
+    C("KDPM2AncestralDiscreteScheduler", steps=1),
     # ---- DEIS multistep
+    C("DEISMultistepScheduler"),
+    C("DEISMultistepScheduler", solver_order=1, timestep_spacing="trailing", prediction_type="v_prediction"),
+    C("DEISMultistepScheduler", solver_order=3, **SD),
+    C("DEISMultistepScheduler", solver_order=3, steps=20, lower_order_final=False),
+    C("DEISMultistepScheduler", solver_order=3, steps=12, lower_order_final=False, prediction_type="v_prediction"),
+    C("DEISMultistepScheduler", timestep_spacing="leading", steps_offset=1, lower_order_final=False, **SD),
+    C("DEISMultistepScheduler", use_karras_sigmas=True, solver_order=3, **SD),
+    C("DEISMultistepScheduler", use_exponential_sigmas=True, prediction_type="sample"),
+    C("DEISMultistepScheduler", use_beta_sigmas=True, prediction_type="v_prediction"),
+    C("DEISMultistepScheduler", thresholding=True, prediction_type="sample", sample_max_value=1.5),
+    C("DEISMultistepScheduler", thresholding=True, solver_order=3, dynamic_thresholding_ratio=0.9),
+    C("DEISMultistepScheduler", beta_schedule="squaredcos_cap_v2", solver_order=3, timestep_spacing="trailing"),
+    C("DEISMultistepScheduler", use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+    C(
+        "DEISMultistepScheduler",
+        use_flow_sigmas=True,
+        prediction_type="flow_prediction",
+        use_dynamic_shifting=True,
+        solver_order=3,
+        set_kwargs={"mu": 0.7},
+    ),
+    # legacy names (DPM-Solver's / UniPC's), remapped to deis / logrho
+    C("DEISMultistepScheduler", algorithm_type="dpmsolver++", solver_type="midpoint"),
+    C("DEISMultistepScheduler", algorithm_type="dpmsolver", solver_type="bh2", solver_order=3),
+    C("DEISMultistepScheduler", steps=3, solver_order=3),
     # ---- EDM Euler
+    C("EDMEulerScheduler"),
+    C("EDMEulerScheduler", sigma_schedule="exponential"),
+    C("EDMEulerScheduler", prediction_type="v_prediction", sigma_data=0.7),
+    C("EDMEulerScheduler", sigma_min=0.03, sigma_max=14.6, rho=5.0, final_sigmas_type="sigma_min"),
+    C(
+        "EDMEulerScheduler",
+        sigma_schedule="exponential",
+        sigma_min=0.01,
+        sigma_max=20.0,
+        final_sigmas_type="sigma_min",
+        prediction_type="v_prediction",
+    ),
+    C("EDMEulerScheduler", steps=25, sigma_data=1.0, num_train_timesteps=40),
+    C("EDMEulerScheduler", step_kwargs={"s_churn": 0.8, "s_noise": 1.003}),
+    C("EDMEulerScheduler", step_kwargs={"s_churn": 1.0, "s_tmin": 0.05, "s_tmax": 3.0}, sigma_schedule="exponential"),
+    # the reference's `sigmas` are positions on the Karras ramp (0 = sigma_max, 1 = sigma_min)
+    C("EDMEulerScheduler", steps=None, set_kwargs={"sigmas": torch.tensor([0.0, 0.1, 0.3, 0.55, 0.8, 1.0])}),
+    C("EDMEulerScheduler", steps=4, set_kwargs={"sigmas": torch.tensor([0.0, 0.4, 0.9], dtype=torch.float64)}),
     # ---- EDM DPM-Solver multistep
+    C("EDMDPMSolverMultistepScheduler"),
+    C("EDMDPMSolverMultistepScheduler", sigma_schedule="exponential", prediction_type="v_prediction"),
+    C("EDMDPMSolverMultistepScheduler", solver_order=3, solver_type="heun"),
+    C("EDMDPMSolverMultistepScheduler", solver_order=3, steps=12, lower_order_final=False),
+    # (the reference's third order into a repeated sigma_min divides by h = 0: NaN, so order 2 here)
+    C("EDMDPMSolverMultistepScheduler", steps=20, lower_order_final=False, final_sigmas_type="sigma_min"),
+    C("EDMDPMSolverMultistepScheduler", solver_order=3, steps=20, euler_at_final=True, final_sigmas_type="sigma_min"),
+    C("EDMDPMSolverMultistepScheduler", solver_order=3, steps=16, sigma_schedule="exponential", sigma_data=0.8),
+    C("EDMDPMSolverMultistepScheduler", solver_order=1, sigma_data=0.7, sigma_min=0.03, sigma_max=14.6),
+    C("EDMDPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++"),
+    C(
+        "EDMDPMSolverMultistepScheduler",
+        algorithm_type="sde-dpmsolver++",
+        solver_type="heun",
+        final_sigmas_type="sigma_min",
+        sigma_schedule="exponential",
+    ),
+    C("EDMDPMSolverMultistepScheduler", thresholding=True, sample_max_value=1.5, dynamic_thresholding_ratio=0.9),
+    C("EDMDPMSolverMultistepScheduler", euler_at_final=True, final_sigmas_type="sigma_min", rho=3.0),
+    C("EDMDPMSolverMultistepScheduler", lower_order_final=False, steps=12, prediction_type="v_prediction"),
+    # legacy names, remapped to dpmsolver++ / midpoint
+    C("EDMDPMSolverMultistepScheduler", algorithm_type="deis", solver_type="bh2", final_sigmas_type="sigma_min"),
     # ---- DPM-Solver SDE
+    # The noise comes from a Brownian tree seeded by noise_sampler_seed (the step takes no generator);
+    # left None, each library draws a seed from torch's global generator, which the two runs here do not
+    # share, so every case fixes it (the unseeded default is test_dpm_solver_sde_unseeded_... below).
+    C("DPMSolverSDEScheduler", noise_sampler_seed=0),
+    C("DPMSolverSDEScheduler", use_karras_sigmas=True, noise_sampler_seed=42, **SD),
+    C("DPMSolverSDEScheduler", use_exponential_sigmas=True, noise_sampler_seed=1),
+    C("DPMSolverSDEScheduler", use_beta_sigmas=True, prediction_type="v_prediction", noise_sampler_seed=2),
+    C("DPMSolverSDEScheduler", timestep_spacing="leading", steps_offset=1, noise_sampler_seed=3, **SD),
+    C("DPMSolverSDEScheduler", timestep_spacing="trailing", prediction_type="v_prediction", noise_sampler_seed=4),
+    C("DPMSolverSDEScheduler", beta_schedule="squaredcos_cap_v2", noise_sampler_seed=5, step_kwargs={"s_noise": 1.003}),
+    C("DPMSolverSDEScheduler", steps=7, noise_sampler_seed=2**40 + 7),  # fractional (float64) linspace timesteps
+    C("DPMSolverSDEScheduler", noise_sampler_seed=[11, 12]),  # one tree per batch item
+    C(
+        "DPMSolverSDEScheduler",
+        num_train_timesteps=100,
+        trained_betas=[0.0005 + 0.0002 * i for i in range(100)],
+        noise_sampler_seed=8,
+    ),
+    C("DPMSolverSDEScheduler", steps=1, noise_sampler_seed=6),  # a single Euler step to sigma = 0
 ]
 
 # special shapes and noise sources
 CASES += [
+    Case("EDMEulerScheduler", {}, step_kwargs={"s_churn": 1.0}, generator_list=True),
+    Case("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, generator_list=True),
     Case("DDPMScheduler", {"variance_type": "learned_range"}, double_output=True),
     Case("DDPMScheduler", {"variance_type": "learned", "clip_sample": False}, double_output=True),
     Case(
@@ -256,6 +355,7 @@ CASES += [
         double_output=True,
     ),
     Case("EulerAncestralDiscreteScheduler", {}, generator_list=True),
+    Case("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}, generator_list=True),
     Case("DDPMScheduler", {"timestep_spacing": "trailing"}, generator_list=True),
     Case("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, generator_list=True),
     Case("LCMScheduler", {}, steps=4, generator_list=True),
@@ -422,6 +522,7 @@ NOISE_CONFIGS = {
     "HeunDiscreteScheduler": [{}, {"use_exponential_sigmas": True}],
     "KDPM2DiscreteScheduler": [{}, {"timestep_spacing": "trailing"}],
     "DPMSolverMultistepScheduler": [{}, {"use_karras_sigmas": True}],
+    "DEISMultistepScheduler": [{}, {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}],
     "UniPCMultistepScheduler": [{}, {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}],
 }
 
@@ -526,3 +627,52 @@ def test_pipelines_can_pass_the_same_step_arguments_to_every_scheduler():
             some_future_argument=1,
         )
         assert out.prev_sample.shape == x.shape
+
+
+# ------------------------------------------------------------------------------------------------
+# DPM-Solver SDE: where its noise comes from, and its optional dependency (torchsde)
+
+
+def test_dpm_solver_sde_noise_comes_from_noise_sampler_seed_or_the_global_generator():
+    case = Case("DPMSolverSDEScheduler", {}, 6)
+    with torch.random.fork_rng():
+        # unseeded, each library draws the tree's seed from torch's global generator: seeded alike, alike
+        torch.manual_seed(2024)
+        _, _, ref = trajectory("ref", case)
+        torch.manual_seed(2024)
+        _, _, ours = trajectory("ours", case)
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            assert_close(a[0], b[0], f"unseeded, step {i}")
+        torch.manual_seed(2025)
+        _, _, other = trajectory("ours", case)
+        assert (other[-1][0] - ours[-1][0]).abs().max() > 1e-3
+        # a noise_sampler_seed fixes the noise whatever the global generator's state
+        seeded = Case("DPMSolverSDEScheduler", {"noise_sampler_seed": 5}, 6)
+        torch.manual_seed(1)
+        _, _, first = trajectory("ours", seeded)
+        torch.manual_seed(2)
+        _, _, second = trajectory("ours", seeded)
+        assert torch.equal(first[-1][0], second[-1][0])
+
+
+def test_dpm_solver_sde_without_torchsde_says_how_to_install_it(monkeypatch):
+    import subprocess
+    import sys
+
+    from diffpipe.errors import ConfigError
+
+    code = "import sys, diffpipe; from diffpipe import DPMSolverSDEScheduler; assert 'torchsde' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)  # importing diffpipe (and the class) never needs it
+
+    cls = find_class("DPMSolverSDEScheduler")
+    with pytest.raises(ConfigError, match=r"prediction_type.*'v_prediction'.*got 'sample'"):
+        cls(prediction_type="sample")  # the reference fails at its first step; we say so up front
+    built = cls(noise_sampler_seed=0)
+    built.set_timesteps(4)
+    monkeypatch.setitem(sys.modules, "torchsde", None)  # how a missing package looks to `import`
+    message = r"DPMSolverSDEScheduler needs the torchsde package.*pip install torchsde.*diffpipe\[sde\]"
+    with pytest.raises(ImportError, match=message):
+        cls()
+    x = torch.zeros(SHAPE)
+    with pytest.raises(ImportError, match=message):  # a scheduler built before it went missing: at the first step
+        built.step(x, built.timesteps[0], x)

@@ -18,7 +18,12 @@ SCHEDULERS: dict[str, str] = {
     "DPMSolverMultistepScheduler": "diffpipe.schedulers.dpm_solver:DPMSolverMultistepScheduler",
     "DPMSolverSinglestepScheduler": "diffpipe.schedulers.dpm_solver_singlestep:DPMSolverSinglestepScheduler",
     "KDPM2DiscreteScheduler": "diffpipe.schedulers.kdpm2:KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler": "diffpipe.schedulers.kdpm2_ancestral:KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler": "diffpipe.schedulers.deis:DEISMultistepScheduler",
     "UniPCMultistepScheduler": "diffpipe.schedulers.unipc:UniPCMultistepScheduler",
     "LCMScheduler": "diffpipe.schedulers.lcm:LCMScheduler",
     "TCDScheduler": "diffpipe.schedulers.tcd:TCDScheduler",
+    "EDMEulerScheduler": "diffpipe.schedulers.edm_euler:EDMEulerScheduler",
+    "EDMDPMSolverMultistepScheduler": "diffpipe.schedulers.edm_dpm_solver:EDMDPMSolverMultistepScheduler",
+    "DPMSolverSDEScheduler": "diffpipe.schedulers.dpm_solver_sde:DPMSolverSDEScheduler",
 }

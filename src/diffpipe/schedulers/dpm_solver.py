@@ -122,7 +122,150 @@ def third_order_terms(algorithm_type, sample, D0, D1, D2, alpha_t, sigma_t, alph
     raise ConfigError(f"third-order updates are not defined for algorithm_type={algorithm_type!r}")
 
 
-class DPMSolverBase(SigmaScheduleMixin, SchedulerMixin):
+class DPMSolverUpdates:
+    """The solver options and the first-order update, for any schedule: the host gives ``sigmas``,
+    the current ``_step_index`` and ``_sigma_to_alpha_sigma_t`` (a schedule sigma -> the VP scales)."""
+
+    def _check_solver_config(self, algorithm_types) -> None:
+        """Check the solver options, mapping the legacy names onto the implemented ones as the
+        reference does (``deis`` -> ``dpmsolver++``, the UniPC/DEIS solver types -> ``midpoint``)."""
+        name = type(self).__name__
+        c = self.config
+        if c.algorithm_type == "deis":
+            self.register_to_config(algorithm_type="dpmsolver++")
+        if c.solver_type in ("logrho", "bh1", "bh2"):
+            self.register_to_config(solver_type="midpoint")
+        self._check_options(
+            algorithm_type=algorithm_types,
+            solver_type=("midpoint", "heun"),
+            final_sigmas_type=("zero", "sigma_min"),
+        )
+        check_positive_int(name, "solver_order", c.solver_order)
+        # (checked on the name as given: the reference refuses a zero final sigma for "deis" too)
+        if c.algorithm_type not in DATA_PREDICTION and c.final_sigmas_type == "zero":
+            raise ConfigError(
+                f"{name}: final_sigmas_type='zero' is not supported with algorithm_type={c.algorithm_type!r}; "
+                "use final_sigmas_type='sigma_min'"
+            )
+
+    def _scales(self, index: int):
+        """(alpha, sigma, lambda) at position ``index`` of the schedule."""
+        alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[index])
+        return alpha, sigma, log_snr(alpha, sigma)
+
+    def dpm_solver_first_order_update(self, model_output, *args, sample=None, noise=None, **kwargs):
+        """Order 1 (DDIM-like) from the current point s = sigmas[i] to t = sigmas[i + 1]; the same in
+        the multistep and singlestep solvers."""
+        alpha_t, sigma_t, lambda_t = self._scales(self._step_index + 1)
+        alpha_s, sigma_s, lambda_s = self._scales(self._step_index)
+        h = lambda_t - lambda_s
+        return first_order_update(
+            self.config.algorithm_type, sample, model_output, alpha_t, sigma_t, alpha_s, sigma_s, h, noise
+        )
+
+
+class MultistepDPMSolverMixin(DPMSolverUpdates):
+    """The multistep solver (one model call per step, higher orders from the stored outputs); the
+    host adds ``convert_model_output`` and keeps ``model_outputs`` / ``lower_order_nums``."""
+
+    # the dtype of the update (the sample is cast to it, the SDE noise drawn in it); None keeps the sample's own
+    _update_dtype: torch.dtype | None = torch.float32
+
+    def multistep_dpm_solver_second_order_update(self, model_output_list, *args, sample=None, noise=None, **kwargs):
+        """Order 2 from s0 = sigmas[i] to t, with the previous point s1 = sigmas[i - 1]."""
+        i = self._step_index
+        alpha_t, sigma_t, lambda_t = self._scales(i + 1)
+        alpha_s0, sigma_s0, lambda_s0 = self._scales(i)
+        _, _, lambda_s1 = self._scales(i - 1)
+        m0, m1 = model_output_list[-1], model_output_list[-2]
+        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+        r0 = h_0 / h
+        D0, D1 = m0, (1.0 / r0) * (m0 - m1)
+        return second_order_terms(
+            self.config.algorithm_type,
+            self.config.solver_type,
+            sample,
+            D0,
+            D1,
+            alpha_t,
+            sigma_t,
+            alpha_s0,
+            sigma_s0,
+            h,
+            noise,
+        )
+
+    def multistep_dpm_solver_third_order_update(self, model_output_list, *args, sample=None, noise=None, **kwargs):
+        """Order 3 from s0 = sigmas[i] to t with s1, s2 = sigmas[i - 1], sigmas[i - 2]."""
+        i = self._step_index
+        alpha_t, sigma_t, lambda_t = self._scales(i + 1)
+        alpha_s0, sigma_s0, lambda_s0 = self._scales(i)
+        _, _, lambda_s1 = self._scales(i - 1)
+        _, _, lambda_s2 = self._scales(i - 2)
+        m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
+        h, h_0, h_1 = lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2
+        r0, r1 = h_0 / h, h_1 / h
+        D1_0, D1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
+        D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+        D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
+        return third_order_terms(
+            self.config.algorithm_type, sample, m0, D1, D2, alpha_t, sigma_t, alpha_s0, sigma_s0, h, noise
+        )
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **unused,
+    ) -> SchedulerOutput | tuple:
+        """One multistep update from timesteps[i] to the next point."""
+        self._require_timesteps()
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        c = self.config
+        i, n = self._step_index, len(self.timesteps)
+
+        # 1. the order this step may use: lower at the end of short schedules (stability),
+        #    always 1 into a zero final sigma, and never more than the stored history allows
+        last_step = i == n - 1 and (
+            c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero"
+        )
+        second_to_last = i == n - 2 and c.lower_order_final and n < 15
+
+        # 2. the integrated quantity (x_0 or eps) joins the history
+        converted = self.convert_model_output(model_output, sample=sample)
+        self.model_outputs = self.model_outputs[1:] + [converted]
+
+        # 3. the update's dtype, and noise for the SDE variants
+        dtype = self._update_dtype or sample.dtype
+        sample = sample.to(dtype)
+        noise = None
+        if c.algorithm_type in ("sde-dpmsolver", "sde-dpmsolver++"):
+            if variance_noise is None:
+                noise = randn(converted.shape, generator=generator, device=converted.device, dtype=dtype)
+            else:
+                noise = variance_noise.to(device=converted.device, dtype=dtype)
+
+        # 4. the update
+        if c.solver_order == 1 or self.lower_order_nums < 1 or last_step:
+            prev_sample = self.dpm_solver_first_order_update(converted, sample=sample, noise=noise)
+        elif c.solver_order == 2 or self.lower_order_nums < 2 or second_to_last:
+            prev_sample = self.multistep_dpm_solver_second_order_update(self.model_outputs, sample=sample, noise=noise)
+        else:
+            prev_sample = self.multistep_dpm_solver_third_order_update(self.model_outputs, sample=sample, noise=noise)
+
+        if self.lower_order_nums < c.solver_order:
+            self.lower_order_nums += 1
+        prev_sample = prev_sample.to(converted.dtype)
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+
+class DPMSolverBase(DPMSolverUpdates, SigmaScheduleMixin, SchedulerMixin):
     """What the multistep and singlestep DPM-Solvers share: the VP schedule, sigma schedules, the
     conversion of model outputs, and add_noise."""
 
@@ -141,25 +284,11 @@ class DPMSolverBase(SigmaScheduleMixin, SchedulerMixin):
         """Validate, and map legacy names onto the implemented ones as the reference does."""
         name = type(self).__name__
         c = self.config
-        if c.algorithm_type == "deis":
-            self.register_to_config(algorithm_type="dpmsolver++")
-        if c.solver_type in ("logrho", "bh1", "bh2"):
-            self.register_to_config(solver_type="midpoint")
-        self._check_options(
-            algorithm_type=algorithm_types,
-            solver_type=("midpoint", "heun"),
-            prediction_type=(*PREDICTION_TYPES, "flow_prediction"),
-            final_sigmas_type=("zero", "sigma_min"),
-        )
+        self._check_solver_config(algorithm_types)
+        self._check_options(prediction_type=(*PREDICTION_TYPES, "flow_prediction"))
         # variance_type: only "learned"/"learned_range" act; other values (a DDPM config's
         # "fixed_small") are carried along unused, as in the reference
-        check_positive_int(name, "solver_order", c.solver_order)
         self._sigma_respacing()
-        if c.algorithm_type not in DATA_PREDICTION and c.final_sigmas_type == "zero":
-            raise ConfigError(
-                f"{name}: final_sigmas_type='zero' is not supported with algorithm_type={c.algorithm_type!r}; "
-                "use final_sigmas_type='sigma_min'"
-            )
         if c.prediction_type == "flow_prediction" and c.algorithm_type not in DATA_PREDICTION:
             raise ConfigError(f"{name}: prediction_type='flow_prediction' needs a dpmsolver++ algorithm_type")
         if c.use_flow_sigmas and self._sigma_respacing() is not None:
@@ -217,21 +346,6 @@ class DPMSolverBase(SigmaScheduleMixin, SchedulerMixin):
             return 1 - sigma, sigma
         return alpha_sigma_from_ve(sigma)
 
-    def _scales(self, index: int):
-        """(alpha, sigma, lambda) at position ``index`` of the schedule."""
-        alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[index])
-        return alpha, sigma, log_snr(alpha, sigma)
-
-    def dpm_solver_first_order_update(self, model_output, *args, sample=None, noise=None, **kwargs):
-        """Order 1 (DDIM-like) from the current point s = sigmas[i] to t = sigmas[i + 1]; the same in
-        the multistep and singlestep solvers."""
-        alpha_t, sigma_t, lambda_t = self._scales(self._step_index + 1)
-        alpha_s, sigma_s, lambda_s = self._scales(self._step_index)
-        h = lambda_t - lambda_s
-        return first_order_update(
-            self.config.algorithm_type, sample, model_output, alpha_t, sigma_t, alpha_s, sigma_s, h, noise
-        )
-
     # ---------------------------------------------------------------- model outputs
 
     def convert_model_output(self, model_output: torch.Tensor, *args, sample: torch.Tensor | None = None, **kwargs):
@@ -274,7 +388,7 @@ class DPMSolverBase(SigmaScheduleMixin, SchedulerMixin):
         return alpha_t * original_samples + sigma_t * noise
 
 
-class DPMSolverMultistepScheduler(DPMSolverBase):
+class DPMSolverMultistepScheduler(MultistepDPMSolverMixin, DPMSolverBase):
     """Multistep DPM-Solver / DPM-Solver++ of order 1-3 (one model call per step)."""
 
     _compatibles = KARRAS_COMPATIBLES
@@ -361,96 +475,3 @@ class DPMSolverMultistepScheduler(DPMSolverBase):
         self.model_outputs = [None] * c.solver_order
         self.lower_order_nums = 0
         self._reset_step_index()
-
-    # ---------------------------------------------------------------- the updates
-    def multistep_dpm_solver_second_order_update(self, model_output_list, *args, sample=None, noise=None, **kwargs):
-        """Order 2 from s0 = sigmas[i] to t, with the previous point s1 = sigmas[i - 1]."""
-        i = self._step_index
-        alpha_t, sigma_t, lambda_t = self._scales(i + 1)
-        alpha_s0, sigma_s0, lambda_s0 = self._scales(i)
-        _, _, lambda_s1 = self._scales(i - 1)
-        m0, m1 = model_output_list[-1], model_output_list[-2]
-        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
-        r0 = h_0 / h
-        D0, D1 = m0, (1.0 / r0) * (m0 - m1)
-        return second_order_terms(
-            self.config.algorithm_type,
-            self.config.solver_type,
-            sample,
-            D0,
-            D1,
-            alpha_t,
-            sigma_t,
-            alpha_s0,
-            sigma_s0,
-            h,
-            noise,
-        )
-
-    def multistep_dpm_solver_third_order_update(self, model_output_list, *args, sample=None, noise=None, **kwargs):
-        """Order 3 from s0 = sigmas[i] to t with s1, s2 = sigmas[i - 1], sigmas[i - 2]."""
-        i = self._step_index
-        alpha_t, sigma_t, lambda_t = self._scales(i + 1)
-        alpha_s0, sigma_s0, lambda_s0 = self._scales(i)
-        _, _, lambda_s1 = self._scales(i - 1)
-        _, _, lambda_s2 = self._scales(i - 2)
-        m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
-        h, h_0, h_1 = lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2
-        r0, r1 = h_0 / h, h_1 / h
-        D1_0, D1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
-        D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
-        D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
-        return third_order_terms(
-            self.config.algorithm_type, sample, m0, D1, D2, alpha_t, sigma_t, alpha_s0, sigma_s0, h, noise
-        )
-
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        variance_noise: torch.Tensor | None = None,
-        return_dict: bool = True,
-        **unused,
-    ) -> SchedulerOutput | tuple:
-        """One multistep update from timesteps[i] to the next point."""
-        self._require_timesteps()
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        c = self.config
-        i, n = self._step_index, len(self.timesteps)
-
-        # 1. the order this step may use: lower at the end of short schedules (stability),
-        #    always 1 into a zero final sigma, and never more than the stored history allows
-        last_step = i == n - 1 and (
-            c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero"
-        )
-        second_to_last = i == n - 2 and c.lower_order_final and n < 15
-
-        # 2. the integrated quantity (x_0 or eps) joins the history
-        converted = self.convert_model_output(model_output, sample=sample)
-        self.model_outputs = self.model_outputs[1:] + [converted]
-
-        # 3. noise for the SDE variants
-        sample = sample.to(torch.float32)
-        noise = None
-        if c.algorithm_type in ("sde-dpmsolver", "sde-dpmsolver++"):
-            if variance_noise is None:
-                noise = randn(converted.shape, generator=generator, device=converted.device, dtype=torch.float32)
-            else:
-                noise = variance_noise.to(device=converted.device, dtype=torch.float32)
-
-        # 4. the update
-        if c.solver_order == 1 or self.lower_order_nums < 1 or last_step:
-            prev_sample = self.dpm_solver_first_order_update(converted, sample=sample, noise=noise)
-        elif c.solver_order == 2 or self.lower_order_nums < 2 or second_to_last:
-            prev_sample = self.multistep_dpm_solver_second_order_update(self.model_outputs, sample=sample, noise=noise)
-        else:
-            prev_sample = self.multistep_dpm_solver_third_order_update(self.model_outputs, sample=sample, noise=noise)
-
-        if self.lower_order_nums < c.solver_order:
-            self.lower_order_nums += 1
-        prev_sample = prev_sample.to(converted.dtype)
-        self._step_index += 1
-        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)

@@ -22,6 +22,25 @@ from .prediction import PREDICTION_TYPES, ve_x0
 from .sigmas import interpolate_sigmas, respace_sigmas, sigma_to_t, vp_to_ve_sigmas
 
 
+def churn(sample, model_output, sigma, num_steps, s_churn, s_tmin, s_tmax, s_noise, generator):
+    """The stochastic part of Algorithm 2 (lines 4-7): inside [S_tmin, S_tmax],
+    gamma = min(S_churn / N, sqrt(2) - 1), sigma_hat = (1 + gamma) sigma and
+    x_hat = x + sqrt(sigma_hat^2 - sigma^2) eps with eps ~ N(0, S_noise^2 I), the noise shaped like
+    ``model_output`` (drawn only when gamma > 0). Returns (x_hat, sigma_hat)."""
+    gamma = min(s_churn / num_steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        noise = randn(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        sample = sample + (noise * s_noise) * (sigma_hat**2 - sigma**2) ** 0.5
+    return sample, sigma_hat
+
+
+def euler_update(sample, x0, sigma_hat, sigma_next):
+    """Algorithm 2, lines 8-9: d = (x_hat - D) / sigma_hat, x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) d."""
+    derivative = (sample - x0) / sigma_hat
+    return sample + derivative * (sigma_next - sigma_hat)
+
+
 class EulerDiscreteScheduler(KarrasSigmaMixin, SchedulerMixin):
     """First-order ODE steps x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i, d_i = (x_i - D(x_i)) / sigma_i."""
 
@@ -171,14 +190,10 @@ class EulerDiscreteScheduler(KarrasSigmaMixin, SchedulerMixin):
         sample = sample.to(torch.float32)
         sigma = self.sigmas[self._step_index]
 
-        # 1. churn: gamma_i = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax]  (line 4)
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        # 2. sigma_hat = (1 + gamma) sigma  (line 5)
-        sigma_hat = sigma * (gamma + 1)
-        # 3. x_hat = x + sqrt(sigma_hat^2 - sigma^2) eps, eps ~ N(0, S_noise^2 I)  (lines 6-7)
-        if gamma > 0:
-            noise = randn(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-            sample = sample + (noise * s_noise) * (sigma_hat**2 - sigma**2) ** 0.5
+        # 1.-3. churn: x_hat at sigma_hat = (1 + gamma) sigma  (lines 4-7)
+        sample, sigma_hat = churn(
+            sample, model_output, sigma, len(self.sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise, generator
+        )
 
         # 4. the denoised estimate D(x_hat; sigma_hat)
         prediction_type = "sample" if self.config.prediction_type == "original_sample" else self.config.prediction_type
@@ -187,11 +202,8 @@ class EulerDiscreteScheduler(KarrasSigmaMixin, SchedulerMixin):
         else:  # v and x_0 predictions were made at sigma (the model never saw sigma_hat)
             x0 = ve_x0(model_output, sample, sigma, prediction_type)
 
-        # 5. d = (x_hat - D) / sigma_hat  (line 8)
-        derivative = (sample - x0) / sigma_hat
-        # 6. x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) d  (line 9)
-        dt = self.sigmas[self._step_index + 1] - sigma_hat
-        prev_sample = (sample + derivative * dt).to(model_output.dtype)
+        # 5.-6. the Euler step to sigma_{i+1}  (lines 8-9)
+        prev_sample = euler_update(sample, x0, sigma_hat, self.sigmas[self._step_index + 1]).to(model_output.dtype)
 
         self._step_index += 1
         if not return_dict:

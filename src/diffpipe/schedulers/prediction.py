@@ -17,6 +17,9 @@ Two coordinate systems appear in the schedulers:
 * variance exploding (VE, Karras et al. 2022): ``x = x_0 + sigma eps`` with
   ``sigma = sigma_t / alpha_t``. The network still sees the VP input ``x / sqrt(sigma^2 + 1)``, so
   a v-prediction maps back through the VP formula written in sigma.
+
+* EDM (Karras et al. 2022, Table 1): the same VE ``x``, but the network is preconditioned with
+  sigma_data: it sees c_in x and its output F gives x_0 = c_skip x + c_out F (``edm_x0``).
 """
 
 from __future__ import annotations
@@ -87,6 +90,28 @@ def ve_x0(model_output: torch.Tensor, sample: torch.Tensor, sigma, prediction_ty
     if prediction_type == "v_prediction":
         return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
     raise _unknown(prediction_type)
+
+
+EDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def edm_c_in(sigma, sigma_data: float):
+    """The EDM input scale (Karras et al. 2022, Table 1): c_in = 1 / sqrt(sigma^2 + sigma_data^2)."""
+    return 1 / ((sigma**2 + sigma_data**2) ** 0.5)
+
+
+def edm_x0(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_data: float, prediction_type: str):
+    """The EDM denoiser D(x; sigma) = c_skip x + c_out F(c_in x) (Karras et al. 2022, Table 1), with
+    c_skip = sigma_data^2 / (sigma^2 + sigma_data^2) and c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2),
+    negated for ``v_prediction`` (whose network predicts the opposite direction)."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    if prediction_type == "epsilon":
+        c_out = sigma * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
+    elif prediction_type == "v_prediction":
+        c_out = -sigma * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
+    else:
+        raise _unknown(prediction_type, EDM_PREDICTION_TYPES)
+    return c_skip * sample + c_out * model_output
 
 
 def flow_x0(model_output: torch.Tensor, sample: torch.Tensor, sigma) -> torch.Tensor:

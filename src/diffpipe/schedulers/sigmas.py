@@ -54,10 +54,14 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray, *, float32_index: boo
     return t.reshape(shape)
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0, *, ramp=None):
     """Karras et al. 2022, eq. 5:
-    sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
-    ramp = np.linspace(0, 1, num_steps)
+    sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
+
+    ``ramp`` replaces the positions i/(N-1) (float64 numpy by default); an array or tensor given
+    there sets the type and dtype the formula is evaluated in."""
+    if ramp is None:
+        ramp = np.linspace(0, 1, num_steps)
     max_inv_rho = sigma_max ** (1 / rho)
     min_inv_rho = sigma_min ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
@@ -66,6 +70,13 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
 def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
     """Sigmas evenly spaced in log-sigma from sigma_max down to sigma_min."""
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+
+
+def exponential_sigmas_float32(sigma_min: float, sigma_max: float, num_steps: int) -> torch.Tensor:
+    """The exponential schedule as the EDM schedulers build it: a float32 torch ramp in log-sigma
+    from sigma_min up to sigma_max, then reversed (so it differs from ``exponential_sigmas`` in the
+    last bits)."""
+    return torch.linspace(math.log(sigma_min), math.log(sigma_max), num_steps).exp().flip(0)
 
 
 def lu_log_sigmas(log_sigma_min: float, log_sigma_max: float, num_steps: int) -> np.ndarray:
