@@ -2,7 +2,8 @@
 
 The shapes follow SDXL's wiring at toy size: two CLIP text encoders whose widths add up to the
 UNet's cross-attention width, the second with a projection whose width plus the time ids' fills the
-UNet's added embedding (6 ids for a base model, 5 with the aesthetic score for a refiner).
+UNet's added embedding (6 ids for a base model, 5 with the aesthetic score for a refiner). Then the
+helpers the SDXL parity tests share: load a folder with both libraries, run both, compare.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 
 from sd_factory import write_tokenizer
@@ -69,12 +72,13 @@ def sdxl_components(
 ) -> dict:
     """Tiny SDXL components built with the reference, seeded. ``refiner``: only text_encoder_2 and the
     aesthetic-score UNet. ``latents_stats``: a VAE with per-channel latents_mean / latents_std.
-    ``unet_kwargs`` add to the UNet's config (``time_cond_proj_dim=`` for an LCM-distilled UNet)."""
+    ``unet_kwargs`` add to or replace the UNet's config (``time_cond_proj_dim=`` for an LCM-distilled UNet,
+    ``in_channels=9`` for an inpainting UNet)."""
     import diffusers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(**tiny_unet_config(refiner), **(unet_kwargs or {}))
+    unet = diffusers.UNet2DConditionModel(**{**tiny_unet_config(refiner), **(unet_kwargs or {})})
     vae_extra = {}
     if latents_stats:
         vae_extra = dict(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])
@@ -186,3 +190,62 @@ SDXL_UNET = {
     "upcast_attention": None,
     "use_linear_projection": True,
 }
+
+
+# ---------------------------------------------------------------------------------------- parity helpers
+TOL = 2 / 255  # the bound of every parity test: max abs difference on output_type="np"
+
+
+def load_both(folder, task: str, scheduler: str | None = None, **kwargs):
+    """The reference's pipeline and ours, loaded from the same folder (``scheduler``: swapped for both)."""
+    import diffusers
+
+    import diffpipe
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = getattr(diffusers, task).from_pretrained(folder, add_watermarker=False, **kwargs)
+        ours = getattr(diffpipe, task).from_pretrained(folder, **kwargs)
+    if scheduler is not None:
+        ref.scheduler = getattr(diffusers, scheduler).from_config(ref.scheduler.config)
+        ours.scheduler = getattr(diffpipe, scheduler).from_config(ours.scheduler.config)
+    for p in (ref, ours):
+        p.set_progress_bar_config(disable=True)
+    return ref, ours
+
+
+def run_both(ref, ours, seed=0, generator_list=0, output_type="np", **kwargs):
+    """(the reference's images, ours) from the same arguments and seeds (``generator_list``: that many
+    generators, seeded ``seed``, ``seed + 1``, ...)."""
+
+    def gen():
+        if generator_list:
+            return [torch.Generator().manual_seed(seed + i) for i in range(generator_list)]
+        return torch.Generator().manual_seed(seed)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = ref(generator=gen(), output_type=output_type, **kwargs).images
+    got = ours(generator=gen(), output_type=output_type, **kwargs).images
+    return expected, got
+
+
+def as_array(images) -> np.ndarray:
+    """Images as one float array in ``[0, 1]``: arrays as they are, PIL images (a list) scaled from 0-255."""
+    if isinstance(images, list):
+        return np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images])
+    return np.asarray(images)
+
+
+def assert_close(expected, got, tol=TOL) -> float:
+    """Same shape, max abs difference within ``tol``; returns the difference."""
+    expected, got = as_array(expected), as_array(got)
+    assert got.shape == expected.shape
+    diff = float(np.abs(got - expected).max())
+    assert diff <= tol, f"max abs difference {diff:.5f} > {tol:.5f}"
+    return diff
+
+
+def an_image(h=40, w=48, seed=0):
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))

@@ -132,6 +132,7 @@ def test_an_own_callback_runs_with_its_tensor_inputs(folders):
         "StableDiffusionInpaintPipeline",
         "StableDiffusionXLPipeline",
         "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
         "AnimateDiffPipeline",
     ],
 )

@@ -132,6 +132,33 @@ def test_inpainting(folders, kind, scheduler):
         assert_close(expected, got)
 
 
+@pytest.mark.parametrize("kind", ["inpaint9", "sd"])
+def test_inpainting_with_a_generator_list_and_a_callback_replacing_the_mask(folders, kind):
+    """One image for four outputs (the reference encodes it with the first generator), and a mask a
+    step-end callback replaced, which the later steps' blend (or the 9-channel input) reads."""
+    ref, ours = load_both(folders[kind], "StableDiffusionInpaintPipeline", "DDIMScheduler")
+
+    def unmask(pipe, i, t, tensors):
+        return {"mask": torch.zeros_like(tensors["mask"])} if i == 0 else {}
+
+    expected, got = run_both(
+        ref,
+        ours,
+        generator_list=True,
+        prompt=["a blue cat", "a red dog"],
+        image=an_image(),
+        mask_image=a_mask(),
+        num_images_per_prompt=2,
+        eta=0.5,
+        strength=0.8,
+        num_inference_steps=3,
+        callback_on_step_end=unmask,
+        callback_on_step_end_tensor_inputs=["latents", "mask"],
+        **SIZE,
+    )
+    assert_close(expected, got)
+
+
 def test_batch_options(folders):
     ref, ours = load_both(folders["nosafety"], "StableDiffusionPipeline", "DDIMScheduler")
     expected, got = run_both(

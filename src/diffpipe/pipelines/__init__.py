@@ -9,6 +9,7 @@ PIPELINES: dict[str, str] = {
     "StableDiffusionSAGPipeline": "diffpipe.pipelines.sag:StableDiffusionSAGPipeline",
     "StableDiffusionXLPipeline": "diffpipe.pipelines.sd_xl:StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline": "diffpipe.pipelines.sd_xl_img2img:StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline": "diffpipe.pipelines.sd_xl_inpaint:StableDiffusionXLInpaintPipeline",
     "AnimateDiffPipeline": "diffpipe.pipelines.animatediff:AnimateDiffPipeline",
     "DDPMPipeline": "diffpipe.pipelines.unconditional:DDPMPipeline",
     "DDIMPipeline": "diffpipe.pipelines.unconditional:DDIMPipeline",

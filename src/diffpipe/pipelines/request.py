@@ -123,6 +123,14 @@ class SDRequest:
                     f"inpainting needs a UNet with {latent_channels} or {2 * latent_channels + 1} input channels, "
                     f"this one has {unet_channels}"
                 )
+            given_latents = (
+                torch.is_tensor(self.image) and self.image.ndim == 4 and self.image.shape[1] == latent_channels
+            )
+            if given_latents and unet_channels != latent_channels and self.masked_image_latents is None:
+                raise ValueError(
+                    "image= is latents, so there is no masked image to encode for this inpainting UNet's extra "
+                    "channels: pass masked_image_latents= too (or the image itself)"
+                )
 
     def _check_padding_mask_crop(self) -> None:
         if self.padding_mask_crop is None:

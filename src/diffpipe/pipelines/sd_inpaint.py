@@ -13,7 +13,7 @@ from .. import images as imgs
 from ..schedulers.base import randn
 from . import stages
 from .request import CallState, SDRequest
-from .sd_img2img import strength_schedule, tile_to_batch
+from .sd_img2img import image_or_latents, strength_schedule, tile_to_batch
 from .stable_diffusion import (
     StableDiffusionBase,
     decode_images,
@@ -28,9 +28,9 @@ def preprocess_image_and_mask(pipe, request: SDRequest, state: CallState) -> Cal
     state.height, state.width = request.size(pipe)
     if request.padding_mask_crop is not None:
         return _crop_around_the_mask(pipe, request, state)
-    size = dict(height=state.height, width=state.width, multiple=pipe.vae_scale_factor)
-    state.pixels = imgs.preprocess(request.image, **size, what="image")
-    state.mask_pixels = imgs.preprocess_mask(request.mask_image, **size)
+    size = dict(height=state.height, width=state.width)
+    state.pixels = image_or_latents(pipe, request.image, **size)  # latents: another pipeline's, as they are
+    state.mask_pixels = imgs.preprocess_mask(request.mask_image, **size, multiple=pipe.vae_scale_factor)
     return state
 
 
@@ -62,18 +62,34 @@ def _repaints_by_blending(pipe) -> bool:
     return pipe.unet.config.in_channels == pipe.vae.config.latent_channels
 
 
-def inpaint_latents(pipe, request: SDRequest, state: CallState) -> CallState:
-    """Pure noise at full strength, else the image noised to the first timestep left."""
+def _given_latents(pipe, pixels: torch.Tensor) -> bool:
+    """Whether the call's image is latents already (another pipeline's ``output_type="latent"``)."""
+    return pixels.shape[1] == pipe.vae.config.latent_channels
+
+
+def _encode(pipe, pixels: torch.Tensor, generator) -> torch.Tensor:
+    """Image(s) in ``[-1, 1]`` -> latents. With a list of generators, image ``i`` is encoded with
+    generator ``i``: one image and a generator per output uses the first (as the reference does)."""
+    if isinstance(generator, list):
+        generator = generator[: pixels.shape[0]]
+    return pipe._encode_image(pixels, generator)
+
+
+def inpaint_latents(pipe, request: SDRequest, state: CallState, *, add_noise: bool = True) -> CallState:
+    """Pure noise at full strength, else the image noised to the first timestep left; ``add_noise=False``
+    (SDXL's ``denoising_start``): the image's latents as they are, continuing another pipeline's."""
     device, dtype, total = state.device, state.dtype, request.total
     full_strength = request.strength == 1.0
     factor = pipe.vae_scale_factor
     shape = (total, pipe.vae.config.latent_channels, state.height // factor, state.width // factor)
-    if _repaints_by_blending(pipe) or (request.latents is None and not full_strength):
-        image_latents = stages.encode_image_latents(
-            pipe.vae, state.pixels.to(device=device, dtype=dtype), request.generator
-        )
+    if _repaints_by_blending(pipe) or (request.latents is None and not full_strength) or not add_noise:
+        pixels = state.pixels.to(device=device, dtype=dtype)
+        image_latents = pixels if _given_latents(pipe, pixels) else _encode(pipe, pixels, request.generator)
         state.image_latents = image_latents.to(dtype).repeat(total // image_latents.shape[0], 1, 1, 1)
-    if request.latents is None:
+    if not add_noise:
+        state.noise = randn(shape, generator=request.generator, device=device, dtype=dtype)  # for the blend
+        state.latents = state.image_latents
+    elif request.latents is None:
         state.noise = randn(shape, generator=request.generator, device=device, dtype=dtype)
         if full_strength:
             state.latents = state.noise * pipe.scheduler.init_noise_sigma
@@ -95,13 +111,13 @@ def inpaint_conditions(pipe, request: SDRequest, state: CallState) -> CallState:
     mask = torch.nn.functional.interpolate(state.mask_pixels, size=(state.height // factor, state.width // factor))
     mask = tile_to_batch(mask.to(device=device, dtype=dtype), total, "masks")
     masked_image_latents = request.masked_image_latents
-    if masked_image_latents is None:
+    if masked_image_latents is None and not _given_latents(pipe, state.pixels):
         masked = (state.pixels * (state.mask_pixels < 0.5)).to(device=device, dtype=dtype)
-        masked_image_latents = stages.encode_image_latents(pipe.vae, masked, request.generator)
-    masked_image_latents = tile_to_batch(masked_image_latents.to(device=device, dtype=dtype), total, "images")
-    state.tensors.update(
-        mask=state.guidance.batch(mask), masked_image_latents=state.guidance.batch(masked_image_latents)
-    )
+        masked_image_latents = _encode(pipe, masked, request.generator)
+    state.tensors["mask"] = state.guidance.batch(mask)
+    if masked_image_latents is not None:
+        masked_image_latents = tile_to_batch(masked_image_latents.to(device=device, dtype=dtype), total, "images")
+        state.tensors["masked_image_latents"] = state.guidance.batch(masked_image_latents)
     if getattr(pipe.vae, "decodes_with_mask", False):  # AsymmetricAutoencoderKL keeps the unmasked pixels
         state.decode_kwargs = {
             "image": tile_to_batch(state.pixels.to(device=device, dtype=dtype), total, "images"),
@@ -111,12 +127,15 @@ def inpaint_conditions(pipe, request: SDRequest, state: CallState) -> CallState:
         state.concat = ("mask", "masked_image_latents")
         return state
     steps, scheduler, original, noise = state.timesteps, pipe.scheduler, state.image_latents, state.noise
+    tensors = state.tensors
 
     def keep_unmasked(latents, i, t):
         kept = original
         if i < len(steps) - 1:
             kept = scheduler.add_noise(original, noise, torch.tensor([steps[i + 1]]))
-        return (1 - mask) * kept + mask * latents
+        # the mask as the loop holds it now (a step-end callback may have replaced it), unbatched
+        current = tensors["mask"][: latents.shape[0]]
+        return (1 - current) * kept + current * latents
 
     state.after_step = keep_unmasked
     return state

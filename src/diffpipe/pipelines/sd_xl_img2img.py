@@ -61,8 +61,9 @@ def start_latents(pipe, request: SDXLRequest, state: CallState) -> CallState:
     return image_latents(pipe, request, state, add_noise=request.denoising_start is None)
 
 
-class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
-    """Image to image with Stable Diffusion XL; also the refiner (``requires_aesthetics_score=True``)."""
+class StableDiffusionXLImageBase(StableDiffusionXLBase):
+    """What SDXL's image-conditioned tasks (image-to-image, inpainting) share: the refiner switch
+    ``requires_aesthetics_score`` and the micro-conditioning it chooses between."""
 
     _config_keys = StableDiffusionXLBase._config_keys + ("requires_aesthetics_score",)
 
@@ -96,11 +97,12 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
         )
         self.register_to_config(requires_aesthetics_score=requires_aesthetics_score)
 
+    def _conditioning_size(self, request: SDXLRequest, state: CallState) -> tuple[int, int]:
+        """(height, width) that ``original_size`` and ``target_size`` default to; each task says which."""
+        raise NotImplementedError
+
     def _time_id_rows(self, request: SDXLRequest, state: CallState) -> tuple[list, list, str]:
-        # the micro-conditioning size is the latents' (checked before the VAE runs)
-        start = request.latents if request.latents is not None else state.pixels
-        factor = 1 if start.shape[1] == 3 else self.vae_scale_factor
-        size = (start.shape[-2] * factor, start.shape[-1] * factor)
+        size = self._conditioning_size(request, state)
         original_size = request.original_size or size
         target_size = request.target_size or size
         negative_original_size = request.negative_original_size or original_size
@@ -119,6 +121,16 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase):
             "with pipe.register_to_config(requires_aesthetics_score=...) if the UNet wants the other."
         )
         return rows[0], rows[1], hint
+
+
+class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImageBase):
+    """Image to image with Stable Diffusion XL; also the refiner (``requires_aesthetics_score=True``)."""
+
+    def _conditioning_size(self, request: SDXLRequest, state: CallState) -> tuple[int, int]:
+        # the size of the latents the call starts from (checked before the VAE runs)
+        start = request.latents if request.latents is not None else state.pixels
+        factor = 1 if start.shape[1] == 3 else self.vae_scale_factor
+        return start.shape[-2] * factor, start.shape[-1] * factor
 
     request_type = SDXLRequest
     task = "image"
