@@ -101,10 +101,6 @@ class DEISMultistepScheduler(DPMSolverBase):
         if use_flow_sigmas and respacing is not None:
             raise ConfigError(f"{name}: use_flow_sigmas cannot be combined with use_{respacing}_sigmas")
         self._init_vp_schedule()
-        self.num_inference_steps = None
-        descending = np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy()
-        self.timesteps = torch.from_numpy(descending)
-        self.model_outputs: list[torch.Tensor | None] = [None] * solver_order
         self.lower_order_nums = 0
         self._reset_step_index()
 

@@ -279,6 +279,11 @@ class DPMSolverBase(DPMSolverUpdates, SigmaScheduleMixin, SchedulerMixin):
         self.sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).to("cpu")
         self.init_noise_sigma = 1.0
         self._mu_flow_shift = None
+        # before set_timesteps: the training timesteps, descending, and no model outputs yet
+        n = self.config.num_train_timesteps
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.linspace(0, n - 1, n, dtype=np.float32)[::-1].copy())
+        self.model_outputs: list[torch.Tensor | None] = [None] * self.config.solver_order
 
     def _check_dpm_config(self, algorithm_types) -> None:
         """Validate, and map legacy names onto the implemented ones as the reference does."""
@@ -433,10 +438,6 @@ class DPMSolverMultistepScheduler(MultistepDPMSolverMixin, DPMSolverBase):
                 "use solver_order <= 2 or algorithm_type='sde-dpmsolver++'"
             )
         self._init_vp_schedule(rescale_betas_zero_snr=rescale_betas_zero_snr)
-        self.num_inference_steps = None
-        descending = np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy()
-        self.timesteps = torch.from_numpy(descending)
-        self.model_outputs: list[torch.Tensor | None] = [None] * solver_order
         self.lower_order_nums = 0
         self._reset_step_index()
 

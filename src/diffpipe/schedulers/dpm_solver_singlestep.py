@@ -56,10 +56,6 @@ class DPMSolverSinglestepScheduler(DPMSolverBase):
     ) -> None:
         self._check_dpm_config(("dpmsolver", "dpmsolver++", "sde-dpmsolver++"))
         self._init_vp_schedule()
-        self.num_inference_steps = None
-        descending = np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy()
-        self.timesteps = torch.from_numpy(descending)
-        self.model_outputs: list[torch.Tensor | None] = [None] * solver_order
         self.sample = None
         self.order_list = self.get_order_list(num_train_timesteps)
         self._reset_step_index()
