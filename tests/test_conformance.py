@@ -203,12 +203,9 @@ def test_config_values_read_as_attributes_warn_as_the_reference(name):
 
 EXPORTED_PIPELINES = sorted(n for n in dir(diffpipe) if n.endswith("Pipeline") and n != "DiffusionPipeline")
 # Reference arguments we do not take, each with why and what passing them does: the one place to say so.
-KWARGS_REASON = (
-    "the reference's **kwargs carries only the deprecated callback= / callback_steps= and silently drops any "
-    "other name (a typo goes unnoticed); diffpipe raises TypeError naming the unknown argument. Use "
-    "callback_on_step_end= (the SAG pipeline, whose reference has no callback_on_step_end, takes callback=)."
-)
-UNSUPPORTED: dict[tuple[str, str], str] = {(name, "kwargs"): KWARGS_REASON for name in EXPORTED_PIPELINES}
+# (None today: the reference's **kwargs, which carries the deprecated callback= / callback_steps=, is ours
+# too, and refuses other names where the reference drops them: tests/pipelines/test_legacy_callback.py.)
+UNSUPPORTED: dict[tuple[str, str], str] = {}
 
 
 def _plain_default(value):

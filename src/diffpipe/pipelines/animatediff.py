@@ -229,6 +229,7 @@ class AnimateDiffPipeline(FreeInitMixin, FreeNoiseMixin, StableDiffusionBase):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         decode_chunk_size: int = 16,
+        **kwargs,
     ):
         """Generate ``num_frames``-frame videos from text; ``latents`` are ``[B, C, F, h, w]``."""
         return self._generate(locals())

@@ -10,7 +10,9 @@ changed), and what earlier stages computed from ``state``, and returns the state
 
 from __future__ import annotations
 
+import difflib
 import numbers
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
@@ -52,6 +54,9 @@ class SDRequest:
     clip_skip: int | None = None
     callback_on_step_end: Callable | None = None
     callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] | None = ("latents",)
+    # the reference's deprecated ``callback(step, t, latents)`` every ``callback_steps`` progress steps
+    callback: Callable[[int, Any, torch.Tensor], None] | None = None
+    callback_steps: int | None = None
     # image-to-image and inpainting
     image: Any = None
     mask_image: Any = None
@@ -67,7 +72,11 @@ class SDRequest:
         """The request from a ``__call__``'s ``locals()``; a name that is no field is a bug in the
         pipeline's signature, not a user error, so it fails loudly."""
         names = {f.name for f in fields(cls)}
-        values = {cls.renamed.get(k, k): v for k, v in arguments.items() if k != "self"}
+        arguments = dict(arguments)
+        pipe = arguments.pop("self", None)
+        extra = arguments.pop("kwargs", {})
+        arguments.update(legacy_call_arguments(type(pipe).__name__, extra, known=list(arguments)))
+        values = {cls.renamed.get(k, k): v for k, v in arguments.items()}
         unknown = sorted(set(values) - names)
         if unknown:
             raise TypeError(f"{cls.__name__} has no field for the call argument(s) {unknown}")
@@ -151,6 +160,7 @@ class SDRequest:
     def check_common(self, pipe) -> None:
         stages.check_prompt_inputs(self.prompt, self.negative_prompt, self.prompt_embeds, self.negative_prompt_embeds)
         stages.check_callback_inputs(self.callback_on_step_end_tensor_inputs, pipe.callback_tensor_inputs)
+        check_legacy_callback(self.callback, self.callback_steps)
         n = self.num_images_per_prompt
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {n!r}")
@@ -167,6 +177,39 @@ class SDRequest:
         scale = self.lora_scale
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
             raise TypeError(f"cross_attention_kwargs['scale'] (the LoRA strength) must be a number, got {scale!r}")
+
+
+LEGACY_CALL_ARGUMENTS = ("callback", "callback_steps")
+
+
+def legacy_call_arguments(pipeline: str, extra: dict, known: list[str]) -> dict:  # known: the call's own names
+    """The reference's deprecated ``callback=`` / ``callback_steps=``, which its pipelines take through
+    ``**kwargs``, with its FutureWarning; any other name there is refused (the reference drops it
+    silently, so a misspelt argument would be lost without a word)."""
+    for name in extra:
+        if name not in LEGACY_CALL_ARGUMENTS:
+            refuse_unknown(pipeline, name, known)
+        warnings.warn(
+            f"`{name}` is deprecated and will be removed in version 1.0.0. Passing `{name}` as an input argument "
+            "to `__call__` is deprecated, consider using `callback_on_step_end`",
+            FutureWarning,
+            stacklevel=4,
+        )
+    return extra
+
+
+def refuse_unknown(pipeline: str, name: str, known) -> None:
+    """The TypeError for an argument the call does not take, with the closest name it does take."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; see help({pipeline}.__call__)"
+    raise TypeError(f"{pipeline}.__call__() got an unexpected keyword argument {name!r}{hint}")
+
+
+def check_legacy_callback(callback, every) -> None:
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a function callback(step, timestep, latents), got {type(callback).__name__}")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"callback_steps must be a positive integer (steps between callbacks), got {every!r}")
 
 
 def check_strength(strength: float) -> None:
@@ -214,8 +257,6 @@ class CallState:
     guide: Callable | None = None  # a further guidance term on the guided prediction (SAG)
     predict: Callable | None = None  # the model call of the loop, if not the text-conditioned UNet's
     step_kwargs: dict[str, Any] = field(default_factory=dict)  # more scheduler.step arguments
-    callback: Callable | None = None  # the step-end callback the loop calls
-    callback_names: tuple[str, ...] = ("latents",)
     decode_kwargs: dict[str, Any] = field(default_factory=dict)  # more vae.decode arguments (the masked VAE)
     # result
     images: Any = None

@@ -132,17 +132,14 @@ def saliency_mask(probs: torch.Tensor, heads: int, map_size, size) -> torch.Tens
 
 @dataclass(frozen=True)
 class SAGRequest(SDRequest):
-    """A SAG call: Stable Diffusion's fields, the guidance strength and the legacy per-step callback."""
+    """A SAG call: Stable Diffusion's fields and the guidance strength (the reference's SAG takes the
+    legacy ``callback=`` / ``callback_steps=`` as named arguments; the loop calls it as in every pipeline)."""
 
     sag_scale: float = 0.75
-    callback: Callable[[int, int, torch.Tensor], None] | None = None
-    callback_steps: int = 1
 
     def check_task(self, pipe) -> None:
         if isinstance(self.sag_scale, bool) or not isinstance(self.sag_scale, (int, float)):
             raise TypeError(f"sag_scale must be a number (0 turns self-attention guidance off), got {self.sag_scale!r}")
-        if self.callback is not None and (not isinstance(self.callback_steps, int) or self.callback_steps < 1):
-            raise ValueError(f"callback_steps must be a positive integer, got {self.callback_steps!r}")
         if self.sag_scale > 0.0:
             _mid_self_attention(pipe.unet)
         super().check_task(pipe)
@@ -153,26 +150,6 @@ def check_scheduler(pipe, request: SAGRequest, state: CallState) -> CallState:
     """SAG needs integer timesteps and ``alphas_cumprod`` (known once the schedule is set)."""
     if request.sag_scale > 0.0:
         pipe._check_scheduler(state.timesteps)
-    return state
-
-
-def legacy_callback(pipe, request: SAGRequest, state: CallState) -> CallState:
-    """The reference's ``callback(step, t, latents)`` every ``callback_steps`` progress steps, as a
-    step-end callback chained before the caller's own ``callback_on_step_end``."""
-    callback, every, after = request.callback, request.callback_steps, request.callback_on_step_end
-    if callback is None:
-        return state
-    steps, order = state.timesteps, getattr(pipe.scheduler, "order", 1)
-    warmup = len(steps) - state.num_inference_steps * order
-
-    def on_step_end(pipe, i, t, tensors):
-        at_progress = i == len(steps) - 1 or ((i + 1) > warmup and (i + 1) % order == 0)
-        if at_progress and i % every == 0:
-            callback(i // order, t, tensors["latents"])
-        return {} if after is None else after(pipe, i, t, tensors)
-
-    state.callback = on_step_end
-    state.callback_names = ("latents", *(request.callback_on_step_end_tensor_inputs or ()))
     return state
 
 
@@ -236,7 +213,6 @@ class StableDiffusionSAGPipeline(StableDiffusionBase):
         check_scheduler,
         encode_prompt_stage,
         noise_latents,
-        legacy_callback,
         denoise_with_sag,
         decode_images,
         output,

@@ -125,5 +125,6 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         height: int | None = None,
         width: int | None = None,
+        **kwargs,
     ):
         return self._generate(locals())

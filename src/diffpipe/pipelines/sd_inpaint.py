@@ -189,5 +189,6 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        **kwargs,
     ):
         return self._generate(locals())

@@ -496,6 +496,7 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        **kwargs,
     ):
         """Generate images from text.
 

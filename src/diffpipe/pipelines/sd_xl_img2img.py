@@ -183,6 +183,12 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImageBase):
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        height: int | None = None,
+        width: int | None = None,
+        **kwargs,
     ):
-        """Rework ``image`` (PIL / array / tensor, or latents from a base pipeline) toward the prompt."""
+        """Rework ``image`` (PIL / array / tensor, or latents from a base pipeline) toward the prompt.
+
+        ``height`` / ``width`` (ours, as in SD image-to-image; the reference ignores them): resize the
+        image to that size first; by default the result has the image's size."""
         return self._generate(locals())

@@ -103,6 +103,7 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImageBase):
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        **kwargs,
     ):
         """Repaint the white part of ``mask_image`` in ``image`` toward the prompt.
 

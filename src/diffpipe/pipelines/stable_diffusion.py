@@ -15,7 +15,7 @@ from ..adapters import IPAdapterMixin, LoraLoaderMixin
 from ..config import fix_scheduler_for_sd, fix_unet_for_sd
 from . import stages
 from .pipeline import DiffusionPipeline
-from .request import CallState, SDRequest
+from .request import LEGACY_CALL_ARGUMENTS, CallState, SDRequest, refuse_unknown
 
 logger = logging.getLogger(__name__)
 
@@ -330,14 +330,13 @@ class StableDiffusionPipeline(StableDiffusionBase):
 
         own = inspect.signature(StableDiffusionPipeline.__call__).parameters
         task_only = {"image", "mask_image", "strength", "masked_image_latents"}
-        unknown = sorted(set(kwargs) - set(own) - task_only)
-        if unknown or "image" not in kwargs:
-            raise TypeError(f"{type(self).__name__}() got unexpected argument(s) {unknown or sorted(kwargs)}")
+        for name in sorted(set(kwargs) - set(own) - task_only - set(LEGACY_CALL_ARGUMENTS)):
+            refuse_unknown(type(self).__name__, name, [*own, *task_only])
         auto = AutoPipelineForInpainting if "mask_image" in kwargs else AutoPipelineForImage2Image
         task = auto.from_pipe(self)
         accepted = inspect.signature(task.__call__).parameters
         for name in list(kwargs):
-            if name in accepted:
+            if name in accepted or name in LEGACY_CALL_ARGUMENTS:
                 continue
             default = own[name].default if name in own else inspect.Parameter.empty
             value = kwargs.pop(name)
@@ -372,12 +371,14 @@ class StableDiffusionPipeline(StableDiffusionBase):
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        **task_inputs,
+        **kwargs,
     ):
         """Generate images from text. Given ``image=`` (and ``mask_image=``), the same components run
         the image-to-image (inpainting) task instead, as the spec's loading guide promises."""
         arguments = dict(locals())
-        del arguments["self"], arguments["task_inputs"]
-        if task_inputs:
-            return self._other_task(**arguments, **task_inputs)
+        legacy = {k: v for k, v in kwargs.items() if k in LEGACY_CALL_ARGUMENTS}
+        task_inputs = {k: v for k, v in kwargs.items() if k not in legacy}
+        if "image" in task_inputs:
+            del arguments["self"], arguments["kwargs"]
+            return self._other_task(**arguments, **legacy, **task_inputs)
         return self._generate(arguments)

@@ -257,7 +257,8 @@ def denoise(pipe, request, state):
     tensors=, predict=)`` (SAG; ``model_output`` is the raw guidance-batched prediction), the scheduler
     step, an optional ``state.after_step(latents, i, t)`` (inpainting's blend), and the step-end
     callback ``callback(pipe, i, t, tensors)``, which may return replacements for the tensors it was
-    given (the names in ``request.callback_on_step_end_tensor_inputs``; ``latents`` among them).
+    given (the names in ``request.callback_on_step_end_tensor_inputs``; ``latents`` among them); then,
+    at every ``callback_steps``-th progress step, the reference's deprecated ``callback(step, t, latents)``.
     A callback that sets ``pipe._interrupt = True`` skips the remaining steps.
     """
     scheduler = pipe.scheduler
@@ -265,8 +266,7 @@ def denoise(pipe, request, state):
     timesteps = state.timesteps
     predict = state.predict or unet_predictor(pipe.unet, request.cross_attention_kwargs, state)
     callback, names = request.callback_on_step_end, request.callback_on_step_end_tensor_inputs or ()
-    if state.callback is not None:  # a task's own step-end callback (SAG's legacy ``callback=``)
-        callback, names = state.callback, state.callback_names
+    legacy, every = getattr(request, "callback", None), getattr(request, "callback_steps", None) or 1
     tensors = state.tensors
     step_kwargs = {"eta": request.eta, "generator": request.generator, **state.step_kwargs}
     order = getattr(scheduler, "order", 1)
@@ -293,6 +293,8 @@ def denoise(pipe, request, state):
                 tensors.update(replaced)
             if i == len(timesteps) - 1 or ((i + 1) > warmup and (i + 1) % order == 0):
                 bar.update()
+                if legacy is not None and i % every == 0:
+                    legacy(i // order, t, latents)
     if not bool(torch.isfinite(latents).all()):
         if not bool(torch.isfinite(initial).all()):
             warn_non_finite(
