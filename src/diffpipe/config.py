@@ -6,7 +6,7 @@ folders and we read its folders. The rules follow the reference's observable beh
 
 - ``cls.from_config(config, **overrides)`` passes the config keys that ``cls.__init__`` takes, with
   ``overrides`` winning; keys the class does not know are kept in the new config (a compatible class
-  may need them later) and reported once; keys that the source only had as defaults
+  may need them later) and reported each time in the reference's words; keys that the source only had as defaults
   (``_use_default_values``) are dropped so that the new class uses its own defaults.
 - ``config`` is a read-only mapping with attribute access (``scheduler.config.num_train_timesteps``).
 
@@ -29,12 +29,13 @@ from .errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # The reference version whose format we write. The reference reads `_diffusers_version` to decide on
-# some legacy handling, so we write the version whose format we match, plus our own version key.
+# some legacy handling, so we write the version whose format we match (and no key of our own: a saved
+# config has exactly the reference's keys).
 FORMAT_VERSION = "0.42.1"
-OWN_VERSION_KEY = "_diffpipe_version"
 
-# Keys that describe a loaded object and never belong in a saved file.
-_NOT_SAVED = ("_use_default_values", "_ignore_files", "_name_or_path", "_pre_quantization_dtype")
+# Keys that describe a loaded object and never belong in a saved file (``_name_or_path``, where a model
+# or pipeline was loaded from, is written as the reference writes it).
+_NOT_SAVED = ("_use_default_values", "_ignore_files", "_pre_quantization_dtype")
 
 
 class Config(dict):
@@ -161,7 +162,6 @@ class ConfigMixin:
     ignore_for_config: tuple[str, ...] = ()
     _compatibles: tuple[str, ...] = ()
     _record_init: bool = True
-    _warned_unknown: set = set()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -185,6 +185,14 @@ class ConfigMixin:
     @classmethod
     def init_keys(cls) -> set[str]:
         return {p.name for p in _init_params(cls.__init__)} - set(cls.ignore_for_config)
+
+    @classmethod
+    def _compatible_keys(cls) -> set[str]:
+        """Constructor keys of the classes that can be built from this class's config."""
+        from .registry import find_class
+
+        classes = (find_class(n) for n in cls._compatibles)
+        return set().union(*(c.init_keys() for c in classes if c is not None and hasattr(c, "init_keys")))
 
     @property
     def compatibles(self) -> list[type]:
@@ -235,22 +243,25 @@ class ConfigMixin:
         """(constructor kwargs, other keys to keep in the new config)."""
         defaulted = set(config.get("_use_default_values", ()))
         source = {k: v for k, v in config.items() if k not in defaulted and k != "_use_default_values"}
-        source_class = source.get("_class_name", cls.__name__)
         expected = cls.init_keys()
         init_kwargs = {k: v for k, v in source.items() if k in expected}
         init_kwargs.update({k: v for k, v in overrides.items() if k in expected})
         kept = {k: v for k, v in source.items() if k not in init_kwargs}
-        unknown = sorted(k for k in kept if not k.startswith("_"))
+        # The reference's two messages, in its words (its test suite and users' log filters look for
+        # them), each time a config is read: keys no class of this family takes (a compatible class's
+        # keys are expected in a config that moves between schedulers), and keys left to defaults.
+        unknown = {k: v for k, v in kept.items() if not k.startswith("_") and k not in cls._compatible_keys()}
         if unknown:
-            key = (cls.__name__, tuple(unknown))
-            if key not in ConfigMixin._warned_unknown:
-                ConfigMixin._warned_unknown.add(key)
-                logger.warning(
-                    "%s does not use config key(s) %s (from %s); they are kept in the config but have no effect",
-                    cls.__name__,
-                    unknown,
-                    source_class,
-                )
+            logger.warning(
+                "The config attributes %s were passed to %s, but are not expected and will be ignored. "
+                "Please verify your %s configuration file.",
+                unknown,
+                cls.__name__,
+                cls.config_name,
+            )
+        missing = expected - set(init_kwargs)
+        if missing:
+            logger.info("%s was not found in config. Values will be initialized to default values.", missing)
         return init_kwargs, kept
 
     # ---------------------------------------------------------------- files
@@ -295,9 +306,6 @@ class ConfigMixin:
         data = {k: v for k, v in self.config.items() if k not in _NOT_SAVED}
         data["_class_name"] = type(self).__name__
         data["_diffusers_version"] = FORMAT_VERSION
-        from . import __version__
-
-        data[OWN_VERSION_KEY] = __version__
         return json.dumps(_to_json_value(data), indent=2, sort_keys=True) + "\n"
 
     def save_config(self, save_directory: str | os.PathLike, **unused) -> Path:

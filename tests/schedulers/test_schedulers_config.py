@@ -22,7 +22,7 @@ logging.getLogger("diffusers").setLevel(logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore")  # the reference's deprecation chatter
 
 NAMES = list(SCHEDULERS)
-OWN_KEYS = ("_diffusers_version", "_diffpipe_version", "_use_default_values")
+OWN_KEYS = ("_diffusers_version", "_use_default_values")
 
 # a non-default (but valid) configuration of each class, to carry into other classes
 SOURCE_CONFIGS = {

@@ -199,15 +199,17 @@ def load_component(
     where: str,
     allow_missing_keys: bool = False,
     verify: bool = False,
+    local_files_only: bool = False,
 ):
-    """Load one component from ``root/spec.name`` (already on disk)."""
+    """Load one component from ``root/spec.name`` (already on disk; ``local_files_only`` is the
+    caller's, which a tokenizer records in the tokenizer_config.json it saves, as the reference's)."""
     folder = root / spec.name
     if not folder.is_dir():
         raise CheckpointNotFoundError(
             f"{where}: model_index.json lists component {spec.name!r} but there is no folder {folder}"
         )
     if spec.kind == "model":
-        return spec.cls.from_pretrained(
+        model = spec.cls.from_pretrained(
             root,
             subfolder=spec.name,
             variant=variant,
@@ -216,6 +218,8 @@ def load_component(
             allow_missing_keys=allow_missing_keys,
             verify=verify,
         )
+        model.register_to_config(_name_or_path=str(folder))  # where a pipeline's part came from, as the reference
+        return model
     if spec.kind == "config":
         config = spec.cls.load_config(root, subfolder=spec.name)
         return spec.cls.from_config(config)
@@ -249,6 +253,9 @@ def load_component(
             check_finite(obj.state_dict(), {}, where=f"{label} in {folder}")
     if spec.kind == "transformers-other":
         check_tokenizer(obj, folder, spec.name, where)
+        recorded = getattr(obj, "init_kwargs", None)
+        if isinstance(recorded, dict) and "local_files_only" in recorded:
+            recorded["local_files_only"] = local_files_only  # not the True this reads the folder with
     return obj
 
 

@@ -251,6 +251,7 @@ class DiffusionPipeline(ConfigMixin, CallPathMixin, OffloadMixin, MemorySwitches
                     where=where,
                     allow_missing_keys=allow_missing_keys,
                     verify=verify,
+                    local_files_only=bool(local_files_only),
                 )
         pipeline = plan["class"](**components, **plan["settings"])
         pipeline.register_to_config(_name_or_path=source)
