@@ -231,3 +231,65 @@ def test_pipeline_load_then_save_writes_the_reference_s_files(reference_folders,
         assert json.loads((tmp_path / "ours" / rel).read_text()) == json.loads((tmp_path / "ref" / rel).read_text()), (
             rel
         )
+
+
+def test_old_sd_configs_are_mended_with_the_reference_s_future_warnings(tmp_path):
+    """steps_offset 0, clip_sample true and a pre-0.9 sample_size < 64: each mended in place with a
+    FutureWarning that opens with the reference's words (warnings filters and log readers match them)."""
+    from sd_factory import make_legacy, save_reference_pipeline
+
+    folder = save_reference_pipeline(tmp_path / "sd", safety_checker=False, seed=2)
+    make_legacy(folder)
+    path = folder / "scheduler/scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "steps_offset": 0, "clip_sample": True}))
+
+    def load(lib):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = lib.StableDiffusionPipeline.from_pretrained(folder)
+        said = sorted(str(w.message) for w in caught if w.category is FutureWarning)
+        config = pipe.scheduler.config
+        return said, (config.steps_offset, config.clip_sample, pipe.unet.config.sample_size)
+
+    (expected, ref_values), (got, our_values) = load(diffusers), load(diffpipe)
+    assert our_values == ref_values == (1, False, 64)
+    openings = ("The configuration file of this scheduler: PNDMScheduler", "The configuration file of the unet has set")
+    for words in (openings[0], openings[0], openings[1]):
+        assert sum(m.startswith(words) for m in expected) == sum(m.startswith(words) for m in got) >= 1, words
+    assert any("`steps_offset` should be set to 1 instead of 0" in m for m in got)
+    assert any("`clip_sample`" in m for m in got) and any("`clip_sample`" in m for m in expected)
+
+
+# Every string option the SD-family schedulers take (and some they do not): the ones the reference
+# deprecates must warn here as there, the others must not.
+OPTIONS = (
+    "dpmsolver", "sde-dpmsolver", "dpmsolver++", "sde-dpmsolver++", "deis", "midpoint", "heun", "logrho", "bh1",
+    "bh2", "zero", "sigma_min", "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
+    "learned_range",
+)  # fmt: skip
+
+
+def _future_warnings(cls, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            cls(**kwargs)
+        except (ValueError, NotImplementedError):
+            pass  # refused (ours: ConfigError, a ValueError): only what was said before matters here
+    return [str(w.message).split(". ")[0] for w in caught if w.category is FutureWarning]
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_deprecated_scheduler_options_warn_as_the_reference(name):
+    ref_cls, ours = getattr(diffusers, name), find_class(name)
+    params = {"algorithm_type", "solver_type", "final_sigmas_type", "variance_type"} & ours.init_keys()
+    seen = 0
+    for param in sorted(params):
+        for value in OPTIONS:
+            dpm = param == "algorithm_type" and "final_sigmas_type" in params
+            for extra in ({}, {"final_sigmas_type": "sigma_min"} if dpm else {}):
+                expected = _future_warnings(ref_cls, **{param: value}, **extra)
+                assert _future_warnings(ours, **{param: value}, **extra) == expected, (param, value, extra)
+                seen += bool(expected)
+    if name in ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler"):
+        assert seen  # the sweep reaches the reference's deprecations (dpmsolver, sde-dpmsolver)

@@ -329,7 +329,7 @@ def fix_scheduler_for_sd(scheduler):
 
     Checkpoints from before these keys settled (SD 1.x repos) carry ``steps_offset: 0`` or
     ``clip_sample: true``, which shift or clip the schedule the UNet was trained on. The scheduler's
-    config is mended in place (with a warning), as the reference does, so every pipeline sharing
+    config is mended in place (with the reference's FutureWarning), as the reference does, so every pipeline sharing
     the object sees the same schedule.
     """
     config = getattr(scheduler, "config", None)
@@ -342,13 +342,14 @@ def fix_scheduler_for_sd(scheduler):
         changes["clip_sample"] = False
     if not changes:
         return scheduler
-    logger.warning(
-        "%s config has %s from an old Stable Diffusion checkpoint; using %s instead (update the "
-        "checkpoint's scheduler_config.json to silence this)",
-        type(scheduler).__name__,
-        ", ".join(f"{k}={config[k]!r}" for k in changes),
-        ", ".join(f"{k}={v!r}" for k, v in changes.items()),
-    )
+    for key, value in changes.items():  # the reference's FutureWarning (its opening words), one per key
+        warnings.warn(
+            f"The configuration file of this scheduler: {type(scheduler).__name__} is outdated. `{key}` should be set "
+            f"to {value} instead of {config[key]}, which an old Stable Diffusion checkpoint carries; it is used as "
+            f"{value} now. Update the checkpoint's scheduler/scheduler_config.json to silence this.",
+            FutureWarning,
+            stacklevel=4,
+        )
     defaulted = [k for k in config.get("_use_default_values", ()) if k not in changes]
     scheduler.register_to_config(**changes, _use_default_values=defaulted)  # now explicit values
     return scheduler
@@ -366,7 +367,7 @@ def fix_unet_for_sd(unet) -> None:
     """SD 1.x UNet configs written before diffusers 0.9 say ``sample_size: 32`` for 512px models.
 
     The reference rewrites it to 64 in the pipeline (so default image sizes come out right) when the
-    config records a version below 0.9; this does the same, in place, with a warning.
+    config records a version below 0.9; this does the same, in place, with its FutureWarning.
     """
     config = getattr(unet, "config", None)
     if config is None or not isinstance(config.get("sample_size"), int) or config["sample_size"] >= 64:
@@ -374,10 +375,12 @@ def fix_unet_for_sd(unet) -> None:
     version = config.get("_diffusers_version")
     if version is None or _version_tuple(version) >= (0, 9, 0):
         return  # a model built in code (no version recorded) keeps what it was given, as in the reference
-    logger.warning(
-        "UNet config from diffusers %s has sample_size=%s, an old value for 512px Stable Diffusion; using 64 "
-        "(update the checkpoint's unet/config.json to silence this)",
-        config.get("_diffusers_version"),
-        config["sample_size"],
+    warnings.warn(  # the reference's FutureWarning (its opening words)
+        "The configuration file of the unet has set the default `sample_size` to smaller than 64 which seems "
+        f"highly unlikely: sample_size={config['sample_size']} in a config from diffusers "
+        f"{config.get('_diffusers_version')}, an old value for 512px Stable Diffusion; 64 is used now. If the "
+        "checkpoint is a fine-tune of Stable Diffusion 1.x, change 'sample_size' to 64 in its unet/config.json.",
+        FutureWarning,
+        stacklevel=4,
     )
     unet.register_to_config(sample_size=64)

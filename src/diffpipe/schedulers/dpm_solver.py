@@ -15,6 +15,7 @@ x_0 for the ++ variants), re-using the model outputs of previous steps for highe
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -126,6 +127,8 @@ class DPMSolverUpdates:
     """The solver options and the first-order update, for any schedule: the host gives ``sigmas``,
     the current ``_step_index`` and ``_sigma_to_alpha_sigma_t`` (a schedule sigma -> the VP scales)."""
 
+    _deprecated_algorithms = "`algorithm_types dpmsolver and sde-dpmsolver`"  # what the deprecation names
+
     def _check_solver_config(self, algorithm_types) -> None:
         """Check the solver options, mapping the legacy names onto the implemented ones as the
         reference does (``deis`` -> ``dpmsolver++``, the UniPC/DEIS solver types -> ``midpoint``)."""
@@ -141,6 +144,14 @@ class DPMSolverUpdates:
             final_sigmas_type=("zero", "sigma_min"),
         )
         check_positive_int(name, "solver_order", c.solver_order)
+        if c.algorithm_type in ("dpmsolver", "sde-dpmsolver"):  # the reference's FutureWarning, in its words
+            warnings.warn(
+                f"{self._deprecated_algorithms} is deprecated and will be removed in version 1.0.0. algorithm_type "
+                f"{c.algorithm_type} is deprecated and will be removed in a future version. Choose from "
+                "`dpmsolver++` or `sde-dpmsolver++` instead",
+                FutureWarning,
+                stacklevel=5,
+            )
         # (checked on the name as given: the reference refuses a zero final sigma for "deis" too)
         if c.algorithm_type not in DATA_PREDICTION and c.final_sigmas_type == "zero":
             raise ConfigError(

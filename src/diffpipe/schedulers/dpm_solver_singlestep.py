@@ -25,6 +25,7 @@ from .dpm_solver import DPMSolverBase, second_order_terms, third_order_terms
 class DPMSolverSinglestepScheduler(DPMSolverBase):
     """Singlestep DPM-Solver / DPM-Solver++ of order 1-3."""
 
+    _deprecated_algorithms = "`algorithm_types=dpmsolver`"
     _compatibles = KARRAS_COMPATIBLES
     order = 1
 
