@@ -27,6 +27,7 @@ from diffpipe.schedulers import SCHEDULERS
 from diffpipe.schedulers.base import SchedulerOutput
 from diffpipe.schedulers.lcm import LCMSchedulerOutput
 from diffpipe.schedulers.tcd import TCDSchedulerOutput
+from factories import TINY_MODELS
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the reference on numpy 2
 T1, T2 = torch.ones(1), torch.zeros(2)
@@ -149,24 +150,6 @@ def test_step_outputs_have_the_reference_s_keys(name):
 # ------------------------------------------------------------------------------------------------
 # config values read as attributes: deprecated in the reference, answered with its FutureWarning
 
-TINY_MODELS = {
-    "AutoencoderKL": dict(
-        block_out_channels=(8,),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-    ),
-    "UNet2DConditionModel": dict(
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    ),
-}
-
 
 def read_with_warnings(obj, name):
     with warnings.catch_warnings(record=True) as caught:
@@ -178,24 +161,50 @@ def read_with_warnings(obj, name):
     return value, [(w.category, str(w.message)) for w in caught if w.category is FutureWarning]
 
 
-@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler", *TINY_MODELS])
-def test_config_values_read_as_attributes_warn_as_the_reference(name):
+def assert_attribute_reads_as_the_reference(ours, ref):
+    """Every config key of ``ref`` (private ones too), and names that are none, read as attributes of
+    both: the same value or AttributeError text, the same FutureWarning."""
+    keys = list(ref.config)
+    assert set(keys) <= set(ours.config), set(keys) - set(ours.config)
+    for key in [*keys, "_class_name", "_name_or_path", "_use_default_values", "no_such_key"]:
+        if key in type(ref).__dict__ or key in vars(ref):
+            continue  # a real attribute of that name in the reference (no warning to compare)
+        got, expected = read_with_warnings(ours, key), read_with_warnings(ref, key)
+        assert got[1] == expected[1], key
+        if key == "_use_default_values":  # the reference's comes from a set: its order is arbitrary
+            got, expected = (sorted(got[0]), got[1]), (sorted(expected[0]), expected[1])
+        if isinstance(expected[0], tuple) and expected[0][0] == "AttributeError":
+            assert got[0] == ("AttributeError", expected[0][1].replace("diffusers", "diffpipe")), key
+        else:
+            assert got[0] == expected[0] or (torch.is_tensor(got[0]) and torch.equal(got[0], expected[0])), key
+
+
+@pytest.mark.parametrize("name", [*SCHEDULERS, *TINY_MODELS])
+def test_config_values_read_as_attributes_warn_as_the_reference(name, tmp_path):
+    """Built in code (with ``_use_default_values``) and loaded from a folder the reference saved (with
+    ``_class_name``, ``_diffusers_version`` and, for models, ``_name_or_path``)."""
     kwargs = TINY_MODELS.get(name, {})
     torch.manual_seed(0)
     ours = find_class(name)(**kwargs)
     torch.manual_seed(0)
     ref = getattr(diffusers, name)(**kwargs)
-    keys = [k for k in ref.config if not k.startswith("_")]
-    assert keys and set(keys) <= set(ours.config)
-    for key in [*keys, "no_such_key"]:
-        if key in type(ref).__dict__ or key in vars(ref):
-            continue  # a real attribute of that name in the reference (no warning to compare)
-        got, expected = read_with_warnings(ours, key), read_with_warnings(ref, key)
-        assert got[1] == expected[1], key
-        if key == "no_such_key":
-            assert got[0] == ("AttributeError", expected[0][1].replace("diffusers", "diffpipe"))
-        else:
-            assert got[0] == expected[0] or (torch.is_tensor(got[0]) and torch.equal(got[0], expected[0])), key
+    assert_attribute_reads_as_the_reference(ours, ref)
+    ref.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = getattr(diffusers, name).from_pretrained(tmp_path), find_class(name).from_pretrained(tmp_path)
+    assert_attribute_reads_as_the_reference(loaded[1], loaded[0])
+
+
+def test_pipeline_config_values_read_as_attributes_warn_as_the_reference(tmp_path):
+    from sd_factory import save_reference_pipeline
+
+    folder = save_reference_pipeline(tmp_path / "sd", safety_checker=False, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+        ours = diffpipe.StableDiffusionPipeline.from_pretrained(folder)
+    assert_attribute_reads_as_the_reference(ours, ref)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,62 +21,10 @@ import diffpipe
 import diffusers  # the oracle (test extra): missing, the module fails to load
 from diffpipe.registry import find_class
 from diffpipe.schedulers import SCHEDULERS
+from factories import TINY_MODELS
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the reference on numpy 2
 
-TINY_MODELS = {
-    "AutoencoderKL": dict(
-        block_out_channels=(8,),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-    ),
-    "AsymmetricAutoencoderKL": dict(
-        down_block_out_channels=(8,),
-        up_block_out_channels=(8,),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        layers_per_down_block=1,
-        layers_per_up_block=1,
-    ),
-    "UNet2DConditionModel": dict(
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    ),
-    "UNet2DModel": dict(
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        attention_head_dim=2,
-        layers_per_block=1,
-        sample_size=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ),
-    "MotionAdapter": dict(
-        block_out_channels=(8, 16),
-        motion_layers_per_block=1,
-        motion_norm_num_groups=4,
-        motion_num_attention_heads=2,
-        motion_max_seq_length=8,
-    ),
-    "UNetMotionModel": dict(
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        cross_attention_dim=8,
-        num_attention_heads=2,
-        layers_per_block=1,
-        motion_num_attention_heads=2,
-        motion_max_seq_length=8,
-        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
-        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
-    ),
-}
 EXPORTED_MODELS = sorted(
     n
     for n in dir(diffpipe)

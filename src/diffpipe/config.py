@@ -136,10 +136,10 @@ def config_attribute(obj, name: str) -> Any:
     """A config value read as an attribute (``scheduler.num_train_timesteps``): deprecated in the
     reference, which still answers it with this FutureWarning; anything else is an AttributeError."""
     config = obj.__dict__.get("_internal_dict")
-    if config is None or name.startswith("_") or name not in config:
+    if config is None or name.startswith("__") or name not in config:
         raise AttributeError(f"'{type(obj).__name__}' object has no attribute '{name}'")
     cls = type(obj).__name__
-    example = "scheduler" if hasattr(type(obj), "set_timesteps") else "unet"  # the reference's wording
+    example = "unet" if hasattr(type(obj), "load_state_dict") else "scheduler"  # the reference's wording
     warnings.warn(
         f"Accessing config attribute `{name}` directly via '{cls}' object attribute is deprecated. Please access "
         f"'{name}' over '{cls}'s config object instead, e.g. '{example}.config.{name}'.",
@@ -161,6 +161,8 @@ class ConfigMixin:
     config_name: str = "config.json"
     ignore_for_config: tuple[str, ...] = ()
     _compatibles: tuple[str, ...] = ()
+    # keys ``__init__`` derives and registers itself (written to saved configs, so no surprise in one)
+    _derived_config_keys: tuple[str, ...] = ()
     _record_init: bool = True
 
     def __init_subclass__(cls, **kwargs):
@@ -250,7 +252,8 @@ class ConfigMixin:
         # The reference's two messages, in its words (its test suite and users' log filters look for
         # them), each time a config is read: keys no class of this family takes (a compatible class's
         # keys are expected in a config that moves between schedulers), and keys left to defaults.
-        unknown = {k: v for k, v in kept.items() if not k.startswith("_") and k not in cls._compatible_keys()}
+        expected_too = cls._compatible_keys() | set(cls._derived_config_keys)
+        unknown = {k: v for k, v in kept.items() if not k.startswith("_") and k not in expected_too}
         if unknown:
             logger.warning(
                 "The config attributes %s were passed to %s, but are not expected and will be ignored. "

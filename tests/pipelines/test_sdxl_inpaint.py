@@ -98,6 +98,38 @@ def test_padding_mask_crop(folders, kind):
     assert_close(expected, got)
 
 
+# (what ours runs, what the reference runs for the same switch, or None where it has none here)
+SWITCHES = {
+    "attention slicing auto": (lambda p: p.enable_attention_slicing(), lambda p: p.enable_attention_slicing()),
+    "attention slicing max": (lambda p: p.enable_attention_slicing("max"), lambda p: p.enable_attention_slicing("max")),
+    "vae slicing": (lambda p: p.enable_vae_slicing(), lambda p: p.vae.enable_slicing()),
+    "vae tiling": (lambda p: p.enable_vae_tiling(), lambda p: p.vae.enable_tiling()),
+    "fused qkv": (lambda p: p.fuse_qkv_projections(), lambda p: p.fuse_qkv_projections()),
+    "model cpu offload": (lambda p: p.enable_model_cpu_offload(device="cpu"), None),
+    "sequential cpu offload": (lambda p: p.enable_sequential_cpu_offload(device="cpu"), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWITCHES))
+def test_memory_switches_keep_the_images(folders, name):
+    """Each switch gives the plain call's images within 2/255 (VAE tiling, which changes images by
+    design, is held to the reference's tiled images instead), and the reference's with it on."""
+    args = inpaint(prompt=["a blue cat", "a red dog"], strength=0.7, **SIZE)
+    ref, ours = load_both(folders["xl"], TASK)
+    plain = run_both(ref, ours, **args)[1]
+    ours_on, ref_on = SWITCHES[name]
+    ours_on(ours)
+    if ref_on is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref_on(ref)
+    expected, got = run_both(ref, ours, **args)
+    if name != "vae tiling":
+        assert_close(plain, got)
+    if ref_on is not None:
+        assert_close(expected, got)
+
+
 def test_latent_output_given_latents_and_masked_image_latents(folders):
     ref, ours = load_both(folders["xl"], TASK)
     expected, got = run_both(ref, ours, output_type="latent", **inpaint(strength=0.6, **SIZE))

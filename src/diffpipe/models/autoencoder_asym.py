@@ -30,10 +30,6 @@ from .modeling import ModelMixin
 from .outputs import AutoencoderKLOutput, DecoderOutput
 
 
-# Config keys __init__ records itself (from its arguments), as the reference does.
-_DERIVED_CONFIG_KEYS = ("block_out_channels", "force_upcast")
-
-
 def _shape_key(tensor: torch.Tensor) -> str:
     """The key under which :class:`MaskConditionEncoder` files a feature map: its full shape as text."""
     return str(tuple(tensor.shape))
@@ -138,6 +134,7 @@ class AsymmetricAutoencoderKL(ModelMixin):
 
     config_name = "config.json"
     decodes_with_mask = True  # inpainting hands decode() the image and the mask
+    _derived_config_keys = ("block_out_channels", "force_upcast")  # __init__ records them, as the reference
 
     def __init__(
         self,
@@ -192,13 +189,6 @@ class AsymmetricAutoencoderKL(ModelMixin):
         self.use_tiling = False
         # As the reference: pipelines read `block_out_channels` (the decoder's) for the VAE scale factor.
         self.register_to_config(block_out_channels=tuple(up_block_out_channels), force_upcast=False)
-
-    @classmethod
-    def _split_config(cls, config: dict, overrides: dict) -> tuple[dict, dict]:
-        # `block_out_channels` and `force_upcast` are derived in __init__ (and written to every saved
-        # config): not unknown keys to warn about when a saved folder is loaded.
-        source = {k: v for k, v in config.items() if k not in _DERIVED_CONFIG_KEYS}
-        return super()._split_config(source, overrides)
 
     # ------------------------------------------------------------------ memory modes (unsupported)
     def enable_slicing(self) -> None:

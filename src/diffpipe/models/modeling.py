@@ -183,7 +183,7 @@ class ModelMixin(nn.Module, ConfigMixin):
             allow_missing=allow_missing_keys,
             overrides=kwargs,
         )
-        model.register_to_config(_name_or_path=source)
+        model.register_to_config(_name_or_path=pretrained_model_name_or_path)  # as given, as the reference
         model.loaded_from = [str(folder / f) for f in choice.all_files]
         logger.debug("%s: loaded %s", where, ", ".join(choice.all_files))
         return model

@@ -254,7 +254,7 @@ class DiffusionPipeline(ConfigMixin, CallPathMixin, OffloadMixin, MemorySwitches
                     local_files_only=bool(local_files_only),
                 )
         pipeline = plan["class"](**components, **plan["settings"])
-        pipeline.register_to_config(_name_or_path=source)
+        pipeline.register_to_config(_name_or_path=pretrained_model_name_or_path)  # as given, as the reference
         object.__setattr__(pipeline, "loading_report", plan["report"])
         object.__setattr__(pipeline, "snapshot_folder", root)  # where the files are on disk
         return pipeline

@@ -344,7 +344,7 @@ class SigmaScheduleMixin(StepIndexMixin):
 
     def _train_sigmas(self) -> np.ndarray:
         """The float32 VE sigmas of the training steps, ascending in t."""
-        return np.array(vp_to_ve_sigmas(self.alphas_cumprod))
+        return vp_to_ve_sigmas(self.alphas_cumprod).numpy()
 
     def _indexed_sigmas(self, original_samples: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
