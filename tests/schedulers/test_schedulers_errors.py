@@ -3,6 +3,7 @@ was expected and what was found."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import pytest
@@ -130,9 +131,6 @@ NOT_IN_SCHEDULE = {
     "HeunDiscreteScheduler": 998.5,
     "LMSDiscreteScheduler": 998.5,
     "KDPM2DiscreteScheduler": 998.5,
-    "DPMSolverMultistepScheduler": 998,
-    "DPMSolverSinglestepScheduler": 998,
-    "UniPCMultistepScheduler": 998,
     "LCMScheduler": 998,
     "TCDScheduler": 998,
 }
@@ -148,6 +146,38 @@ def test_timestep_not_in_the_schedule(name):
         if hasattr(s, "set_begin_index"):
             s.scale_model_input(x, t)  # the first call that looks the timestep up
         s.step(x, t, x)
+
+
+def _step_off_schedule(cls, name: str, t):
+    """(outcome, prev_sample): one scale_model_input + step at a timestep not in the schedule."""
+    scheduler = cls(**({"noise_sampler_seed": 0} if name == "DPMSolverSDEScheduler" else {}))
+    scheduler.set_timesteps(steps_for(name))
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(t, dtype=scheduler.timesteps.dtype)
+    seeded = "generator" in inspect.signature(scheduler.step).parameters
+    try:
+        sample = scheduler.scale_model_input(x, t)
+        kwargs = {"generator": torch.Generator().manual_seed(1)} if seeded else {}
+        return "ok", scheduler.step(x * 0.1, t, sample, **kwargs).prev_sample
+    except Exception as e:  # the kind of failure is compared
+        return "error", e
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_timestep_off_the_schedule_is_handled_as_the_reference(name, caplog):
+    """Where the reference accepts it (the DPM-Solver family and UniPC take it as the last step, DDIM
+    and DDPM compute from it) ours gives the same sample, with a warning where the reference is silent
+    about a guess; where the reference fails, ours fails with a ValueError that says why."""
+    for t in (501, 0, 500.5):
+        expected, expected_value = _step_off_schedule(getattr(diffusers, name), name, t)
+        got, got_value = _step_off_schedule(find_class(name), name, t)
+        if expected == "ok":
+            assert got == "ok", f"{name} at {t}: {got_value}"
+            torch.testing.assert_close(got_value, expected_value, atol=1e-5, rtol=1e-5)
+        else:
+            assert got == "error" and isinstance(got_value, ValueError), (name, t, got_value)
+    if getattr(find_class(name), "_unknown_timestep_is_last", False):
+        assert "it is taken as the last step, as the reference does" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "PNDMScheduler"])

@@ -242,10 +242,12 @@ class SchedulerMixin(ConfigMixin):
         return signal * noise - noise_scale * sample
 
 
-def index_in_schedule(owner: str, schedule: torch.Tensor, timestep) -> int:
+def index_in_schedule(owner: str, schedule: torch.Tensor, timestep, unknown_is_last: bool = False) -> int:
     """Position of ``timestep`` in ``schedule``. Where it occurs more than once (second-order
     schedulers repeat timesteps), the second occurrence is taken, as the reference does, so that a
-    run starting mid-schedule (image-to-image) does not skip a sigma."""
+    run starting mid-schedule (image-to-image) does not skip a sigma. A timestep not in it is an
+    error, or, with ``unknown_is_last`` (the reference's DPM-Solver family), the last position, said
+    in a warning."""
     if isinstance(timestep, torch.Tensor):
         timestep = timestep.to(schedule.device)
     matches = (schedule == timestep).nonzero()
@@ -254,6 +256,15 @@ def index_in_schedule(owner: str, schedule: torch.Tensor, timestep) -> int:
         if len(shown) > 12:
             shown = shown[:6] + ["..."] + shown[-6:]
         value = timestep.item() if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 else timestep
+        if unknown_is_last and len(schedule):
+            logger.warning(
+                "%s: timestep %r is not in the current schedule %s; it is taken as the last step, as the reference "
+                "does. Pass one of `scheduler.timesteps`, or call `set_begin_index` to start mid-schedule.",
+                owner,
+                value,
+                shown,
+            )
+            return len(schedule) - 1
         raise ValueError(
             f"{owner}: timestep {value!r} is not in the current schedule {shown}; pass one of "
             "`scheduler.timesteps` (after `set_timesteps`), or call `set_begin_index` to start mid-schedule"
@@ -267,6 +278,7 @@ class StepIndexMixin:
 
     _step_index: int | None = None
     _begin_index: int | None = None
+    _unknown_timestep_is_last = False  # the reference's DPM-Solver family runs the last step for one
 
     @property
     def step_index(self) -> int | None:
@@ -284,7 +296,7 @@ class StepIndexMixin:
 
     def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
         schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        return index_in_schedule(type(self).__name__, schedule, timestep)
+        return index_in_schedule(type(self).__name__, schedule, timestep, self._unknown_timestep_is_last)
 
     def _init_step_index(self, timestep) -> None:
         if self._begin_index is None:

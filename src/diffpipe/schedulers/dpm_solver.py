@@ -128,6 +128,7 @@ class DPMSolverUpdates:
     the current ``_step_index`` and ``_sigma_to_alpha_sigma_t`` (a schedule sigma -> the VP scales)."""
 
     _deprecated_algorithms = "`algorithm_types dpmsolver and sde-dpmsolver`"  # what the deprecation names
+    _unknown_timestep_is_last = True  # a timestep not in the schedule: the last step, as the reference
 
     def _check_solver_config(self, algorithm_types) -> None:
         """Check the solver options, mapping the legacy names onto the implemented ones as the

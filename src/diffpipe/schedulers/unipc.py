@@ -31,6 +31,7 @@ from .sigmas import alpha_sigma_from_ve, interpolate_sigmas, respace_sigmas, sig
 class UniPCMultistepScheduler(SigmaScheduleMixin, SchedulerMixin):
     """UniPC multistep predictor-corrector of order 1-3 (one model call per step)."""
 
+    _unknown_timestep_is_last = True  # a timestep not in the schedule: the last step, as the reference
     _compatibles = KARRAS_COMPATIBLES
     order = 1
 
