@@ -73,6 +73,11 @@ def denoise_with_free_init(pipe, request, state):
             batch = state.latents.shape[0]
             last = torch.full((batch,), scheduler.config.num_train_timesteps - 1, dtype=torch.long)
             try:
+                if getattr(scheduler, "_unknown_timestep_is_last", False) and not bool(
+                    (scheduler.timesteps == last[0]).any()
+                ):
+                    # (the scheduler would take it as the last inference step: almost no noise)
+                    raise ValueError("the last training timestep is not in the schedule")
                 noised = scheduler.add_noise(state.latents, initial, last.to(state.latents.device))
             except ValueError as e:
                 raise ValueError(
