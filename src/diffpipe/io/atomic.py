@@ -72,6 +72,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """A temporary path beside ``path`` for a writer that takes a file name; renamed over ``path``
+    (after an fsync) when the block ends without error, removed otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _fsync_file(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, *, shared: bool):
     """Hold a shared (readers) or exclusive (writers) ``flock`` on ``folder`` itself.
 

@@ -189,6 +189,16 @@ class ModelMixin(nn.Module, ConfigMixin):
         return model
 
     @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
+        """This model from one checkpoint file in the original layout: a whole-pipeline file (its part
+        is taken), a UNet-only file, or a standalone VAE file (UNet2DConditionModel, AutoencoderKL).
+        Keywords: ``torch_dtype``, ``config`` (+ ``subfolder``) to take the config from, ``original_config``,
+        ``image_size``, and config overrides."""
+        from ..single_file import load_model
+
+        return load_model(cls, pretrained_model_link_or_path, **kwargs)
+
+    @classmethod
     def _check_config_class(cls, config: dict, path: Path, where: str) -> None:
         """Refuse a config written for another class (the reference loads it with a warning and
         random weights)."""

@@ -260,6 +260,21 @@ class DiffusionPipeline(ConfigMixin, CallPathMixin, OffloadMixin, MemorySwitches
         return pipeline
 
     @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
+        """A pipeline from one checkpoint file in the original layout (``.safetensors`` or ``.ckpt``, as
+        web UIs and model sites publish them), offline: the model type is told from the tensors and its
+        configs are shipped with diffpipe. On ``DiffusionPipeline`` the class is picked from the file.
+
+        Keywords as the reference's: ``torch_dtype``, ``config`` (a diffusers folder or repo id to take
+        configs and tokenizers from), ``original_config`` (the training YAML), ``prediction_type``,
+        ``image_size``, component overrides (``vae=``, ``scheduler=``, ``tokenizer=``, ...), and
+        ``revision`` / ``cache_dir`` / ``local_files_only`` / ``token`` for a Hub file.
+        """
+        from ..single_file import load_pipeline
+
+        return load_pipeline(cls, pretrained_model_link_or_path, **kwargs)
+
+    @classmethod
     def _plan_listing(cls, files: set, read, overrides: dict, dtypes, *, variant, use_safetensors, where) -> dict:
         """The plan (see :meth:`_plan`) for a repo or folder with these files; ``read(name)`` gives a
         small file's bytes (model_index.json)."""
