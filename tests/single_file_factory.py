@@ -19,6 +19,7 @@ Kinds: ``sd1``, ``sd1-inpaint``, ``sd2`` (OpenCLIP-style text tower, v-predictio
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -75,9 +76,7 @@ def save_reference_kind(kind: str, folder: Path, seed: int = 0) -> Path:
     if kind == "sd1":
         return save_reference_pipeline(folder, safety_checker=False, seed=seed)
     if kind == "sd1-inpaint":
-        return save_reference_pipeline(
-            folder, task=PIPELINES[kind], in_channels=9, safety_checker=False, seed=seed
-        )
+        return save_reference_pipeline(folder, task=PIPELINES[kind], in_channels=9, safety_checker=False, seed=seed)
     if kind == "sd2":
         return _save_reference_sd2(folder, seed)
     if kind == "sdxl":
@@ -189,7 +188,9 @@ def unet_key_map(keys) -> dict[str, str]:
         elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
             level, part, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
             n = level * per_up + j
-            out[key] = f"output_blocks.{n}.0.{_resnet_name(rest)}" if part == "resnets" else f"output_blocks.{n}.1.{rest}"
+            out[key] = (
+                f"output_blocks.{n}.0.{_resnet_name(rest)}" if part == "resnets" else f"output_blocks.{n}.1.{rest}"
+            )
         elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
             level = int(m.group(1))
             n = level * per_up + per_up - 1
@@ -331,13 +332,20 @@ def _components(source, kind: str) -> dict[str, dict]:
 
 
 def to_original_state_dict(
-    folder_or_components, kind: str, *, position_ids: bool = False, open_clip_extra_layers: int | None = None
+    folder_or_components,
+    kind: str,
+    *,
+    position_ids: bool = False,
+    logit_scale: bool = False,
+    open_clip_extra_layers: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """One original-layout state dict from a diffusers-format pipeline of ``kind`` (a folder, a
     pipeline, or a mapping of its components' modules / state dicts).
 
     ``position_ids``: write CLIP-L's optional ``embeddings.position_ids`` buffer ([1, n] int64), as
-    some published SD1 files do. ``open_clip_extra_layers``: resblocks after the encoder's last
+    some published SD1 files do. ``logit_scale``: write the OpenCLIP towers' ``model.logit_scale``
+    scalar (the contrastive temperature, log(1 / 0.07); no pipeline uses it) as the published SD2 /
+    SDXL files keep it. ``open_clip_extra_layers``: resblocks after the encoder's last
     (copies of it) in the OpenCLIP towers; None means the published shape, one for SD2 (its tower
     has 24 resblocks, the pipeline runs 23), none for SDXL's bigG.
     """
@@ -360,6 +368,9 @@ def to_original_state_dict(
                 ln = _text_state(parts[name])["final_layer_norm.weight"]
                 projection = torch.eye(ln.shape[0], dtype=ln.dtype, device=ln.device)
             text = convert_open_clip(parts[name], extra_layers=extra, projection=projection)
+            if logit_scale:
+                ln = text["model.ln_final.weight"]
+                text["model.logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=ln.dtype, device=ln.device)
         out.update({prefix + k: v for k, v in text.items()})
     return out
 
@@ -483,13 +494,22 @@ def full_size_components(kind: str) -> dict:
     return out
 
 
-def original_layout_full_size(kind: str, *, position_ids: bool | None = None) -> dict[str, tuple]:
+def original_layout_full_size(
+    kind: str, *, position_ids: bool | None = None, logit_scale: bool | None = None
+) -> dict[str, tuple]:
     """Name -> shape of the published full-size checkpoint of ``kind`` in the original layout, mapped
-    through the converter from the meta-device modules. ``position_ids`` (CLIP-L's buffer, [1, 77]):
-    None means as the published SD1.5 files have it (there, not in SDXL's)."""
+    through the converter from the meta-device modules (SD2's OpenCLIP tower with all 24 resblocks and
+    its [1024, 1024] text_projection). The optional extras, None meaning as the published files have
+    them: ``position_ids`` (CLIP-L's [1, 77] buffer; SD1.5's files) and ``logit_scale`` (the OpenCLIP
+    towers' scalar, shape (); SD2's and SDXL's files). Pipeline schedule buffers (betas, alphas_cumprod,
+    ...) and EMA copies that some published files also hold are not included."""
+    _check_kind(kind)
     if position_ids is None:
         position_ids = kind.startswith("sd1")
-    state = to_original_state_dict(full_size_components(kind), kind, position_ids=position_ids)
+    if logit_scale is None:
+        logit_scale = not kind.startswith("sd1")
+    components = full_size_components(kind)
+    state = to_original_state_dict(components, kind, position_ids=position_ids, logit_scale=logit_scale)
     return {k: tuple(v.shape) for k, v in state.items()}
 
 

@@ -122,9 +122,19 @@ def cmd_generate(args, out: Console) -> int:
     return 0
 
 
+def _is_single_file(name: str) -> bool:
+    return str(name).lower().endswith((".safetensors", ".ckpt", ".pt", ".pth")) and not Path(name).is_dir()
+
+
 def cmd_inspect(args, out: Console) -> int:
     from . import DiffusionPipeline
     from .hub import list_local_files
+
+    if _is_single_file(args.model):
+        from .single_file.report import describe
+
+        print("\n".join(describe(args.model)))
+        return 0
 
     pipe = DiffusionPipeline.from_pretrained(args.model, **({"variant": args.variant} if args.variant else {}))
     print(f"{type(pipe).__name__}  ({args.model})")
@@ -185,7 +195,22 @@ def cmd_convert(args, out: Console) -> int:
     from . import DiffusionPipeline
 
     dtype = _dtype(args.dtype)
-    pipe = DiffusionPipeline.from_pretrained(args.model, **({"torch_dtype": dtype} if dtype else {}))
+    if args.variant == "fp16" and dtype is None:
+        import torch
+
+        dtype = torch.float16  # the fp16 variant holds fp16 weights
+    loading = {"torch_dtype": dtype} if dtype else {}
+    if _is_single_file(args.model):
+        extra = {"config": args.config} if args.config else {}
+        pipe = DiffusionPipeline.from_single_file(args.model, **loading, **extra)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(args.model, **loading)
+    if args.to == "single-file":
+        from .single_file.save import save_single_file
+
+        save_single_file(pipe, args.out)
+        out.say(f"wrote {type(pipe).__name__} as one file in the original layout: {args.out}")
+        return 0
     pipe.save_pretrained(args.out, variant=args.variant)
     out.say(f"wrote {type(pipe).__name__} to {args.out}" + (f" as variant {args.variant!r}" if args.variant else ""))
     return 0
@@ -285,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", default="out.png")
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("inspect", help="pipeline class, components, parameters, bytes per dtype, files")
+    i = sub.add_parser(
+        "inspect", help="a pipeline's components, parameters, dtypes, files; or a single file's type and metadata"
+    )
     i.add_argument("model")
     i.add_argument("--variant")
     i.set_defaults(func=cmd_inspect)
@@ -296,11 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--revision")
     e.set_defaults(func=cmd_estimate)
 
-    c = sub.add_parser("convert", help="save a pipeline as another dtype / variant")
-    c.add_argument("model")
-    c.add_argument("out")
+    c = sub.add_parser(
+        "convert", help="a folder, repo or single file (.safetensors/.ckpt) -> a diffusers folder, or --to single-file"
+    )
+    c.add_argument("model", help="a diffusers folder or repo id, or one checkpoint file in the original layout")
+    c.add_argument("out", help="the folder to write (or the .safetensors file with --to single-file)")
+    c.add_argument("--to", choices=("folder", "single-file"), default="folder")
     c.add_argument("--variant")
     c.add_argument("--dtype")
+    c.add_argument("--config", help="for a single file: a folder or repo id to take configs and tokenizers from")
     c.set_defaults(func=cmd_convert)
 
     d = sub.add_parser("demo", help="offline demo on a small random-weight checkpoint")

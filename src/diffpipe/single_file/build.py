@@ -186,7 +186,17 @@ def _component(name, config: dict, tensors, found: Detection, where, dtype, path
     origin = dict.fromkeys(state, str(path))
     if library == "transformers":
         return _transformers_model(class_name, config, state, origin, label, dtype), used
-    return cls._from_state(config, state, origin=origin, where=label, dtype=dtype, allow_missing=False), used
+    try:
+        return cls._from_state(config, state, origin=origin, where=label, dtype=dtype, allow_missing=False), used
+    except StateDictMismatchError as e:
+        raise StateDictMismatchError(
+            f"{e} (the {name} config came from {origin_of_configs(found)}; a model of another size or layout "
+            "needs config= a diffusers folder or repo id whose configs match the file)"
+        ) from None
+
+
+def origin_of_configs(found: Detection) -> str:
+    return f"the {found.kind} configs shipped with diffpipe, unless config= was given"
 
 
 def _text_state(state, config: dict):
