@@ -274,6 +274,13 @@ class DiffusionPipeline(ConfigMixin, CallPathMixin, OffloadMixin, MemorySwitches
 
         return load_pipeline(cls, pretrained_model_link_or_path, **kwargs)
 
+    def save_single_file(self, path, *, dtype=None, metadata=None):
+        """Write this pipeline as one ``.safetensors`` file in the original layout (what web UIs and the
+        original training code load), atomically; ``dtype`` converts the weights (``torch.float16``)."""
+        from ..single_file.save import save_single_file
+
+        return save_single_file(self, path, dtype=dtype, metadata=metadata)
+
     @classmethod
     def _plan_listing(cls, files: set, read, overrides: dict, dtypes, *, variant, use_safetensors, where) -> dict:
         """The plan (see :meth:`_plan`) for a repo or folder with these files; ``read(name)`` gives a
