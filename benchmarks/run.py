@@ -49,6 +49,11 @@ CASES = {
         ["--dtype", "float16", "--variant", "fp16"],
         "pipeline from_pretrained + touch, fp16 variant",
     ),
+    "load_single_file_fp32_as_fp16": (
+        "load_single_file",
+        ["--dtype", "float16"],
+        "pipeline from one fp32 original-layout file with torch_dtype=float16 (config= the folder) + touch",
+    ),
     "unet_step_fp32": ("unet_step", ["--dtype", "float32"], "UNet forward, 64x64 latents, batch 2, fp32"),
     "unet_step_bf16": ("unet_step", ["--dtype", "bfloat16"], "UNet forward, 64x64 latents, batch 2, bf16 (ours only)"),
     "unet_step_bf16_small": (
@@ -93,8 +98,24 @@ def warm_page_cache(folder: Path) -> None:
                     pass
 
 
+def single_file(folder: Path) -> Path:
+    """The folder's pipeline as one fp32 file in the original layout, written once (by diffpipe; the
+    tests check it against a converter written from the layout's facts and the reference's loader),
+    kept inside the folder so that the page cache is warmed with it."""
+    path = folder / "single_file" / "model.safetensors"
+    if not path.is_file():
+        code = (
+            "import sys, diffpipe\n"
+            "diffpipe.DiffusionPipeline.from_pretrained(sys.argv[1]).save_single_file(sys.argv[2])"
+        )
+        subprocess.run([PYTHON, "-c", code, str(folder), str(path)], check=True)
+    return path
+
+
 def run_once(lib: str, case: str, folder: Path) -> dict:
     task, extra, _ = CASES[case]
+    if task == "load_single_file":
+        single_file(folder)
     if task != "import":
         warm_page_cache(folder)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

@@ -129,6 +129,16 @@ def main() -> None:
         result["load_seconds"] = time.perf_counter() - start
         touch(*pipe.components.values())
         result["seconds"] = time.perf_counter() - start
+    elif args.task == "load_single_file":  # the file run.py wrote; configs and tokenizers from the folder
+        import transformers
+
+        transformers.CLIPTextModel, transformers.CLIPTokenizer  # noqa: B018
+        path = f"{args.folder}/single_file/model.safetensors"
+        start = time.perf_counter()
+        pipe = lib.StableDiffusionPipeline.from_single_file(path, config=args.folder, torch_dtype=dtype)
+        result["load_seconds"] = time.perf_counter() - start
+        touch(*pipe.components.values())
+        result["seconds"] = time.perf_counter() - start
     elif args.task == "unet_step":
         unet = lib.UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet", torch_dtype=dtype)
         x = torch.randn(args.batch, 4, args.latent, args.latent, dtype=dtype)
