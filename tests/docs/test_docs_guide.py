@@ -53,3 +53,6 @@ def test_every_guide_block_runs(hub, hf_cache, tmp_path, monkeypatch):
     assert printed_by('memory_footprint(pipe_sd)["total"] ==') == ["True"]
     # the fp32-to-fp16 estimate reports the bytes it would hold in float16
     assert printed_by('report["as_dtype"]["float16"] > 0')[-1] == "True"
+    # a single file written from the repo loads back with the configs and tokenizers of config=
+    assert printed_by("save_single_file")[-1] == "sd1 torch.float16"
+    assert printed_by("AutoencoderKL.from_single_file")[-1] == "AutoencoderKL"
