@@ -18,7 +18,6 @@ Kinds: ``sd1``, ``sd1-inpaint``, ``sd2`` (OpenCLIP-style text tower, v-predictio
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
@@ -162,8 +161,10 @@ def _resnet_name(rest: str) -> str:
 
 def unet_key_map(keys) -> dict[str, str]:
     """diffusers UNet2DConditionModel names -> original ``openaimodel`` names (without the
-    ``model.diffusion_model.`` prefix). ``layers_per_block`` comes from the names: the first down
-    block's resnet count; every up block has one more."""
+    ``model.diffusion_model.`` prefix). Every resnet of a level is a block of its own (its transformer
+    at ``.1``); the down levels' downsamplers are blocks of their own (``.0.op``), the up levels'
+    upsamplers sit in the level's last block, after its transformer if it has one (``.2.conv``, else
+    ``.1.conv``). The resnets per level come from the names."""
     keys = list(keys)
     per_block = _count(keys, r"down_blocks\.0\.resnets\.(\d+)\.")
     per_up = _count(keys, r"up_blocks\.0\.resnets\.(\d+)\.")
@@ -301,6 +302,21 @@ def convert_open_clip(state: dict, *, extra_layers: int = 0, projection: torch.T
 
 
 # ---------------------------------------------------------------------------------------- whole files
+def config_folder(folder, dest) -> Path:
+    """A copy of ``folder`` without its weights (model_index.json, every config, tokenizer and
+    scheduler file; no .safetensors / .bin): what ``from_single_file(path, config=...)`` can take, so a
+    loaded weight can only have come from the single file."""
+    import shutil
+
+    folder, dest = Path(folder), Path(dest)
+    for src in folder.rglob("*"):
+        if src.is_file() and src.suffix not in (".safetensors", ".bin", ".ckpt", ".pt"):
+            target = dest / src.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
+    return dest
+
+
 _WEIGHT_FILE = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors")
 
 
@@ -511,11 +527,3 @@ def original_layout_full_size(
     components = full_size_components(kind)
     state = to_original_state_dict(components, kind, position_ids=position_ids, logit_scale=logit_scale)
     return {k: tuple(v.shape) for k, v in state.items()}
-
-
-def kind_summary(folder) -> dict:
-    """What a saved folder is, from its model_index.json and UNet config (for messages)."""
-    folder = Path(folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    unet = json.loads((folder / "unet" / "config.json").read_text())
-    return {"pipeline": index["_class_name"], "in_channels": unet["in_channels"]}

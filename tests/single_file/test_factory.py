@@ -9,6 +9,7 @@ full-size layouts (meta device): the names and shapes of the published checkpoin
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -20,6 +21,9 @@ from sdxl_factory import TOL, an_image, assert_close
 from single_file_factory import (
     KINDS,
     PIPELINES,
+    TEXT_ENCODERS,
+    config_folder,
+    full_size_components,
     original_layout_full_size,
     save_reference_kind,
     to_original_state_dict,
@@ -51,9 +55,16 @@ def folders(tmp_path_factory):
     return {kind: save_reference_kind(kind, root / kind, seed=i) for i, kind in enumerate(KINDS)}
 
 
+@pytest.fixture(scope="module")
+def configs(folders, tmp_path_factory):
+    """The folders without their weights: the reference's from_single_file gets only the file's."""
+    root = tmp_path_factory.mktemp("single-file-configs")
+    return {kind: config_folder(folder, root / kind) for kind, folder in folders.items()}
+
+
 def load_reference(kind: str, folder, path=None, **kwargs):
-    """The reference's pipeline from the folder (``path`` None) or from the single file, with the folder
-    as its config; nothing may come from the network."""
+    """The reference's pipeline from the folder (``path`` None) or from the single file, with
+    ``folder`` (a weightless copy) as its config; nothing may come from the network."""
     import diffusers
 
     cls = getattr(diffusers, PIPELINES[kind])
@@ -62,6 +73,7 @@ def load_reference(kind: str, folder, path=None, **kwargs):
         if path is None:
             pipe = cls.from_pretrained(folder, **kwargs)
         else:
+            assert not list(Path(folder).rglob("*.safetensors")), "the config folder holds weights"
             pipe = cls.from_single_file(str(path), config=str(folder), local_files_only=True, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -97,12 +109,12 @@ def run(pipe, kind: str, seed: int = 0):
 
 # ---------------------------------------------------------------------------------------- tiny, judged by the reference
 @pytest.mark.parametrize("kind", KINDS)
-def test_reference_loads_the_file_like_the_folder(folders, tmp_path, hub, kind):
+def test_reference_loads_the_file_like_the_folder(folders, configs, tmp_path, hub, kind):
     folder = folders[kind]
     path = write_single_file(folder, tmp_path / f"{kind}.safetensors", kind)
     expected = load_reference(kind, folder)
-    got = load_reference(kind, folder, path)
-    assert hub.requests() == [], "from_single_file went to the network"
+    got = load_reference(kind, configs[kind], path)
+    assert hub.requests == [], "from_single_file went to the network"
     assert assert_same_weights(expected, got) > 100
     if kind == "sd2":
         assert got.scheduler.config.prediction_type == "v_prediction"
@@ -118,30 +130,56 @@ def test_reference_loads_the_file_like_the_folder(folders, tmp_path, hub, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_reference_loads_the_published_extras(folders, tmp_path, kind):
+def test_reference_loads_the_published_extras(folders, configs, tmp_path, kind):
     """The optional keys published files carry (CLIP-L's position_ids, OpenCLIP's logit_scale, SD2's
     unused 24th-of-24 resblock -- here one after the encoder's last) are accepted and ignored."""
     folder = folders[kind]
     path = write_single_file(folder, tmp_path / f"{kind}.safetensors", kind, **PUBLISHED_EXTRAS)
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
-    assert any(k.endswith("embeddings.position_ids") for k in keys) == ("sdxl-refiner" != kind)
+    assert any(k.endswith("embeddings.position_ids") for k in keys) == (kind not in ("sd2", "sdxl-refiner"))
     assert any(k.endswith("model.logit_scale") for k in keys) == (kind not in ("sd1", "sd1-inpaint"))
-    assert_same_weights(load_reference(kind, folder), load_reference(kind, folder, path))
+    assert_same_weights(load_reference(kind, folder), load_reference(kind, configs[kind], path))
 
 
 @pytest.mark.parametrize("kind", ["sd2"])
-def test_sd2_tower_without_the_unused_resblock(folders, tmp_path, kind):
+def test_sd2_tower_without_the_unused_resblock(folders, configs, tmp_path, kind):
     """SD2's pipeline runs 23 of OpenCLIP's 24 resblocks; a file with only those also loads."""
     folder = folders[kind]
     path = write_single_file(folder, tmp_path / "sd2.safetensors", kind, open_clip_extra_layers=0)
     n = load_reference(kind, folder).text_encoder.config.num_hidden_layers
     with safe_open(str(path), "pt") as f:
         assert not any(k.startswith(f"cond_stage_model.model.transformer.resblocks.{n}.") for k in f.keys())
-    assert_same_weights(load_reference(kind, folder), load_reference(kind, folder, path))
+    assert_same_weights(load_reference(kind, folder), load_reference(kind, configs[kind], path))
 
 
-def test_half_precision_file(folders, tmp_path):
+@pytest.mark.parametrize(
+    "kind, name",
+    [
+        ("sd2", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"),
+        ("sdxl", "model.diffusion_model.label_emb.0.0.weight"),
+        ("sd1", "first_stage_model.decoder.up.0.block.0.conv1.weight"),
+    ],
+)
+def test_a_wrong_weight_is_caught(folders, configs, tmp_path, kind, name):
+    """The judge has teeth: one tensor of the file changed (q and k swapped in a merged in_proj; a
+    sign flipped) and the reference's weights no longer match the folder's."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in to_original_state_dict(folders[kind], kind).items()}
+    value = state[name]
+    if "in_proj" in name:
+        q, k, v = value.chunk(3)
+        state[name] = torch.cat([k, q, v])
+    else:
+        state[name] = -value
+    path = tmp_path / "wrong.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(AssertionError, match="tensors differ"):
+        assert_same_weights(load_reference(kind, folders[kind]), load_reference(kind, configs[kind], path))
+
+
+def test_half_precision_file(folders, configs, tmp_path):
     """``dtype=torch.float16``: every floating tensor is stored in half; the reference loads it with
     the folder's weights rounded to half."""
     folder = folders["sdxl"]
@@ -151,7 +189,7 @@ def test_half_precision_file(folders, tmp_path):
     expected = load_reference("sdxl", folder)
     for module in (expected.unet, expected.vae, expected.text_encoder, expected.text_encoder_2):
         module.to(torch.float16)
-    got = load_reference("sdxl", folder, path, torch_dtype=torch.float16)
+    got = load_reference("sdxl", configs["sdxl"], path, torch_dtype=torch.float16)
     assert_same_weights(expected, got)
 
 
@@ -295,3 +333,50 @@ def test_full_size_layout_options():
     }
     with pytest.raises(ValueError, match="unknown kind"):
         original_layout_full_size("sd3")
+
+
+DETECTED = {  # what the reference's own detector calls each published layout
+    "sd1": "v1",
+    "sd1-inpaint": "inpainting",
+    "sd2": "v2",
+    "sdxl": "xl_base",
+    "sdxl-refiner": "xl_refiner",
+    "sdxl-inpaint": "xl_inpaint",
+}
+
+
+def _shapes(state: dict) -> dict:
+    """name -> shape, transformers' ``text_model.`` prefix dropped, CLIP's position_ids buffer left out."""
+    return {k.removeprefix("text_model."): tuple(v.shape) for k, v in state.items() if not k.endswith("position_ids")}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_reads_the_full_size_layout(kind):
+    """The reference's single-file machinery, run on the full-size layout (meta tensors, no data):
+    its detector names the published model, and its own converters turn the layout back into exactly
+    the names and shapes of the full-size diffusers / transformers modules."""
+    from diffusers.loaders import single_file_utils as ref
+
+    checkpoint = {k: torch.empty(s, device="meta") for k, s in original_layout_full_size(kind).items()}
+    assert ref.infer_diffusers_model_type(checkpoint) == DETECTED[kind]
+    modules = full_size_components(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = {
+            "unet": ref.convert_ldm_unet_checkpoint(dict(checkpoint), modules["unet"].config),
+            "vae": ref.convert_ldm_vae_checkpoint(dict(checkpoint), modules["vae"].config),
+        }
+        for name, (prefix, style) in TEXT_ENCODERS[kind].items():
+            if style == "clip":
+                converted[name] = ref.convert_ldm_clip_checkpoint(
+                    dict(checkpoint), remove_prefix=prefix + "transformer."
+                )
+            else:
+                converted[name] = ref.convert_open_clip_checkpoint(
+                    modules[name], dict(checkpoint), prefix=prefix + "model."
+                )
+    for name, module in modules.items():
+        want, got = _shapes(module.state_dict()), _shapes(converted[name])
+        assert got == want, (
+            f"{name}: {sorted(set(got) ^ set(want))[:6]} / {[k for k in want if got.get(k) != want[k]][:6]}"
+        )

@@ -76,7 +76,11 @@ def load_pipeline(cls, pretrained_model_link_or_path, **kwargs):
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise TypeError(f"{where}: unexpected argument(s) {unknown}; components are {sorted(accepted)[1:]}")
-    pipe = target(**{k: v for k, v in components.items() if k in accepted}, **settings)
+    parts = {k: v for k, v in components.items() if k in accepted}
+    for name, parameter in accepted.items():  # a part the type has none of (the refiner's first encoder)
+        if name != "self" and parameter.default is inspect.Parameter.empty and name not in parts:
+            parts[name] = None
+    pipe = target(**parts, **settings)
     pipe.register_to_config(_name_or_path=pretrained_model_link_or_path)
     object.__setattr__(pipe, "single_file_detection", found)
     return pipe
@@ -159,7 +163,7 @@ def _component(name, config: dict, tensors, found: Detection, where, dtype, path
     if library is None and cls is None:
         raise ConfigError(f"{label}: diffpipe has no class {class_name!r}")
     if cls is not None and not hasattr(cls, "_from_state"):  # a scheduler: config only
-        return cls.from_config(config), set()
+        return cls.from_config({**config, "_class_name": class_name}), set()
     if name == "unet":
         prefix = keymap.UNET_PREFIX
         state, unmapped = keymap.unet_to_ours(part(tensors, prefix), config)
