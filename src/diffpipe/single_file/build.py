@@ -27,11 +27,16 @@ from .source import shipped
 
 logger = logging.getLogger(__name__)
 HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
+# the reference's keyword arguments that change nothing here (memory-mapped, cast-while-reading loading
+# is what low_cpu_mem_usage / disable_mmap choose between there)
+NO_OPS = ("low_cpu_mem_usage", "force_download", "resume_download", "proxies", "disable_mmap", "use_safetensors")
 CONFIG_KWARGS = ("prediction_type", "image_size", "original_config")
 
 
 def load_pipeline(cls, pretrained_model_link_or_path, **kwargs):
     """The pipeline in one file (see :meth:`DiffusionPipeline.from_single_file`)."""
+    for name in NO_OPS:
+        kwargs.pop(name, None)
     hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
     dtype = resolve_dtype(kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None), what="from_single_file")
     config = kwargs.pop("config", None)
@@ -89,6 +94,8 @@ def load_pipeline(cls, pretrained_model_link_or_path, **kwargs):
 def load_model(cls, pretrained_model_link_or_path, **kwargs):
     """A lone UNet2DConditionModel or AutoencoderKL from a single file: a whole-pipeline file (its
     part is taken), a UNet-only file, or a standalone VAE file such as the ft-MSE VAE."""
+    for name in NO_OPS:
+        kwargs.pop(name, None)
     hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
     dtype = resolve_dtype(kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None), what="from_single_file")
     config, subfolder = kwargs.pop("config", None), kwargs.pop("subfolder", None)
