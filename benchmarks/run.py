@@ -181,10 +181,10 @@ def main() -> None:
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(HERE))
-    from make_checkpoint import build
-
-    folder = build(args.folder) if args.folder else build()
+    # Built in a child process: Linux carries a process's peak RSS across fork and exec, so a folder
+    # built here (gigabytes) would become every worker's reported peak.
+    command = [PYTHON, str(HERE / "make_checkpoint.py"), *(["--out", str(args.folder)] if args.folder else [])]
+    folder = Path(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     cases = args.only or [c for c in CASES if c != "rates"]
     rows = []
     for case in cases:
