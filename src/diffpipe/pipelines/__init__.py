@@ -10,6 +10,10 @@ PIPELINES: dict[str, str] = {
     "StableDiffusionXLPipeline": "diffpipe.pipelines.sd_xl:StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline": "diffpipe.pipelines.sd_xl_img2img:StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline": "diffpipe.pipelines.sd_xl_inpaint:StableDiffusionXLInpaintPipeline",
+    "StableDiffusionControlNetPipeline": "diffpipe.pipelines.controlnet_sd:StableDiffusionControlNetPipeline",
+    "StableDiffusionControlNetImg2ImgPipeline": "diffpipe.pipelines.controlnet_sd:StableDiffusionControlNetImg2ImgPipeline",  # noqa: E501
+    "StableDiffusionControlNetInpaintPipeline": "diffpipe.pipelines.controlnet_sd:StableDiffusionControlNetInpaintPipeline",  # noqa: E501
+    "StableDiffusionXLControlNetPipeline": "diffpipe.pipelines.controlnet_sdxl:StableDiffusionXLControlNetPipeline",
     "AnimateDiffPipeline": "diffpipe.pipelines.animatediff:AnimateDiffPipeline",
     "DDPMPipeline": "diffpipe.pipelines.unconditional:DDPMPipeline",
     "DDIMPipeline": "diffpipe.pipelines.unconditional:DDIMPipeline",

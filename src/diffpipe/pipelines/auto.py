@@ -22,7 +22,19 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
         "StableDiffusionXLImg2ImgPipeline",
         "StableDiffusionXLInpaintPipeline",
     ),
+    "stable-diffusion-controlnet": (
+        "StableDiffusionControlNetPipeline",
+        "StableDiffusionControlNetImg2ImgPipeline",
+        "StableDiffusionControlNetInpaintPipeline",
+    ),
+    "stable-diffusion-xl-controlnet": (
+        "StableDiffusionXLControlNetPipeline",
+        "StableDiffusionXLControlNetImg2ImgPipeline",
+        "StableDiffusionXLControlNetInpaintPipeline",
+    ),
 }
+CONTROLNET_SUFFIX = "-controlnet"  # a family's ControlNet variant: what `controlnet=` asks for
+_KEEP = object()  # no `controlnet=` given: the pipeline's own variant
 
 # other pipelines of a family that AutoPipeline may be handed (feature pipelines built by from_pipe)
 _MEMBERS = {
@@ -38,12 +50,17 @@ def family_of(class_name: str) -> str | None:
     return _MEMBERS.get(class_name)
 
 
-def task_class(class_name: str, task: str):
+def task_class(class_name: str, task: str, controlnet=_KEEP):
+    """The task's class in ``class_name``'s family; ``controlnet`` (a model, or None) picks the
+    family's ControlNet variant (or the plain one), as the reference's AutoPipelines do."""
     family = family_of(class_name)
     if family is None:
         raise UnsupportedComponentError(
             f"AutoPipeline does not know the model family of {class_name!r}; known families: {', '.join(FAMILIES)}"
         )
+    if controlnet is not _KEEP:
+        plain = family.removesuffix(CONTROLNET_SUFFIX)
+        family = plain if controlnet is None else plain + CONTROLNET_SUFFIX
     target = FAMILIES[family][TASKS.index(task)]
     cls = find_class(target)
     if cls is None:
@@ -86,12 +103,19 @@ class _AutoPipeline:
             raise UnsupportedComponentError(
                 f"{cls.__name__}: {pretrained_model_name_or_path} has no model_index.json naming its pipeline class"
             )
-        return task_class(name, cls.task).from_pretrained(pretrained_model_name_or_path, **kwargs)
+        target = task_class(name, cls.task, kwargs.get("controlnet", _KEEP))
+        if kwargs.get("controlnet", _KEEP) is None:
+            kwargs.pop("controlnet")
+        return target.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
-        """The same family's pipeline for this task, sharing ``pipeline``'s components."""
-        return task_class(type(pipeline).__name__, cls.task).from_pipe(pipeline, **kwargs)
+        """The same family's pipeline for this task, sharing ``pipeline``'s components; ``controlnet=``
+        a ControlNet (or a list) gives the family's ControlNet pipeline, ``controlnet=None`` the plain one."""
+        target = task_class(type(pipeline).__name__, cls.task, kwargs.get("controlnet", _KEEP))
+        if kwargs.get("controlnet", _KEEP) is None:
+            kwargs.pop("controlnet")
+        return target.from_pipe(pipeline, **kwargs)
 
 
 class AutoPipelineForText2Image(_AutoPipeline):

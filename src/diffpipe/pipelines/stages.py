@@ -227,10 +227,12 @@ def unet_predictor(unet, cross_attention_kwargs: dict | None, state) -> Callable
     ``tensors`` are the step's conditioning tensors (``state.tensors``: ``prompt_embeds`` and what the
     task adds); ``state.concat`` names those joined to the input channels (inpainting's mask and masked
     image), ``state.added_cond`` maps ``added_cond_kwargs`` names to them (SDXL's pooled text and time
-    ids); ``image_embeds`` is the IP-Adapter image prompt (``added_cond_kwargs["image_embeds"]``)."""
-    concat, added_cond, timestep_cond = state.concat, state.added_cond, state.timestep_cond
+    ids); ``image_embeds`` is the IP-Adapter image prompt (``added_cond_kwargs["image_embeds"]``);
+    ``state.unet_extra(model_input, t, tensors)`` gives more UNet arguments (ControlNet residuals)."""
+    concat, added_cond, timestep_cond, extra = state.concat, state.added_cond, state.timestep_cond, state.unet_extra
 
     def predict(model_input, t, tensors, image_embeds):
+        residuals = extra(model_input, t, tensors) if extra is not None else {}  # ControlNet, on the latents
         if concat:
             model_input = torch.cat([model_input, *(tensors[k] for k in concat)], dim=1)
         added = {name: tensors[key] for name, key in added_cond.items()}
@@ -244,6 +246,7 @@ def unet_predictor(unet, cross_attention_kwargs: dict | None, state) -> Callable
             cross_attention_kwargs=cross_attention_kwargs,
             added_cond_kwargs=added or None,
             return_dict=False,
+            **residuals,
         )[0]
 
     return predict
@@ -275,6 +278,7 @@ def denoise(pipe, request, state):
         for i, t in enumerate(timesteps):
             if pipe._interrupt:
                 continue
+            state.step_index = i  # what a step-dependent condition reads (ControlNet's guidance window)
             guidance = state.guidance  # read at every step: a callback may turn guidance off
             model_input = scheduler.scale_model_input(guidance.batch(latents), t)
             model_output = predict(model_input, t, tensors, state.image_embeds)
