@@ -36,8 +36,8 @@ class ControlFields:
     control_guidance_end: float | list[float] = 1.0
 
     def check_task(self, pipe) -> None:
+        self.check_control(pipe)  # first: the task's own checks read the size from the conditioning image
         super().check_task(pipe)
-        self.check_control(pipe)
 
     def size(self, pipe) -> tuple[int, int]:
         """The call's size, else the conditioning image's (text-to-image) or the image's (inpainting),
@@ -54,6 +54,15 @@ class ControlFields:
     def check_control(self, pipe) -> None:
         nets = pipe._controlnets()
         n = len(nets)
+        unet = pipe.unet.config
+        for i, net in enumerate(nets):
+            mine = net.config
+            for key in ("cross_attention_dim", "addition_embed_type"):
+                if mine.get(key) != unet.get(key):
+                    raise ValueError(
+                        f"ControlNet {i} was made for another model family: its {key} is {mine.get(key)!r}, the "
+                        f"UNet's {unet.get(key)!r} (an SD 1.x ControlNet needs an SD 1.x pipeline, an SDXL one SDXL)"
+                    )
         images = self.control_image
         if images is None:
             name = "image" if pipe.task == "text" else "control_image"
