@@ -31,6 +31,7 @@ HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
 # is what low_cpu_mem_usage / disable_mmap choose between there)
 NO_OPS = ("low_cpu_mem_usage", "force_download", "resume_download", "proxies", "disable_mmap", "use_safetensors")
 CONFIG_KWARGS = ("prediction_type", "image_size", "original_config")
+MODEL_PARTS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "ControlNetModel": "controlnet"}
 
 
 def load_pipeline(cls, pretrained_model_link_or_path, **kwargs):
@@ -52,10 +53,11 @@ def load_pipeline(cls, pretrained_model_link_or_path, **kwargs):
     where = f"{cls.__name__}.from_single_file({path})"
     source = open_single_file(path)
     found = detect(source.shapes, where)
-    if found.kind == "vae":
+    if found.kind in ("vae", "controlnet"):
+        model, argument = ("AutoencoderKL", "vae") if found.kind == "vae" else ("ControlNetModel", "controlnet")
         raise ConfigError(
-            f"{where}: the file holds only a VAE ({len(source.shapes)} tensors); load it with "
-            "AutoencoderKL.from_single_file(path) and pass it as vae= to a pipeline"
+            f"{where}: the file holds only a {found.kind} ({len(source.shapes)} tensors); load it with "
+            f"{model}.from_single_file(path) and pass it as {argument}= to a pipeline"
         )
     for note in found.notes:
         logger.info("%s: %s", where, note)
@@ -100,7 +102,7 @@ def load_model(cls, pretrained_model_link_or_path, **kwargs):
     dtype = resolve_dtype(kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None), what="from_single_file")
     config, subfolder = kwargs.pop("config", None), kwargs.pop("subfolder", None)
     overrides_config = {k: kwargs.pop(k) for k in CONFIG_KWARGS if k in kwargs}
-    name = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae"}.get(cls.__name__)
+    name = MODEL_PARTS.get(cls.__name__)
     path = locate(pretrained_model_link_or_path, **hub)
     where = f"{cls.__name__}.from_single_file({path})"
     if name is None:
@@ -110,9 +112,9 @@ def load_model(cls, pretrained_model_link_or_path, **kwargs):
     if name == "unet" and not any(k.startswith(keymap.UNET_PREFIX) for k in shapes):
         shapes = {keymap.UNET_PREFIX + k: v for k, v in shapes.items()}  # a UNet-only file without the prefix
     found = detect(shapes, where)
-    if name == "unet" and "unet" not in found.parts:
-        raise ConfigError(f"{where}: the file holds no UNet (found {found.kind}: {', '.join(found.parts)})")
-    configs = _configs(found, config, hub, where, subfolder=subfolder, only=name)
+    if name in ("unet", "controlnet") and name not in found.parts:
+        raise ConfigError(f"{where}: the file holds no {name} (found {found.kind}: {', '.join(found.parts)})")
+    configs = _configs(found, config, hub, where, subfolder=subfolder, only=name, shapes=shapes)
     apply_overrides(configs, **overrides_config)
     component_config = {**configs.components[name], **kwargs}
     tensors = source.tensors(cast_to=None if dtype == "auto" else (dtype or torch.get_default_dtype()))
@@ -127,11 +129,13 @@ def load_model(cls, pretrained_model_link_or_path, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------ parts
-def _configs(found: Detection, config, hub, where, subfolder=None, only=None) -> Configs:
+def _configs(found: Detection, config, hub, where, subfolder=None, only=None, shapes=None) -> Configs:
     if config is None:
         kind = found.kind
         if found.family == "vae" or (only == "vae" and not found.family.startswith("sdxl")):
             kind = "sd1"  # the SD VAE (scaling factor 0.18215); pass config= for another
+        if kind == "controlnet":
+            return _controlnet_config(found, shapes)
         return shipped(kind)
     try:
         if only is not None and subfolder is not None:  # config= a model folder or repo with subfolder=
@@ -143,8 +147,27 @@ def _configs(found: Detection, config, hub, where, subfolder=None, only=None) ->
         raise CheckpointNotFoundError(f"{where}: {e}") from e
 
 
+def _controlnet_config(found: Detection, shapes) -> Configs:
+    """An original-layout ControlNet's config: its family's UNet (the shipped one) with the hint
+    block's widths read from the file (their convolutions' output channels)."""
+    from .keymap import CONTROLNET_PREFIX
+
+    unet = dict(shipped(found.family).components["unet"])
+    cls = find_class("ControlNetModel")
+    config = {k: v for k, v in unet.items() if k in cls.init_keys()}
+    hint = sorted(
+        (int(k.split(".")[2]), v[0])
+        for k, v in shapes.items()
+        if k.startswith(CONTROLNET_PREFIX + "input_hint_block.") and k.endswith(".weight")
+    )
+    widths = [width for _, width in hint[:-1]]  # conv_out's is the UNet's first width
+    config["conditioning_embedding_out_channels"] = widths[0::2]
+    config["_class_name"] = "ControlNetModel"
+    return Configs("", {}, {"controlnet": config}, {}, f"the shipped {found.family} UNet config")
+
+
 def _model_config(config, subfolder, name, hub) -> Configs:
-    cls = find_class("UNet2DConditionModel" if name == "unet" else "AutoencoderKL")
+    cls = find_class({v: k for k, v in MODEL_PARTS.items()}[name])
     data = dict(cls.load_config(config, subfolder=subfolder, **hub))
     data["_class_name"] = cls.__name__
     return Configs("", {}, {name: data}, {}, f"config={config}")
@@ -171,7 +194,10 @@ def _component(name, config: dict, tensors, found: Detection, where, dtype, path
         raise ConfigError(f"{label}: diffpipe has no class {class_name!r}")
     if cls is not None and not hasattr(cls, "_from_state"):  # a scheduler: config only
         return cls.from_config({**config, "_class_name": class_name}), set()
-    if name == "unet":
+    if name == "controlnet":
+        prefix = keymap.CONTROLNET_PREFIX
+        state, unmapped = keymap.controlnet_to_ours(part(tensors, prefix), config)
+    elif name == "unet":
         prefix = keymap.UNET_PREFIX
         state, unmapped = keymap.unet_to_ours(part(tensors, prefix), config)
     elif name == "vae":

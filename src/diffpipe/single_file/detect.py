@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from .keymap import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX
+from .keymap import CONTROLNET_PREFIX, TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX
 
 # Architectures a file may be of that are not a Stable Diffusion UNet pipeline: (marker, what, advice).
 OTHER_FAMILIES = (
@@ -28,7 +28,6 @@ OTHER_FAMILIES = (
     ("image_proj.", "an IP-Adapter", "load it with pipe.load_ip_adapter(...)"),
     ("down_blocks.0.resnets.0.conv1.weight", "a model in the diffusers layout (not an original single file)",
      "put it in a folder with its config.json and use from_pretrained"),
-    ("control_model.", "a ControlNet", "ControlNet single files are not supported yet"),
 )  # fmt: skip
 
 
@@ -56,6 +55,14 @@ class Detection:
 def detect(shapes: dict[str, tuple], where: str) -> Detection:
     """The :class:`Detection` of a file whose tensors have these names and shapes."""
     names = list(shapes)
+    if CONTROLNET_PREFIX + "input_hint_block.0.weight" in shapes:  # an original-layout ControlNet
+        inner = {
+            UNET_PREFIX + n[len(CONTROLNET_PREFIX) :]: v for n, v in shapes.items() if n.startswith(CONTROLNET_PREFIX)
+        }
+        family = _family([], inner)
+        return Detection(
+            "controlnet", family, ["controlnet"], int(shapes[CONTROLNET_PREFIX + "input_blocks.0.0.weight"][1])
+        )
     unet_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     has_unet = unet_in is not None
     has_vae = any(n.startswith(VAE_PREFIX + "decoder.") for n in names)
@@ -88,6 +95,7 @@ def _is_bare_vae(names) -> bool:
 
 
 def _family(names, shapes) -> str:
+    """The text-encoder layout family: from the encoders' prefixes, else from the UNet's structure."""
     if any(n.startswith("conditioner.embedders.1.model.") for n in names):
         return "sdxl"
     if any(n.startswith("conditioner.embedders.0.model.") for n in names):
@@ -103,7 +111,7 @@ def _family(names, shapes) -> str:
     label = shapes.get(UNET_PREFIX + "label_emb.0.0.weight")
     if label is not None:
         return "sdxl-refiner" if int(label[1]) == 2560 else "sdxl"
-    proj_in = next((shapes[n] for n in names if n.startswith(UNET_PREFIX) and n.endswith(".proj_in.weight")), None)
+    proj_in = next((v for n, v in shapes.items() if n.startswith(UNET_PREFIX) and n.endswith(".proj_in.weight")), None)
     if proj_in is not None and len(proj_in) == 2:
         return "sd2"
     return "sd1"

@@ -18,6 +18,7 @@ import torch
 # ------------------------------------------------------------------------------------ where each part lives
 # Prefixes of each component in a whole-pipeline file, per layout family.
 UNET_PREFIX = "model.diffusion_model."
+CONTROLNET_PREFIX = "control_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = {
     "sd1": {"text_encoder": "cond_stage_model.transformer."},
@@ -98,17 +99,38 @@ def _has_attention(block_type: str) -> bool:
 
 def unet_map(config) -> PrefixMap:
     """The original UNet layout (``input_blocks`` / ``middle_block`` / ``output_blocks``) for ``config``."""
+    m = _encoder_map(config)
+    m.add("out.0", "conv_norm_out")
+    m.add("out.2", "conv_out")
+    n = len(config["block_out_channels"])
+    up = config["up_block_types"]
+    up_layers = list(reversed(_per_block(config["layers_per_block"], n)))
+    index = 0
+    for b in range(n):
+        count = up_layers[b] + 1
+        for j in range(count):
+            m.add(f"output_blocks.{index}.0", f"up_blocks.{b}.resnets.{j}", RESNET_LEAVES)
+            if _has_attention(up[b]):
+                m.add(f"output_blocks.{index}.1", f"up_blocks.{b}.attentions.{j}")
+            if j == count - 1 and b < n - 1:
+                position = 2 if _has_attention(up[b]) else 1
+                m.add(f"output_blocks.{index}.{position}.conv", f"up_blocks.{b}.upsamplers.0.conv")
+            index += 1
+    return m
+
+
+def _encoder_map(config) -> PrefixMap:
+    """The UNet's encoder half (time embedding, ``input_blocks``, ``middle_block``), which a ControlNet
+    shares."""
     m = PrefixMap()
     n = len(config["block_out_channels"])
     layers = _per_block(config["layers_per_block"], n)
-    down, up = config["down_block_types"], config["up_block_types"]
+    down = config["down_block_types"]
     m.add("time_embed.0", "time_embedding.linear_1")
     m.add("time_embed.2", "time_embedding.linear_2")
     m.add("label_emb.0.0", "add_embedding.linear_1")
     m.add("label_emb.0.2", "add_embedding.linear_2")
     m.add("input_blocks.0.0", "conv_in")
-    m.add("out.0", "conv_norm_out")
-    m.add("out.2", "conv_out")
     index = 1
     for b in range(n):
         for j in range(layers[b]):
@@ -122,18 +144,22 @@ def unet_map(config) -> PrefixMap:
     m.add("middle_block.0", "mid_block.resnets.0", RESNET_LEAVES)
     m.add("middle_block.1", "mid_block.attentions.0")
     m.add("middle_block.2", "mid_block.resnets.1", RESNET_LEAVES)
-    up_layers = list(reversed(layers))
-    index = 0
-    for b in range(n):
-        count = up_layers[b] + 1
-        for j in range(count):
-            m.add(f"output_blocks.{index}.0", f"up_blocks.{b}.resnets.{j}", RESNET_LEAVES)
-            if _has_attention(up[b]):
-                m.add(f"output_blocks.{index}.1", f"up_blocks.{b}.attentions.{j}")
-            if j == count - 1 and b < n - 1:
-                position = 2 if _has_attention(up[b]) else 1
-                m.add(f"output_blocks.{index}.{position}.conv", f"up_blocks.{b}.upsamplers.0.conv")
-            index += 1
+    return m
+
+
+def controlnet_map(config) -> PrefixMap:
+    """The original ControlNet layout (``control_model.``: the UNet encoder's names, the hint block, the
+    zero convolutions) for a ``ControlNetModel`` config."""
+    m = _encoder_map(config)
+    hint = len(config["conditioning_embedding_out_channels"])
+    convs = ["conv_in", *(f"blocks.{k}" for k in range(2 * (hint - 1))), "conv_out"]
+    for k, name in enumerate(convs):  # a Sequential of convs with SiLUs between them
+        m.add(f"input_hint_block.{2 * k}", f"controlnet_cond_embedding.{name}")
+    n = len(config["block_out_channels"])
+    residuals = 1 + sum(_per_block(config["layers_per_block"], n)) + (n - 1)
+    for i in range(residuals):
+        m.add(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}")
+    m.add("middle_block_out.0", "controlnet_mid_block")
     return m
 
 
@@ -167,6 +193,10 @@ def vae_map(config) -> PrefixMap:
 def unet_to_ours(state: dict[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(our state dict, keys that map nowhere) from a UNet's original-layout tensors (prefix removed)."""
     return _renamed(state, unet_map(config))
+
+
+def controlnet_to_ours(state: dict[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], list[str]]:
+    return _renamed(state, controlnet_map(config))
 
 
 def vae_to_ours(state: dict[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], list[str]]:
