@@ -62,6 +62,15 @@ TINY_MODELS = {
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     ),
+    "ControlNetModel": dict(
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        conditioning_embedding_out_channels=(4, 8),
+    ),
     "UNet2DModel": dict(
         block_out_channels=(8, 16),
         norm_num_groups=4,

@@ -31,6 +31,7 @@ EXPORTED_MODELS = sorted(
     if isinstance(getattr(diffpipe, n), type) and issubclass(getattr(diffpipe, n), diffpipe.ModelMixin)
 )
 EXPORTED_MODELS.remove("ModelMixin")
+EXPORTED_MODELS.remove("MultiControlNetModel")  # a list of ControlNets, without a config of its own
 UNEXPECTED = re.compile(
     r"The config attributes (\{.*?\}) were passed to (\w+), but are not expected and will be ignored\. "
     r"Please verify your ([\w.]+) configuration file\."

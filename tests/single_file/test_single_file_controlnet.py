@@ -81,7 +81,7 @@ def test_detection_and_a_clear_error_when_given_to_a_pipeline(controlnet):
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     found = detect(shapes, str(path))
     assert (found.kind, found.family, found.parts) == ("controlnet", "sd1", ["controlnet"])
-    with pytest.raises(ValueError, match=r"only a controlnet.*ControlNetModel.from_single_file"):
+    with pytest.raises(ValueError, match=r"only a ControlNet.*ControlNetModel.from_single_file"):
         diffpipe.StableDiffusionPipeline.from_single_file(path)
 
 

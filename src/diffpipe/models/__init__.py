@@ -8,4 +8,6 @@ MODELS: dict[str, str] = {
     "MotionAdapter": "diffpipe.models.motion:MotionAdapter",
     "UNetMotionModel": "diffpipe.models.unet_motion:UNetMotionModel",
     "UNet2DModel": "diffpipe.models.unet_2d:UNet2DModel",
+    "ControlNetModel": "diffpipe.models.controlnet:ControlNetModel",
+    "MultiControlNetModel": "diffpipe.models.multicontrolnet:MultiControlNetModel",
 }

@@ -34,3 +34,12 @@ class AutoencoderKLOutput(ModelOutput):
     """``latent_dist``: the encoder's :class:`~diffpipe.models.autoencoder_kl.DiagonalGaussianDistribution`."""
 
     latent_dist: Any
+
+
+@dataclass
+class ControlNetOutput(ModelOutput):
+    """A ControlNet's residuals: ``down_block_res_samples``, one per UNet down-block skip (``conv_in``'s
+    output first), and ``mid_block_res_sample``, for the UNet's mid block."""
+
+    down_block_res_samples: tuple[torch.Tensor, ...]
+    mid_block_res_sample: torch.Tensor

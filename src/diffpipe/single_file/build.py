@@ -55,8 +55,9 @@ def load_pipeline(cls, pretrained_model_link_or_path, **kwargs):
     found = detect(source.shapes, where)
     if found.kind in ("vae", "controlnet"):
         model, argument = ("AutoencoderKL", "vae") if found.kind == "vae" else ("ControlNetModel", "controlnet")
+        what = "VAE" if found.kind == "vae" else "ControlNet"
         raise ConfigError(
-            f"{where}: the file holds only a {found.kind} ({len(source.shapes)} tensors); load it with "
+            f"{where}: the file holds only a {what} ({len(source.shapes)} tensors); load it with "
             f"{model}.from_single_file(path) and pass it as {argument}= to a pipeline"
         )
     for note in found.notes:
