@@ -203,7 +203,7 @@ class ControlNetMixin:
 
     def _register_controlnet(self, controlnet) -> None:
         if isinstance(controlnet, (list, tuple)):
-            from ..models.controlnet import MultiControlNetModel
+            from ..models.multicontrolnet import MultiControlNetModel
 
             controlnet = MultiControlNetModel(list(controlnet))
         self.register_modules(controlnet=controlnet)
