@@ -236,3 +236,58 @@ def save_lora(
     else:
         torch.save(tensors, Path(folder) / name)
     return Path(folder) / name
+
+
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def kohya_name(component: str, path: str, *, sd1: bool = False) -> str:
+    """kohya's name of a layer: ``lora_unet_down_blocks_0_...``, ``lora_te1_text_model_encoder_...``
+    (``lora_te_`` with ``sd1=True``, the single-text-encoder spelling)."""
+    if component == "unet":
+        return "lora_unet_" + path.replace(".", "_")
+    prefix = "lora_te_" if sd1 and component == "text_encoder" else KOHYA_PREFIX[component]
+    return prefix + ("text_model." + path.removeprefix("text_model.")).replace(".", "_")
+
+
+def loha_factors(shape, rank: int, g, *, tucker: bool = False, std: float = 0.3) -> dict:
+    """LyCORIS LoHa factors for a weight of ``shape`` (``hada_*`` names; Tucker ``hada_t1/t2`` for convs)."""
+    out, rest = shape[0], shape[1:]
+    fan_in = int(np.prod(rest))
+    if tucker:
+        kh, kw = shape[2:]
+        return {
+            "hada_w1_a": _randn(g, rank, out, std=std),
+            "hada_w1_b": _randn(g, rank, shape[1], std=std),
+            "hada_t1": _randn(g, rank, rank, kh, kw, std=std),
+            "hada_w2_a": _randn(g, rank, out, std=std),
+            "hada_w2_b": _randn(g, rank, shape[1], std=std),
+            "hada_t2": _randn(g, rank, rank, kh, kw, std=std),
+        }
+    return {
+        "hada_w1_a": _randn(g, out, rank, std=std),
+        "hada_w1_b": _randn(g, rank, fan_in, std=std),
+        "hada_w2_a": _randn(g, out, rank, std=std),
+        "hada_w2_b": _randn(g, rank, fan_in, std=std),
+    }
+
+
+def lokr_factors(shape, g, *, a: int, c: int, w1_rank=None, w2_rank=None, tucker=False, std=0.3) -> dict:
+    """LyCORIS LoKr factors for a weight ``[a*b, c*d(, kh, kw)]``: ``lokr_w1 [a, c]`` (or ``_a @ _b`` of
+    rank ``w1_rank``), ``lokr_w2 [b, d(, kh, kw)]`` (or ``_a @ _b`` of rank ``w2_rank``; with ``tucker``
+    for a conv, ``lokr_t2 [r, r, kh, kw]``, ``lokr_w2_a [r, b]``, ``lokr_w2_b [r, d]``)."""
+    b, d, kernel = shape[0] // a, shape[1] // c, tuple(shape[2:])
+    f = {}
+    if w1_rank:
+        f["lokr_w1_a"], f["lokr_w1_b"] = _randn(g, a, w1_rank, std=std), _randn(g, w1_rank, c, std=std)
+    else:
+        f["lokr_w1"] = _randn(g, a, c, std=std)
+    if tucker:
+        f["lokr_t2"] = _randn(g, w2_rank, w2_rank, *kernel, std=std)
+        f["lokr_w2_a"], f["lokr_w2_b"] = _randn(g, w2_rank, b, std=std), _randn(g, w2_rank, d, std=std)
+    elif w2_rank:
+        fan = d * int(np.prod(kernel)) if kernel else d
+        f["lokr_w2_a"], f["lokr_w2_b"] = _randn(g, b, w2_rank, std=std), _randn(g, w2_rank, fan, std=std)
+    else:
+        f["lokr_w2"] = _randn(g, b, d, *kernel, std=std)
+    return f

@@ -231,7 +231,9 @@ def _keys(loras, component="unet"):
             r"down \(3, 5\) takes width 5, the layer takes 16",
         ),
         (
-            lambda pairs: {**_keys(pairs), "unet.mid_block.attentions.0.norm.weight": torch.zeros(16)},
+            # only foreign keys: nothing maps, an error (one foreign key among LoRA keys is a warning now;
+            # test_lora_community.py covers that)
+            lambda pairs: {"unet.mid_block.attentions.0.norm.weight": torch.zeros(16)},
             StateDictMismatchError,
             r"not LoRA keys .*unet\.mid_block\.attentions\.0\.norm\.weight",
         ),

@@ -29,9 +29,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..errors import StateDictMismatchError, summarize
 from ..runtime.hooks import ModuleHook, add_hook, get_hook, remove_hook
-from . import lora_formats
+from . import lora_formats, lora_lycoris
 from .ip_adapter import layer_scales, scale_for
 
 logger = logging.getLogger(__name__)
@@ -69,6 +68,22 @@ class LoraLayer(nn.Module):
         down = self.down.weight.float()
         return (up @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
 
+    # what the hooks call on every kind of layer (LoHa, LoKr and DoRA ones in lora_lycoris.py)
+    @property
+    def lora_bias(self) -> torch.Tensor | None:
+        return self.up.bias
+
+    def output_delta(self, target: nn.Module, x: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.down.weight.device != x.device:  # the layer moved with another model sharing it
+            self.to(x.device)
+        return self(x) * scale
+
+    def merge_delta(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        return scale * self.delta_weight().to(weight.device)
+
+    def unmerge_delta(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        return -self.merge_delta(weight, scale)
+
 
 # ------------------------------------------------------------------------------------- per-layer hooks
 class _Slot(ModuleHook):
@@ -93,9 +108,7 @@ class _Slot(ModuleHook):
             return output
         x = args[0] if args else kwargs["input"]
         for layer, scale in self.active:
-            if layer.down.weight.device != x.device:  # the layer moved with another model sharing it
-                layer.to(x.device)
-            output = output + (layer(x) * scale).to(output.dtype)
+            output = output + layer.output_delta(module, x, scale).to(output.dtype)
         return output
 
 
@@ -148,13 +161,14 @@ class ModelLora(ModuleHook):
         built: dict[str, LoraLayer] = {}
         for path, w in layers.items():
             target = self.model.get_submodule(path)
-            layer = LoraLayer(target, w.rank, w.alpha, up_bias=w.up_bias is not None)
-            state = {"down.weight": w.down, "up.weight": w.up}
-            if w.up_bias is not None:
-                state["up.bias"] = w.up_bias
-            ref = target.weight
-            layer.load_state_dict({k: v.to(dtype=ref.dtype) for k, v in state.items()})
-            built[path] = layer.to(device=ref.device, dtype=ref.dtype)
+            layer = None
+            if w.kind == "lora":
+                layer = LoraLayer(target, w.rank, w.alpha, up_bias=w.up_bias is not None)
+                state = {"down.weight": w.down, "up.weight": w.up}
+                if w.up_bias is not None:
+                    state["up.bias"] = w.up_bias
+                layer.load_state_dict({k: v.to(dtype=target.weight.dtype) for k, v in state.items()})
+            built[path] = lora_lycoris.build_layer(target, w, layer)
         sub = nn.ModuleDict({path.replace(".", "/"): layer for path, layer in built.items()})
         self.bank[name] = sub
         self.paths[name] = built
@@ -217,7 +231,7 @@ class ModelLora(ModuleHook):
         biased = [
             f"{name}: {path}"
             for name, path in todo
-            if self.paths[name][path].up.bias is not None and self.model.get_submodule(path).bias is None
+            if self.paths[name][path].lora_bias is not None and self.model.get_submodule(path).bias is None
         ]
         if biased:
             raise ValueError(
@@ -232,78 +246,19 @@ class ModelLora(ModuleHook):
     def unfuse(self, names: list[str] | None = None) -> None:
         for name in list(self.fused if names is None else names):
             for path, scale in self.fused.pop(name, {}).items():
-                _add_delta(self.model.get_submodule(path), self.paths[name][path], -scale)
+                _add_delta(self.model.get_submodule(path), self.paths[name][path], scale, undo=True)
         self.refresh()
 
 
 @torch.no_grad()
-def _add_delta(target: nn.Module, layer: LoraLayer, scale: float) -> None:
+def _add_delta(target: nn.Module, layer: nn.Module, scale: float, undo: bool = False) -> None:
+    """Fuse ``layer`` at ``scale`` into ``target`` (``undo``: take the same amount out again)."""
     weight = target.weight
-    weight.copy_((weight.float() + scale * layer.delta_weight().to(weight.device)).to(weight.dtype))
-    if layer.up.bias is not None:
-        target.bias.copy_((target.bias.float() + scale * layer.up.bias.float()).to(target.bias.dtype))
-
-
-def check_fits(component: str, model: nn.Module, layers: dict[str, lora_formats.LoraWeights]) -> None:
-    """Every layer must exist in ``model`` as a Linear/Conv2d and every shape must fit it."""
-    missing, problems = [], []
-    for path, w in layers.items():
-        try:
-            target = None if path.startswith("?") else model.get_submodule(path)
-        except AttributeError:
-            target = None
-        if target is None or f"{BANK}." in path:
-            missing.extend(w.keys)
-            continue
-        if not isinstance(target, (nn.Linear, nn.Conv2d)):
-            problems.append(
-                f"{component}.{path} is a {type(target).__name__}; LoRA targets Linear and Conv2d layers ({w.keys[0]})"
-            )
-            continue
-        problems.extend(_shape_problems(component, path, target, w))
-    if missing:
-        raise StateDictMismatchError(
-            f"LoRA keys that match no layer of the {component} ({type(model).__name__}): {summarize(sorted(missing))}; "
-            "the LoRA was made for another model"
-        )
-    if problems:
-        raise StateDictMismatchError(
-            "the LoRA does not fit: "
-            + "; ".join(problems[:6])
-            + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else "")
-        )
-
-
-def _shape_problems(component: str, path: str, target: nn.Module, w: lora_formats.LoraWeights) -> list[str]:
-    where = f"{component}.{path} ({', '.join(w.keys[:2])})"
-    down, up = w.down, w.up
-    conv = isinstance(target, nn.Conv2d)
-    want_dims = 4 if conv else 2
-    if down.ndim != want_dims or up.ndim != want_dims:
-        return [
-            f"{where}: a {type(target).__name__} takes {want_dims}-d LoRA weights, got down "
-            f"{tuple(down.shape)} and up {tuple(up.shape)}"
-        ]
-    if up.shape[1] != down.shape[0]:
-        return [
-            f"{where}: rank mismatch, down has rank {down.shape[0]} {tuple(down.shape)} but up has "
-            f"{up.shape[1]} {tuple(up.shape)}"
-        ]
-    in_width = target.in_channels if conv else target.in_features
-    out_width = target.out_channels if conv else target.out_features
-    out = []
-    if down.shape[1] != in_width:
-        out.append(f"{where}: down {tuple(down.shape)} takes width {down.shape[1]}, the layer takes {in_width}")
-    if up.shape[0] != out_width:
-        out.append(f"{where}: up {tuple(up.shape)} gives width {up.shape[0]}, the layer gives {out_width}")
-    if conv and (tuple(down.shape[2:]) != tuple(target.kernel_size) or tuple(up.shape[2:]) != (1, 1)):
-        out.append(
-            f"{where}: conv LoRA kernels down {tuple(down.shape[2:])} / up {tuple(up.shape[2:])} do not fit "
-            f"the layer's {tuple(target.kernel_size)} (expected that and (1, 1))"
-        )
-    if w.up_bias is not None and tuple(w.up_bias.shape) != (out_width,):
-        out.append(f"{where}: lora_B.bias {tuple(w.up_bias.shape)}, expected ({out_width},)")
-    return out
+    delta = layer.unmerge_delta(weight.float(), scale) if undo else layer.merge_delta(weight.float(), scale)
+    weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+    if layer.lora_bias is not None:
+        bias = (-scale if undo else scale) * layer.lora_bias.float()
+        target.bias.copy_((target.bias.float() + bias).to(target.bias.dtype))
 
 
 # ------------------------------------------------------------------------------------- pipeline methods
@@ -348,12 +303,19 @@ class LoraLoaderMixin:
         local_files_only: bool | None = None,
         token=None,
         revision: str | None = None,
+        hotswap: bool = False,
+        strict: bool = False,
         **kwargs,
     ) -> None:
-        """Load a LoRA (a repo id, folder, file or state dict; diffusers/peft, older diffusers and
-        kohya/A1111 layouts) into the UNet and text encoder(s) as adapter ``adapter_name``
-        (``default_<n>`` if not given), which becomes the active adapter of the models it touches.
-        Everything is checked against the models before any of them changes."""
+        """Load a LoRA (a repo id, folder, file or state dict; diffusers/peft incl. DoRA, older
+        diffusers, kohya/A1111 and LyCORIS LoHa/LoKr/DoRA layouts) into the UNet and text encoder(s) as
+        adapter ``adapter_name`` (``default_<n>`` if not given), which becomes the active adapter of
+        the models it touches. Everything is checked against the models before any of them changes.
+
+        Keys that map to no layer are listed in a warning, or refused with ``strict=True``; a LoRA
+        that maps nothing is always an error. ``hotswap=True`` replaces the weights of the loaded
+        adapter ``adapter_name`` in place (see ``lora_attach.hotswap``)."""
+        from .lora_attach import attach_adapter
         from .source import check_kwargs
 
         check_kwargs(kwargs, "load_lora_weights")
@@ -369,7 +331,62 @@ class LoraLoaderMixin:
             revision=revision,
         )
         attach_adapter(
-            self._lora_models(), tensors, metadata, adapter_name, "load_lora_weights", owner=type(self).__name__
+            self._lora_models(),
+            tensors,
+            metadata,
+            adapter_name,
+            "load_lora_weights",
+            owner=type(self).__name__,
+            strict=strict,
+            hotswap=hotswap,
+            pad_rank=getattr(self, "_lora_hotswap_rank", None),
+        )
+
+    def enable_lora_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
+        """Pad every LoRA loaded from now on to rank ``target_rank`` (zeros, same output), so that a
+        later ``hotswap=True`` load may bring any rank up to it. Call before loading the first LoRA."""
+        if self._lora_states():
+            raise RuntimeError("enable_lora_hotswap must be called before loading the first LoRA adapter")
+        if check_compiled not in ("error", "warn", "ignore"):
+            raise ValueError(f"check_compiled must be 'error', 'warn' or 'ignore', got {check_compiled!r}")
+        self._lora_hotswap_rank = int(target_rank)
+
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory,
+        unet_lora_layers=None,
+        text_encoder_lora_layers=None,
+        text_encoder_2_lora_layers=None,
+        is_main_process: bool = True,
+        weight_name: str | None = None,
+        save_function=None,
+        safe_serialization: bool = True,
+        unet_lora_adapter_metadata=None,
+        text_encoder_lora_adapter_metadata=None,
+        text_encoder_2_lora_adapter_metadata=None,
+    ) -> None:
+        """Write LoRA layers (``diffpipe.adapters.lora_state_dict(pipe.unet)``, or any peft-layout
+        dict) as ``unet.<path>.lora_A.weight`` ... in one file, with their configs as the
+        ``lora_adapter_metadata`` the reference writes and reads (see ``lora_save.py``)."""
+        from .lora_save import save_lora_weights
+
+        save_lora_weights(
+            save_directory,
+            {
+                "unet": unet_lora_layers,
+                "text_encoder": text_encoder_lora_layers,
+                "text_encoder_2": text_encoder_2_lora_layers,
+            },
+            {
+                "unet": unet_lora_adapter_metadata,
+                "text_encoder": text_encoder_lora_adapter_metadata,
+                "text_encoder_2": text_encoder_2_lora_adapter_metadata,
+            },
+            is_main_process=is_main_process,
+            weight_name=weight_name,
+            save_function=save_function,
+            safe_serialization=safe_serialization,
         )
 
     # ------------------------------------------------------------------ adapter controls
@@ -494,49 +511,3 @@ def read_lora_source(source, what: str, **fetch) -> tuple[dict[str, torch.Tensor
         return tensors, {}
     path, _ = lora_file(source, **fetch)
     return tensors_of(path)
-
-
-def attach_adapter(
-    models: dict[str, nn.Module], tensors: dict, metadata: dict, adapter_name, what: str, owner: str
-) -> str:
-    """Parse a LoRA for ``models`` (``{component: model}``), check every layer it names, then attach it
-    to each model as ``adapter_name`` (``default_<n>`` if None) and make it active there."""
-    parsed = lora_formats.parse(tensors, metadata, models)
-    absent = sorted(c for c in parsed if c not in models)
-    if absent:
-        keys = [k for c in absent for w in parsed[c].values() for k in w.keys]
-        raise StateDictMismatchError(
-            f"{what}: the LoRA has weights for {absent}, which {owner} does not have (its LoRA-capable "
-            f"components: {sorted(models)}); keys {summarize(sorted(keys))}"
-        )
-    states = {c: s for c, m in models.items() if (s := ModelLora.of(m)) is not None}
-    if adapter_name is None:
-        adapter_name = f"default_{len({n for s in states.values() for n in s.paths})}"
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
-    in_use = [c for c, s in states.items() if adapter_name in s.paths]
-    shared = [
-        p
-        for c, layers in parsed.items()
-        for p in layers
-        if not p.startswith("?") and _slot_has(models[c], p, adapter_name)
-    ]
-    if in_use or shared:
-        raise ValueError(
-            f"adapter name {adapter_name!r} is already in use (in {in_use or 'a shared layer'}); pick "
-            "another adapter_name, or delete_adapters() it first"
-        )
-    for component, layers in parsed.items():
-        check_fits(component, models[component], layers)
-    for component, layers in parsed.items():
-        ModelLora.of(models[component], create=True).add(adapter_name, layers)
-    return adapter_name
-
-
-def _slot_has(model: nn.Module, path: str, name: str) -> bool:
-    try:
-        target = model.get_submodule(path)
-    except AttributeError:
-        return False
-    slot = get_hook(target, _LAYER)
-    return slot is not None and name in slot.entries

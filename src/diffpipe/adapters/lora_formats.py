@@ -13,7 +13,13 @@ Layouts read (the names a file uses decide; a file mixing them is read key by ke
 - kohya / A1111: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
   ``lora_te_`` (``lora_te1_``, ``lora_te2_``) for the text encoders; the underscored names are
   matched against the model's own module names (for a UNet also against the original LDM/SGM names,
-  ``input_blocks_4_1_...``, which kohya's SDXL LoRAs use), and the scaling is ``alpha / rank``.
+  ``input_blocks_4_1_...``, which kohya's SDXL LoRAs use), and the scaling is ``alpha / rank``;
+  the same names carry LyCORIS networks: LoHa (``hada_w1_a`` ..), LoKr (``lokr_w1`` ..) and DoRA's
+  ``dora_scale`` (built in ``lora_lycoris.py``);
+- DoRA in peft's layout: ``<path>.lora_magnitude_vector`` (``.weight``) beside lora_A / lora_B.
+
+Keys that name no layer, or are no LoRA key at all, go to the caller's ``unmapped`` list (with the
+reason) when it passes one; the loader warns about them, or refuses under ``strict=True``.
 """
 
 from __future__ import annotations
@@ -47,33 +53,65 @@ class LoraWeights:
     up_bias: torch.Tensor | None = None
     alpha: float | None = None  # None: alpha == rank (scale 1)
     keys: list[str] = field(default_factory=list)  # the file's keys, for messages
+    lycoris: dict[str, torch.Tensor] = field(default_factory=dict)  # hada_* / lokr_* tensors by name
+    magnitude: torch.Tensor | None = None  # DoRA: peft's lora_magnitude_vector or LyCORIS's dora_scale
+    magnitude_from: str = ""  # "peft" or "lycoris"
+
+    @property
+    def kind(self) -> str:
+        """``lora`` (down/up), ``loha`` or ``lokr``."""
+        kinds = {k.split("_", 1)[0] for k in self.lycoris}
+        return {"hada": "loha", "lokr": "lokr"}[kinds.pop()] if len(kinds) == 1 else "lora" if not kinds else "mixed"
 
     @property
     def rank(self) -> int:
+        if self.kind != "lora":
+            from .lora_lycoris import lycoris_rank_alpha
+
+            return lycoris_rank_alpha(self)[0]
         return int(self.down.shape[0])
 
 
 Parsed = dict[str, dict[str, LoraWeights]]
 
 
-def parse(tensors: dict[str, torch.Tensor], metadata: dict | None, models: dict[str, nn.Module]) -> Parsed:
-    """Read a LoRA state dict for the pipeline components in ``models`` (``{"unet": ..., ...}``)."""
-    tensors = {k: v for k, v in tensors.items() if not k.endswith(".dora_scale")}
-    dora = [k for k in tensors if "lora_magnitude_vector" in k]
-    if dora:
-        raise NotImplementedError(f"DoRA LoRAs (keys like {dora[0]}) are not implemented in diffpipe")
+def parse(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict | None,
+    models: dict[str, nn.Module],
+    unmapped: list[tuple[str, str]] | None = None,
+) -> Parsed:
+    """Read a LoRA state dict for the pipeline components in ``models`` (``{"unet": ..., ...}``).
+    Keys that are no LoRA key go to ``unmapped`` as ``(key, reason)``; without that list they raise."""
     if not tensors:
         raise StateDictMismatchError("the LoRA state dict is empty")
+    foreign: list[tuple[str, str]] = [] if unmapped is None else unmapped
     out: Parsed = {}
     kohya = {k: v for k, v in tensors.items() if k.startswith(tuple(KOHYA_PREFIXES))}
     if kohya:
-        _parse_kohya(kohya, models, out)
+        _parse_kohya(kohya, models, out, foreign)
     rest = {k: v for k, v in tensors.items() if k not in kohya}
     if rest:
-        _parse_diffusers(rest, models, out)
+        _parse_diffusers(rest, models, out, foreign)
         _apply_metadata(out, _read_metadata(metadata))
+    if unmapped is None and foreign:
+        raise StateDictMismatchError(f"{foreign[0][1]}: {summarize(sorted(k for k, _ in foreign))}")
     for component, layers in out.items():
         for path, w in layers.items():
+            if w.lycoris or w.kind == "mixed":
+                from .lora_lycoris import lycoris_missing
+
+                missing = lycoris_missing(w)
+                if missing:
+                    raise StateDictMismatchError(
+                        f"LyCORIS (LoHa/LoKr) layer {component}.{path} is incomplete ({', '.join(w.keys)}): {missing}"
+                    )
+                continue
+            if w.down is None and w.up is None and (w.magnitude is not None or w.alpha is not None):
+                raise StateDictMismatchError(
+                    f"LoRA layer {component}.{path} has no weights, only {', '.join(w.keys)}; an alpha or a "
+                    "DoRA magnitude needs its LoRA pair (lora_down/lora_up, lora_A/lora_B) or LoHa/LoKr factors"
+                )
             if w.down is None or w.up is None:
                 raise StateDictMismatchError(
                     f"LoRA layer {component}.{path} has only its {'up' if w.down is None else 'down'} weight "
@@ -83,15 +121,26 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict | None, models: dict[
 
 
 # ------------------------------------------------------------------------------------- kohya / A1111
-def _parse_kohya(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module], out: Parsed) -> None:
+_LYCORIS = {
+    *(f"hada_{n}" for n in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")),
+    *(f"lokr_{n}" for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")),
+}
+
+
+def _parse_kohya(tensors: dict, models: dict[str, nn.Module], out: Parsed, unmapped: list) -> None:
     lookup: dict[str, dict[str, str]] = {}
-    unknown = []
     for key, value in tensors.items():
         name, _, suffix = key.partition(".")
         prefix = next(p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if name.startswith(p))
         component = KOHYA_PREFIXES[prefix]
-        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
-            unknown.append(key)
+        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale") and suffix not in _LYCORIS:
+            unmapped.append(
+                (
+                    key,
+                    "kohya-style keys of a kind diffpipe does not read (a kohya/LyCORIS layer has lora_down/"
+                    "lora_up, hada_* (LoHa), lokr_* (LoKr), alpha and dora_scale)",
+                )
+            )
             continue
         if component not in lookup:
             model = models.get(component)
@@ -108,14 +157,12 @@ def _parse_kohya(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module],
             entry.alpha = float(value.item())
         elif suffix == "lora_down.weight":
             entry.down = value
-        else:
+        elif suffix == "lora_up.weight":
             entry.up = value
-    if unknown:
-        raise StateDictMismatchError(
-            f"kohya-style LoRA keys of a kind diffpipe does not read (LoHa/LoKr/other networks?): "
-            f"{summarize(sorted(unknown))}; a kohya LoRA has <name>.lora_down.weight, <name>.lora_up.weight and "
-            "<name>.alpha"
-        )
+        elif suffix == "dora_scale":
+            entry.magnitude, entry.magnitude_from = value, "lycoris"
+        else:
+            entry.lycoris[suffix] = value
 
 
 def _underscored_names(model: nn.Module) -> dict[str, str]:
@@ -201,6 +248,8 @@ _SUFFIXES = (
     (".lora_linear_layer.down.weight", "down"),
     (".lora_linear_layer.up.weight", "up"),
     (".alpha", "alpha"),
+    (".lora_magnitude_vector.weight", "magnitude"),
+    (".lora_magnitude_vector", "magnitude"),
 )
 
 
@@ -214,8 +263,7 @@ def _split_component(key: str, models: dict[str, nn.Module]) -> tuple[str, str]:
     return head, rest
 
 
-def _parse_diffusers(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module], out: Parsed) -> None:
-    bad = []
+def _parse_diffusers(tensors: dict, models: dict[str, nn.Module], out: Parsed, unmapped: list) -> None:
     for key, value in tensors.items():
         component, rest = _split_component(key, models)
         rest = rest.replace(".processor.", ".")
@@ -227,7 +275,13 @@ def _parse_diffusers(tensors: dict[str, torch.Tensor], models: dict[str, nn.Modu
         if path is None:
             m = re.fullmatch(r"(.+)\.(to_q_lora|to_k_lora|to_v_lora|to_out_lora)\.(down|up)\.weight", rest)
             if m is None:
-                bad.append(key)
+                unmapped.append(
+                    (
+                        key,
+                        "not LoRA keys (every key must be a LoRA weight: lora_A/lora_B, lora.down/lora.up, "
+                        "lora_down/lora_up with alpha, lora_magnitude_vector, or to_q_lora...)",
+                    )
+                )
                 continue
             names = _ATTN_PROC if component == "unet" else _TEXT_ATTN_PROC
             path, kind = f"{m.group(1)}.{names[m.group(2)]}", m.group(3)
@@ -238,13 +292,10 @@ def _parse_diffusers(tensors: dict[str, torch.Tensor], models: dict[str, nn.Modu
         entry.keys.append(key)
         if kind == "alpha":
             entry.alpha = float(value.item())
+        elif kind == "magnitude":
+            entry.magnitude, entry.magnitude_from = value, "peft"
         else:
             setattr(entry, kind, value)
-    if bad:
-        raise StateDictMismatchError(
-            f"not LoRA keys (every key must be a LoRA weight: lora_A/lora_B, lora.down/lora.up, "
-            f"lora_down/lora_up with alpha, or to_q_lora...): {summarize(sorted(bad))}"
-        )
 
 
 def _read_metadata(metadata: dict | None) -> dict:

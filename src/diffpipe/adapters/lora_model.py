@@ -9,7 +9,8 @@ from collections import Counter
 
 from ..errors import StateDictMismatchError
 from . import lora_formats
-from .lora import LoraLayer, ModelLora, attach_adapter, read_lora_source
+from .lora import LoraLayer, ModelLora, read_lora_source
+from .lora_attach import attach_adapter
 
 
 class LoraModelMixin:
@@ -36,12 +37,10 @@ class LoraModelMixin:
     ) -> None:
         """Load a LoRA into this model as ``adapter_name``. With ``prefix`` (``"unet"`` for a file made
         for a whole pipeline), only the keys under it are read; ``prefix=None`` reads keys of this
-        model's own module paths. Keys of no layer are an error, never a silent no-op."""
+        model's own module paths. Keys of no layer are reported in a warning; a LoRA that maps nothing is an error."""
         from .source import check_kwargs
 
         check_kwargs(kwargs, "load_lora_adapter")
-        if hotswap:
-            raise NotImplementedError("load_lora_adapter(hotswap=True) is not implemented in diffpipe")
         tensors, metadata = read_lora_source(
             pretrained_model_name_or_path_or_dict,
             "load_lora_adapter",
@@ -62,6 +61,7 @@ class LoraModelMixin:
             adapter_name,
             "load_lora_adapter",
             owner=type(self).__name__,
+            hotswap=hotswap,
         )
 
     def _own_lora_keys(self, tensors: dict, prefix: str | None) -> dict:

@@ -11,7 +11,7 @@ import torch
 
 from .. import images as imgs
 from ..outputs import BaseOutput
-from ..adapters import IPAdapterMixin, LoraLoaderMixin
+from ..adapters import IPAdapterMixin, LoraLoaderMixin, TextualInversionLoaderMixin
 from ..config import fix_scheduler_for_sd, fix_unet_for_sd
 from . import stages
 from .pipeline import DiffusionPipeline
@@ -36,7 +36,7 @@ class StableDiffusionPipelineOutput(BaseOutput):
     nsfw_content_detected: list[bool] | None = None
 
 
-class StableDiffusionBase(IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
+class StableDiffusionBase(TextualInversionLoaderMixin, IPAdapterMixin, LoraLoaderMixin, DiffusionPipeline):
     """Components, prompt encoding, the safety checker and output handling shared by SD tasks."""
 
     _config_keys = ("requires_safety_checker",)
