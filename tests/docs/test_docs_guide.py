@@ -56,3 +56,7 @@ def test_every_guide_block_runs(hub, hf_cache, tmp_path, monkeypatch):
     # a single file written from the repo loads back with the configs and tokenizers of config=
     assert printed_by("save_single_file")[-1] == "sd1 torch.float16"
     assert printed_by("AutoencoderKL.from_single_file")[-1] == "AutoencoderKL"
+    # ControlNet from_pipe shares the UNet; the output takes the conditioning image's size
+    assert printed_by("StableDiffusionControlNetPipeline.from_pipe")[-1] == "True (64, 64)"
+    # a two-vector embedding expands in the prompt
+    assert printed_by("load_textual_inversion")[-1] == "a <cat-toy> <cat-toy>_1"
