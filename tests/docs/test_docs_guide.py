@@ -60,3 +60,5 @@ def test_every_guide_block_runs(hub, hf_cache, tmp_path, monkeypatch):
     assert printed_by("StableDiffusionControlNetPipeline.from_pipe")[-1] == "True (64, 64)"
     # a two-vector embedding expands in the prompt
     assert printed_by("load_textual_inversion")[-1] == "a <cat-toy> <cat-toy>_1"
+    # a hand-written kohya LoRA loads (its foreign key only warned about), saves and hot-swaps
+    assert printed_by("lora_state_dict")[-1] == "['style'] {'unet': ['style']}"

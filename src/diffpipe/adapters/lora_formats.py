@@ -98,6 +98,8 @@ def parse(
         raise StateDictMismatchError(f"{foreign[0][1]}: {summarize(sorted(k for k, _ in foreign))}")
     for component, layers in out.items():
         for path, w in layers.items():
+            if path.startswith("?"):
+                continue  # a layer the model does not have: reported with the unmapped keys, whole or not
             if w.lycoris or w.kind == "mixed":
                 from .lora_lycoris import lycoris_missing
 
