@@ -14,6 +14,9 @@ PIPELINES: dict[str, str] = {
     "StableDiffusionControlNetImg2ImgPipeline": "diffpipe.pipelines.controlnet_sd:StableDiffusionControlNetImg2ImgPipeline",  # noqa: E501
     "StableDiffusionControlNetInpaintPipeline": "diffpipe.pipelines.controlnet_sd:StableDiffusionControlNetInpaintPipeline",  # noqa: E501
     "StableDiffusionXLControlNetPipeline": "diffpipe.pipelines.controlnet_sdxl:StableDiffusionXLControlNetPipeline",
+    "FluxPipeline": "diffpipe.pipelines.flux:FluxPipeline",
+    "FluxImg2ImgPipeline": "diffpipe.pipelines.flux_image:FluxImg2ImgPipeline",
+    "FluxInpaintPipeline": "diffpipe.pipelines.flux_image:FluxInpaintPipeline",
     "AnimateDiffPipeline": "diffpipe.pipelines.animatediff:AnimateDiffPipeline",
     "DDPMPipeline": "diffpipe.pipelines.unconditional:DDPMPipeline",
     "DDIMPipeline": "diffpipe.pipelines.unconditional:DDIMPipeline",

@@ -22,6 +22,7 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
         "StableDiffusionXLImg2ImgPipeline",
         "StableDiffusionXLInpaintPipeline",
     ),
+    "flux": ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
     "stable-diffusion-controlnet": (
         "StableDiffusionControlNetPipeline",
         "StableDiffusionControlNetImg2ImgPipeline",

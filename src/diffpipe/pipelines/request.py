@@ -257,6 +257,8 @@ class CallState:
     guide: Callable | None = None  # a further guidance term on the guided prediction (SAG)
     predict: Callable | None = None  # the model call of the loop, if not the text-conditioned UNet's
     unet_extra: Callable | None = None  # (model_input, t, tensors) -> more UNet arguments (ControlNet)
+    text_ids: torch.Tensor | None = None  # a transformer's position ids of the text tokens (Flux)
+    ids: torch.Tensor | None = None  # ... and of the image tokens
     step_index: int = 0  # the loop's position in the schedule
     step_kwargs: dict[str, Any] = field(default_factory=dict)  # more scheduler.step arguments
     decode_kwargs: dict[str, Any] = field(default_factory=dict)  # more vae.decode arguments (the masked VAE)

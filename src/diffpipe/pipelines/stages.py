@@ -6,6 +6,8 @@ A pipeline file only says what is special about its task.
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -252,6 +254,15 @@ def unet_predictor(unet, cross_attention_kwargs: dict | None, state) -> Callable
     return predict
 
 
+def accepted_arguments(function, arguments: dict) -> dict:
+    """The ``arguments`` ``function`` takes (all of them when it has ``**kwargs``): a scheduler without
+    ``eta`` (flow matching, a user's own) is not handed one."""
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return arguments
+    return {k: v for k, v in arguments.items() if k in parameters}
+
+
 def denoise(pipe, request, state):
     """The denoising loop, every pipeline's, once: ``state.latents`` through ``state.timesteps``.
 
@@ -271,7 +282,9 @@ def denoise(pipe, request, state):
     callback, names = request.callback_on_step_end, request.callback_on_step_end_tensor_inputs or ()
     legacy, every = getattr(request, "callback", None), getattr(request, "callback_steps", None) or 1
     tensors = state.tensors
-    step_kwargs = {"eta": request.eta, "generator": request.generator, **state.step_kwargs}
+    step_kwargs = accepted_arguments(
+        scheduler.step, {"eta": request.eta, "generator": request.generator, **state.step_kwargs}
+    )
     order = getattr(scheduler, "order", 1)
     warmup = len(timesteps) - state.num_inference_steps * order
     with pipe.progress_bar(total=state.num_inference_steps) as bar:
@@ -280,7 +293,9 @@ def denoise(pipe, request, state):
                 continue
             state.step_index = i  # what a step-dependent condition reads (ControlNet's guidance window)
             guidance = state.guidance  # read at every step: a callback may turn guidance off
-            model_input = scheduler.scale_model_input(guidance.batch(latents), t)
+            model_input = guidance.batch(latents)
+            if hasattr(scheduler, "scale_model_input"):  # (flow-matching schedulers have none)
+                model_input = scheduler.scale_model_input(model_input, t)
             model_output = predict(model_input, t, tensors, state.image_embeds)
             noise_pred = guidance.combine(model_output)
             if state.guide is not None:
