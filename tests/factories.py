@@ -71,6 +71,16 @@ TINY_MODELS = {
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         conditioning_embedding_out_channels=(4, 8),
     ),
+    "FluxTransformer2DModel": dict(
+        in_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=12,
+        pooled_projection_dim=10,
+        axes_dims_rope=(2, 2, 4),
+    ),
     "UNet2DModel": dict(
         block_out_channels=(8, 16),
         norm_num_groups=4,

@@ -10,4 +10,5 @@ MODELS: dict[str, str] = {
     "UNet2DModel": "diffpipe.models.unet_2d:UNet2DModel",
     "ControlNetModel": "diffpipe.models.controlnet:ControlNetModel",
     "MultiControlNetModel": "diffpipe.models.multicontrolnet:MultiControlNetModel",
+    "FluxTransformer2DModel": "diffpipe.models.transformer_flux:FluxTransformer2DModel",
 }

@@ -43,3 +43,11 @@ class ControlNetOutput(ModelOutput):
 
     down_block_res_samples: tuple[torch.Tensor, ...]
     mid_block_res_sample: torch.Tensor
+
+
+@dataclass
+class Transformer2DModelOutput(ModelOutput):
+    """``sample``: a transformer's prediction (Flux: ``[batch, image tokens, patch_size**2 * out_channels]``,
+    the packed latent layout of its input)."""
+
+    sample: torch.Tensor
