@@ -66,6 +66,7 @@ SOURCE_CONFIGS = {
         algorithm_type="sde-dpmsolver++", solver_type="heun", sigma_min=0.01, sigma_max=20.0, euler_at_final=True
     ),
     "DPMSolverSDEScheduler": dict(use_karras_sigmas=True, noise_sampler_seed=1234, beta_schedule="scaled_linear"),
+    "FlowMatchEulerDiscreteScheduler": dict(shift=3.0, shift_terminal=0.05, use_exponential_sigmas=True),
 }
 OVERRIDES = dict(prediction_type="v_prediction", beta_end=0.015, steps_offset=1)
 

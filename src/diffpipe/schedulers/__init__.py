@@ -26,4 +26,5 @@ SCHEDULERS: dict[str, str] = {
     "EDMEulerScheduler": "diffpipe.schedulers.edm_euler:EDMEulerScheduler",
     "EDMDPMSolverMultistepScheduler": "diffpipe.schedulers.edm_dpm_solver:EDMDPMSolverMultistepScheduler",
     "DPMSolverSDEScheduler": "diffpipe.schedulers.dpm_solver_sde:DPMSolverSDEScheduler",
+    "FlowMatchEulerDiscreteScheduler": "diffpipe.schedulers.flow_match_euler:FlowMatchEulerDiscreteScheduler",
 }
