@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from .. import images as imgs
+from ..adapters import LoraLoaderMixin
 from ..outputs import BaseOutput
 from ..schedulers.base import randn
+from ..schedulers.flow_match_euler import calculate_shift
 from . import stages
 from .pipeline import DiffusionPipeline
 from .request import CallState, SDRequest
@@ -131,12 +133,6 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     ids[..., 1] += torch.arange(h)[:, None]
     ids[..., 2] += torch.arange(w)[None, :]
     return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
-
-
-def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15) -> float:
-    """Flux's ``mu``: the schedule's shift, linear in the image's token count."""
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * slope + (base_shift - slope * base_seq_len)
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -266,8 +262,36 @@ def output(pipe, request: FluxRequest, state: CallState) -> CallState:
 
 
 # ---------------------------------------------------------------------------------------- pipelines
-class FluxBase(DiffusionPipeline):
+class FluxBase(LoraLoaderMixin, DiffusionPipeline):
     """The Flux components, prompt encoding and sizes every Flux task shares."""
+
+    _lora_components = ("transformer", "text_encoder")
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
+        """A LoRA for the transformer (and CLIP): diffusers / peft keys, kohya's ``lora_unet_double_blocks_*``
+        and the BFL original names (see ``adapters/lora_flux.py``); keys that map nowhere are reported."""
+        from ..adapters.lora import read_lora_source
+        from ..adapters.lora_flux import is_flux_original, to_peft
+
+        fetch = {
+            k: kwargs[k]
+            for k in (
+                "weight_name",
+                "subfolder",
+                "use_safetensors",
+                "cache_dir",
+                "local_files_only",
+                "token",
+                "revision",
+            )
+            if k in kwargs
+        }
+        tensors, metadata = read_lora_source(pretrained_model_name_or_path_or_dict, "load_lora_weights", **fetch)
+        rest = {k: v for k, v in kwargs.items() if k not in fetch}
+        if is_flux_original(tensors):
+            tensors = to_peft(tensors, self.transformer)
+            return super().load_lora_weights(tensors, adapter_name, **rest)
+        return super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name, **kwargs)
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->transformer->vae"
     _optional_components = ("image_encoder", "feature_extractor")
