@@ -28,6 +28,7 @@ _EXTRA = {
     "export_to_gif": "diffpipe.images:export_to_gif",
     "export_to_video": "diffpipe.images:export_to_video",
     "make_image_grid": "diffpipe.images:make_image_grid",
+    "GGUFQuantizationConfig": "diffpipe.quantization:GGUFQuantizationConfig",
 }
 
 

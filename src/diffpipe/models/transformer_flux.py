@@ -45,6 +45,17 @@ class FluxTransformer2DModel(ModelMixin):
     """The Flux.1 transformer. Defaults are the published FLUX.1 configs (``guidance_embeds=True`` for
     dev, ``False`` for schnell)."""
 
+    @classmethod
+    def _gguf_single_file(cls, gguf_file):
+        """(config, key map) of a GGUF Flux file in the BFL layout (city96's): the config read from the
+        shapes, the names mapped and fused tensors cut (quantized rows stay quantized)."""
+        from ..single_file import flux_keys
+
+        shapes = {name: tensor.shape for name, tensor in gguf_file.tensors.items()}
+        if not flux_keys.is_bfl(shapes):
+            return None, None
+        return flux_keys.config_from_shapes(shapes), lambda state: flux_keys.convert(state)
+
     _no_split_modules = ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
     _repeated_blocks = ["FluxTransformerBlock", "FluxSingleTransformerBlock"]

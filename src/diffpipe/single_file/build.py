@@ -103,9 +103,20 @@ def load_model(cls, pretrained_model_link_or_path, **kwargs):
     dtype = resolve_dtype(kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None), what="from_single_file")
     config, subfolder = kwargs.pop("config", None), kwargs.pop("subfolder", None)
     overrides_config = {k: kwargs.pop(k) for k in CONFIG_KWARGS if k in kwargs}
+    quantization = kwargs.pop("quantization_config", None)
     name = MODEL_PARTS.get(cls.__name__)
     path = locate(pretrained_model_link_or_path, **hub)
     where = f"{cls.__name__}.from_single_file({path})"
+    if quantization is not None or path.name.lower().endswith(".gguf"):  # GGUF: see diffpipe.quantization
+        from ..quantization.gguf_linear import load_single_file_gguf
+
+        model = load_single_file_gguf(cls, path, quantization, config, subfolder, dtype, hub, kwargs, where)
+        model.register_to_config(_name_or_path=pretrained_model_link_or_path)
+        return model
+    if cls.__name__ == "FluxTransformer2DModel":
+        model = _load_flux(cls, path, config, subfolder, dtype, hub, where, kwargs)
+        model.register_to_config(_name_or_path=pretrained_model_link_or_path)
+        return model
     if name is None:
         raise ConfigError(f"{where}: single files load into UNet2DConditionModel, AutoencoderKL and pipelines")
     source = open_single_file(path)
@@ -130,6 +141,40 @@ def load_model(cls, pretrained_model_link_or_path, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------ parts
+def _load_flux(cls, path, config, subfolder, dtype, hub, where, overrides):
+    """A Flux transformer file: the BFL layout (also under ComfyUI's ``model.diffusion_model.``) or the
+    diffusers one; its config from ``config=`` (``subfolder="transformer"`` for a pipeline) or read from
+    the shapes."""
+    from . import flux_keys
+
+    source = open_single_file(path)
+    tensors = source.tensors(cast_to=None if dtype == "auto" else (dtype or torch.get_default_dtype()))
+    original = flux_keys.is_bfl(source.shapes)
+    if config is not None:
+        model_config = dict(cls.load_config(config, subfolder=subfolder, **hub))
+    elif original:
+        model_config = flux_keys.config_from_shapes(source.shapes)
+        if "axes_dims_rope" not in model_config and "axes_dims_rope" not in overrides:
+            raise ConfigError(
+                f"{where}: the rope axes of a transformer with {model_config['attention_head_dim']}-wide heads "
+                "cannot be read from the file; pass config= a folder or repo id with its config"
+            )
+    else:
+        raise ConfigError(
+            f"{where}: a diffusers-layout Flux file holds no config; pass config= (subfolder='transformer')"
+        )
+    if original:
+        tensors, unmapped = flux_keys.convert(tensors)
+        if unmapped:
+            logger.warning("%s: %d tensor(s) map to nothing: %s", where, len(unmapped), summarize(unmapped))
+    else:
+        tensors = {k[len("transformer.") :] if k.startswith("transformer.") else k: v for k, v in tensors.items()}
+    origin = dict.fromkeys(tensors, str(path))
+    return cls._from_state(
+        {**model_config, **overrides}, tensors, origin=origin, where=where, dtype=dtype, allow_missing=False
+    )
+
+
 def _configs(found: Detection, config, hub, where, subfolder=None, only=None, shapes=None) -> Configs:
     if config is None:
         kind = found.kind

@@ -21,7 +21,7 @@ OTHER_FAMILIES = (
     ("lora_te_", "a LoRA (kohya layout)", "load it into a pipeline with pipe.load_lora_weights(path)"),
     (".lora_down.", "a LoRA", "load it into a pipeline with pipe.load_lora_weights(path)"),
     (".lora_A.", "a LoRA (peft layout)", "load it into a pipeline with pipe.load_lora_weights(path)"),
-    ("double_blocks.", "a Flux transformer", "Flux single files are not supported yet"),
+    ("double_blocks.", "a Flux transformer", "load it with FluxTransformer2DModel.from_single_file(path)"),
     ("joint_blocks.", "a Stable Diffusion 3 transformer", "SD3 single files are not supported yet"),
     ("emb_params", "a textual-inversion embedding", "load it with pipe.load_textual_inversion(path)"),
     ("string_to_param", "a textual-inversion embedding", "load it with pipe.load_textual_inversion(path)"),
