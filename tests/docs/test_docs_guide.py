@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from diffpipe import DiffusionPipeline
+from flux_factory import save_reference_flux
 from sd_factory import save_reference_pipeline
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide.md"
@@ -25,6 +26,7 @@ def test_every_guide_block_runs(hub, hf_cache, tmp_path, monkeypatch):
     folder = save_reference_pipeline(tmp_path / "repo")
     DiffusionPipeline.from_pretrained(folder).to(torch.float16).save_pretrained(folder, variant="fp16")
     hub.add_repo(REPO, folder)
+    hub.add_repo("black-forest-labs/FLUX.1-schnell", save_reference_flux(tmp_path / "flux", dev=False))
     monkeypatch.chdir(tmp_path)
     code = blocks()
     assert len(code) >= 10
@@ -62,3 +64,5 @@ def test_every_guide_block_runs(hub, hf_cache, tmp_path, monkeypatch):
     assert printed_by("load_textual_inversion")[-1] == "a <cat-toy> <cat-toy>_1"
     # a hand-written kohya LoRA loads (its foreign key only warned about), saves and hot-swaps
     assert printed_by("lora_state_dict")[-1] == "['style'] {'unet': ['style']}"
+    # Flux from the (test) Hub in bf16; img2img shares its components
+    assert printed_by("FluxImg2ImgPipeline.from_pipe")[-1] == "FluxImg2ImgPipeline (64, 64) True"
