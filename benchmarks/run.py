@@ -54,6 +54,11 @@ CASES = {
         ["--dtype", "float16"],
         "pipeline from one fp32 original-layout file with torch_dtype=float16 (config= the folder) + touch",
     ),
+    "load_flux_bf16": (
+        "load_flux",
+        ["--dtype", "bfloat16"],
+        "Flux.1-dev transformer at the published widths, 4+8 of 19+38 blocks (2.6B, bf16) from_pretrained + touch",
+    ),
     "unet_step_fp32": ("unet_step", ["--dtype", "float32"], "UNet forward, 64x64 latents, batch 2, fp32"),
     "unet_step_bf16": ("unet_step", ["--dtype", "bfloat16"], "UNet forward, 64x64 latents, batch 2, bf16 (ours only)"),
     "unet_step_bf16_small": (
@@ -116,6 +121,11 @@ def run_once(lib: str, case: str, folder: Path) -> dict:
     task, extra, _ = CASES[case]
     if task == "load_single_file":
         single_file(folder)
+    if task == "load_flux":  # its own folder, built once in a child process
+        command = [PYTHON, str(HERE / "make_flux.py")]
+        folder = Path(
+            subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        )
     if task != "import":
         warm_page_cache(folder)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

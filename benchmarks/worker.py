@@ -139,6 +139,12 @@ def main() -> None:
         result["load_seconds"] = time.perf_counter() - start
         touch(*pipe.components.values())
         result["seconds"] = time.perf_counter() - start
+    elif args.task == "load_flux":  # the transformer slice make_flux.py wrote (bf16 safetensors)
+        start = time.perf_counter()
+        model = lib.FluxTransformer2DModel.from_pretrained(args.folder, torch_dtype=dtype)
+        result["load_seconds"] = time.perf_counter() - start
+        touch(model)
+        result["seconds"] = time.perf_counter() - start
     elif args.task == "unet_step":
         unet = lib.UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet", torch_dtype=dtype)
         x = torch.randn(args.batch, 4, args.latent, args.latent, dtype=dtype)
