@@ -26,6 +26,15 @@ except ImportError:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 
+def _usual_mode(path) -> None:
+    """Give a file written through a private temporary name the mode a plain ``open`` would have
+    (0666 less the umask): ``mkstemp`` makes it 0600, and a saved model must stay readable by others
+    (a shared cache, a container) as the reference's saves are."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -60,6 +69,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -82,6 +92,7 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield Path(tmp)
         _fsync_file(Path(tmp))
+        _usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -175,6 +186,7 @@ class StagedFolder:
         )
         for rel in staged:
             _fsync_file(self.stage / rel)
+            _usual_mode(self.stage / rel)
         with folder_lock(self.target, shared=False):
             for rel in staged:
                 dest = self.target / rel
