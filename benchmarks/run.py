@@ -179,8 +179,20 @@ def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
         f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); CPU flags: {cpu_flags()}"
     )
+
+
+def cpu_flags() -> str:
+    """The flags that decide the CPU's kernels (native bf16 is avx512_bf16 / amx_bf16)."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16")
+    try:
+        present = set(
+            next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+        )
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(f for f in wanted if f in present) or "none of " + " ".join(wanted)
 
 
 def main() -> None:
