@@ -197,3 +197,43 @@ def test_a_gguf_file_loads_quantized_and_matches_the_reference(flux, tmp_path):
     scale = float(exact.abs().max())
     assert float((got - expected).abs().max()) <= 1e-5 * scale
     assert float((got - exact).abs().max()) <= 0.05 * scale  # Q8_0 against the unquantized weights
+
+
+def test_a_flux_pipeline_from_a_single_file_takes_the_rest_from_config(flux, tmp_path):
+    folder, reference = flux
+    path = tmp_path / "flux1-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in to_bfl(reference.state_dict()).items()}, str(path))
+    with pytest.raises(ValueError, match="holds only the transformer; pass config="):
+        diffpipe.FluxPipeline.from_single_file(path)
+    pipe = diffpipe.DiffusionPipeline.from_single_file(path, config=str(folder))
+    assert type(pipe).__name__ == "FluxPipeline" and same(pipe.transformer, reference)
+    plain = diffpipe.FluxPipeline.from_pretrained(folder)
+    args = dict(prompt="a cat", num_inference_steps=2, height=32, width=32, max_sequence_length=16, output_type="np")
+    for p in (pipe, plain):
+        p.set_progress_bar_config(disable=True)
+    got = pipe(generator=torch.Generator().manual_seed(0), **args).images
+    want = plain(generator=torch.Generator().manual_seed(0), **args).images
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_flux_pipeline_with_a_gguf_transformer(flux, tmp_path):
+    folder, reference = flux
+    path = tmp_path / "flux1-tiny-Q8_0.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    for key, value in to_bfl(reference.state_dict()).items():
+        array = value.float().numpy()
+        if array.ndim == 2 and array.shape[1] % 32 == 0:
+            raw = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(key, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(key, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    config = diffpipe.GGUFQuantizationConfig(compute_dtype=torch.float32)
+    pipe = diffpipe.FluxPipeline.from_single_file(path, config=str(folder), quantization_config=config)
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_q).__name__ == "GGUFLinear"
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a cat", num_inference_steps=2, height=32, width=32, max_sequence_length=16, output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()

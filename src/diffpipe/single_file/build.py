@@ -20,7 +20,7 @@ from ..errors import CheckpointNotFoundError, ConfigError, StateDictMismatchErro
 from ..io.load_model import assign_weights, resolve_dtype
 from ..nn.construction import empty_modules
 from ..registry import find_class
-from . import keymap
+from . import flux_keys, keymap
 from .detect import Detection, detect
 from .source import IGNORED_TOP_LEVEL, Configs, apply_overrides, from_folder_or_repo, locate, open_single_file, part
 from .source import shipped
@@ -51,7 +51,11 @@ def load_pipeline(cls, pretrained_model_link_or_path, **kwargs):
         overrides_config.setdefault("original_config", kwargs.pop("original_config_file"))
     path = locate(pretrained_model_link_or_path, **hub)
     where = f"{cls.__name__}.from_single_file({path})"
+    if path.name.lower().endswith(".gguf"):  # a quantized transformer (Flux), the rest from config=
+        return _flux_pipeline(cls, path, config, dtype, hub, kwargs, where)
     source = open_single_file(path)
+    if flux_keys.is_bfl(source.shapes):
+        return _flux_pipeline(cls, path, config, dtype, hub, kwargs, where)
     found = detect(source.shapes, where)
     if found.kind in ("vae", "controlnet"):
         model, argument = ("AutoencoderKL", "vae") if found.kind == "vae" else ("ControlNetModel", "controlnet")
@@ -141,6 +145,22 @@ def load_model(cls, pretrained_model_link_or_path, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------ parts
+def _flux_pipeline(cls, path, config, dtype, hub, kwargs, where):
+    """A Flux file holds the transformer only: the other components (two text encoders, the VAE, the
+    scheduler) come from ``config=``, a Flux repo id or folder."""
+    if config is None:
+        raise ConfigError(
+            f"{where}: a Flux single file holds only the transformer; pass config= a Flux repo id or folder for "
+            "the text encoders, VAE and scheduler (e.g. config='black-forest-labs/FLUX.1-dev')"
+        )
+    quantization = {k: kwargs.pop(k) for k in ("quantization_config",) if k in kwargs}
+    transformer = find_class("FluxTransformer2DModel").from_single_file(
+        path, config=config, subfolder="transformer", torch_dtype=dtype, **quantization, **hub
+    )
+    target = find_class("FluxPipeline") if cls.__name__ == "DiffusionPipeline" else cls
+    return target.from_pretrained(config, transformer=transformer, torch_dtype=dtype, **hub, **kwargs)
+
+
 def _load_flux(cls, path, config, subfolder, dtype, hub, where, overrides):
     """A Flux transformer file: the BFL layout (also under ComfyUI's ``model.diffusion_model.``) or the
     diffusers one; its config from ``config=`` (``subfolder="transformer"`` for a pipeline) or read from
