@@ -69,6 +69,10 @@ def load_pipeline(cls, pretrained_model_link_or_path, **kwargs):
     configs = _configs(found, config, hub, where)
     apply_overrides(configs, **overrides_config)
     target = _pipeline_class(cls, configs, found, where)
+    accepted = inspect.signature(target.__init__).parameters
+    unknown = sorted(set(kwargs) - set(accepted) - set(configs.components) - set(configs.tokenizers))
+    if unknown:  # before any weight is read
+        raise TypeError(f"{where}: unexpected argument(s) {unknown}; components are {sorted(accepted)[1:]}")
     tensors = source.tensors(cast_to=None if dtype == "auto" else (dtype or torch.get_default_dtype()))
     given = {k: kwargs.pop(k) for k in list(kwargs) if k in configs.components or k.startswith("tokenizer")}
     components, used = {}, set()
@@ -81,13 +85,9 @@ def load_pipeline(cls, pretrained_model_link_or_path, **kwargs):
     _report_unused(tensors, used, found, where)
     for name, spec in configs.tokenizers.items():
         components[name] = given[name] if name in given else _tokenizer(name, spec, configs.origin, where, hub)
-    accepted = inspect.signature(target.__init__).parameters
     settings = {k: v for k, v in {**configs.settings, **kwargs}.items() if k in accepted}
     if "requires_safety_checker" in accepted and "safety_checker" not in components:
         settings.setdefault("requires_safety_checker", False)  # a single file has no safety checker
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise TypeError(f"{where}: unexpected argument(s) {unknown}; components are {sorted(accepted)[1:]}")
     parts = {k: v for k, v in components.items() if k in accepted}
     for name, parameter in accepted.items():  # a part the type has none of (the refiner's first encoder)
         if name != "self" and parameter.default is inspect.Parameter.empty and name not in parts:
