@@ -8,6 +8,8 @@ that model with the gguf package's own dequantized weights.)"""
 
 from __future__ import annotations
 
+import warnings
+
 
 import numpy as np
 import pytest
@@ -237,3 +239,50 @@ def test_a_flux_pipeline_with_a_gguf_transformer(flux, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a cat", num_inference_steps=2, height=32, width=32, max_sequence_length=16, output_type="np").images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+
+def test_a_diffusers_layout_gguf_loads_like_the_reference_s(flux, tmp_path):
+    """With the diffusers names (no fused layers to cut) the reference's own GGUF path reads a tiny file:
+    the two libraries' outputs agree within Q8_0's rounding of each other."""
+    folder, reference = flux
+    path = tmp_path / "flux-diffusers-Q8_0.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    for key, value in reference.state_dict().items():
+        array = value.float().numpy()
+        if array.ndim == 2 and array.shape[1] % 32 == 0:
+            raw = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(key, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(key, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = diffpipe.FluxTransformer2DModel.from_single_file(
+        path,
+        quantization_config=diffpipe.GGUFQuantizationConfig(compute_dtype=torch.float32),
+        config=str(folder),
+        subfolder="transformer",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = diffusers.FluxTransformer2DModel.from_single_file(
+            str(path),
+            quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=torch.float32),
+            config=str(folder),
+            subfolder="transformer",
+            local_files_only=True,
+        )
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(2, 16, 16, generator=g),
+        encoder_hidden_states=torch.randn(2, 8, 32, generator=g),
+        pooled_projections=torch.randn(2, 32, generator=g),
+        timestep=torch.tensor([0.5, 0.25]),
+        img_ids=torch.zeros(16, 3),
+        txt_ids=torch.zeros(8, 3),
+        guidance=torch.tensor([3.5, 3.5]),
+    )
+    with torch.no_grad():
+        got, expected = ours(**inputs, return_dict=False)[0], ref(**inputs, return_dict=False)[0]
+    assert float((got - expected).abs().max()) <= 2e-3 * float(expected.abs().max())

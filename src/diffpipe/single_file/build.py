@@ -148,6 +148,12 @@ def load_model(cls, pretrained_model_link_or_path, **kwargs):
 def _flux_pipeline(cls, path, config, dtype, hub, kwargs, where):
     """A Flux file holds the transformer only: the other components (two text encoders, the VAE, the
     scheduler) come from ``config=``, a Flux repo id or folder."""
+    if cls.__name__ != "DiffusionPipeline" and not cls.__name__.startswith("Flux"):
+        raise ConfigError(
+            f"{where} looks like a Flux transformer, not a checkpoint for {cls.__name__}: load it with "
+            "FluxPipeline.from_single_file(path, config='black-forest-labs/FLUX.1-dev') or "
+            "FluxTransformer2DModel.from_single_file(path)"
+        )
     if config is None:
         raise ConfigError(
             f"{where}: a Flux single file holds only the transformer; pass config= a Flux repo id or folder for "
