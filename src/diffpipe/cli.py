@@ -1,4 +1,4 @@
-"""The ``diffpipe`` command: generate, inspect, estimate, convert, demo.
+"""The ``diffpipe`` command: generate, inspect, estimate, convert, demo, serve.
 
 Errors end as one line on stderr and a non-zero exit code, not a traceback (``--debug`` shows it).
 """
@@ -275,6 +275,28 @@ def cmd_demo(args, out: Console) -> int:
     return 0
 
 
+def cmd_serve(args, out: Console) -> int:
+    from .serve.settings import Settings, is_loopback
+
+    key = args.api_key or os.environ.get("DIFFPIPE_API_KEY") or None
+    if not key and not args.insecure and not is_loopback(args.host):
+        raise ValueError(
+            f"refusing to serve on non-loopback host {args.host!r} without an API key: "
+            "give --api-key KEY or DIFFPIPE_API_KEY, or --insecure to serve it open"
+        )
+    import uvicorn
+
+    from . import DiffusionPipeline
+    from .serve.app import create_app
+
+    pipe = DiffusionPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    app = create_app(pipe, Settings(api_key=key, host=args.host, model_name=args.model))
+    out.say(f"serving {type(pipe).__name__} from {args.model} on http://{args.host}:{args.port}/")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0
+
+
 def _quiet_transformers() -> None:
     """transformers draws its own bars for every tiny save and load; they drown the demo's lines."""
     try:
@@ -339,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=10)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("serve", help="an HTTP server (OpenAI images and A1111 APIs, a web page) for one model")
+    s.add_argument("--model", required=True, help="a diffusers folder or repo id")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $DIFFPIPE_API_KEY)")
+    s.add_argument("--insecure", action="store_true", help="allow a non-loopback host without an API key")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
