@@ -8,18 +8,17 @@ import builtins
 import json
 import zlib
 
+import gguf  # the test extra (the writer and numpy dequantizer): missing, the module fails to load
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
-diffusers = pytest.importorskip("diffusers")
-
-import diffpipe  # noqa: E402
-from diffpipe.errors import CorruptCheckpointError, StateDictMismatchError  # noqa: E402
-from diffpipe.quantization import GGUFQuantizationConfig  # noqa: E402
-from diffpipe.quantization.gguf_kernels import UnsupportedQuantTypeError, dequantize  # noqa: E402
-from diffpipe.quantization.gguf_linear import GGUFLinear, GGUFWeight, load_gguf_into, quantized_bytes  # noqa: E402
+import diffpipe
+import diffusers  # the oracle (test extra): missing, the module fails to load
+from diffpipe.errors import CorruptCheckpointError, StateDictMismatchError
+from diffpipe.quantization import GGUFQuantizationConfig
+from diffpipe.quantization.gguf_kernels import UnsupportedQuantTypeError, dequantize
+from diffpipe.quantization.gguf_linear import GGUFLinear, GGUFWeight, load_gguf_into, quantized_bytes
 
 Q = gguf.GGMLQuantizationType
 KERNEL_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
