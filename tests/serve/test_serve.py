@@ -262,3 +262,70 @@ def test_import_diffpipe_does_not_import_fastapi():
 
     code = "import sys, diffpipe, diffpipe.serve; assert 'fastapi' not in sys.modules, 'fastapi imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+# ------------------------------------------------------------------------------------ image to image
+def encoded(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def roomy(pipe):
+    """A client whose body limit takes an uploaded image."""
+    with TestClient(create_app(pipe, Settings(**{**SMALL, "max_body_bytes": 1 << 20}, model_name="tiny-sd"))) as c:
+        yield c
+
+
+def direct(pipe, task: str, seed: int, **kw):
+    """The same call made on the task pipeline directly (the server's result must equal it)."""
+    import numpy as np
+    import torch
+
+    import diffpipe
+
+    auto = diffpipe.AutoPipelineForInpainting if task == "inpaint" else diffpipe.AutoPipelineForImage2Image
+    other = auto.from_pipe(pipe)
+    other.set_progress_bar_config(disable=True)
+    image = other(generator=torch.Generator().manual_seed(seed), **kw).images[0]
+    return np.asarray(image)
+
+
+def test_a1111_img2img_and_inpainting_equal_the_task_pipelines(roomy, pipe):
+    import numpy as np
+
+    start = Image.effect_noise((32, 32), 40).convert("RGB")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    common = dict(prompt="a cat", steps=2, width=32, height=32, seed=11, cfg_scale=7.0)
+    for mask_b64, task in ((None, "image"), (base64.b64encode(encoded(mask)).decode(), "inpaint")):
+        body = {**common, "init_images": [base64.b64encode(encoded(start)).decode()], "denoising_strength": 0.6}
+        if mask_b64:
+            body["mask"] = mask_b64
+        r = roomy.post("/sdapi/v1/img2img", json=body)
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(png(r.json()["images"][0]))).convert("RGB"))
+        call = dict(prompt="a cat", image=start, strength=0.6, num_inference_steps=2, height=32, width=32,
+                    guidance_scale=7.0)  # fmt: skip
+        if task == "inpaint":
+            call["mask_image"] = mask
+        np.testing.assert_array_equal(got, direct(pipe, task, 11, **call))
+        assert json.loads(r.json()["info"])["all_seeds"] == [11]
+
+
+def test_openai_edits_take_a_transparent_mask(roomy):
+    image = Image.effect_noise((32, 32), 40).convert("RGB")
+    mask = Image.new("RGBA", (32, 32), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (4, 4, 20, 20))  # transparent: repaint here
+    files = {"image": ("i.png", encoded(image), "image/png"), "mask": ("m.png", encoded(mask), "image/png")}
+    r = roomy.post(
+        "/v1/images/edits", files=files, data={"prompt": "a dog", "size": "32x32", "steps": "2", "seed": "3"}
+    )
+    assert r.status_code == 200, r.text
+    with Image.open(io.BytesIO(png(r.json()["data"][0]["b64_json"]))) as out:
+        assert out.size == (32, 32)
+    bad = roomy.post("/v1/images/edits", files={"image": ("i.png", b"not an image", "image/png")}, data={"prompt": "x"})
+    assert bad.status_code == 400 and "image is not a readable image" in bad.text
+    missing = roomy.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "width": 32, "height": 32})
+    assert missing.status_code == 400 and "init_images" in missing.text

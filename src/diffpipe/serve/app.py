@@ -71,6 +71,12 @@ class Txt2ImgRequest(BaseModel):
     options: dict = Field(default_factory=dict)
 
 
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str] = Field(default_factory=list)
+    mask: str | None = None  # white: repaint
+    denoising_strength: float = 0.75
+
+
 @dataclass
 class Generation:
     prompt: str
@@ -82,6 +88,35 @@ class Generation:
     seed: int
     n: int
     sampler: str | None = None
+    image: object = None  # a PIL image: image-to-image (inpainting with ``mask``)
+    mask: object = None
+    strength: float = 0.75
+
+
+def decode_image(data: str | bytes, what: str):
+    """A base64 string (optionally a ``data:`` URL) or raw bytes -> an RGBA-or-RGB PIL image."""
+    import base64
+    import io
+
+    import PIL.Image
+
+    try:
+        if isinstance(data, str):
+            data = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=False)
+        image = PIL.Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except Exception as e:  # not an image: a 400 that says which field
+        raise HTTPException(400, f"{what} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def mask_from_alpha(mask):
+    """OpenAI's edit mask: fully transparent pixels are the ones to repaint -> white there, black elsewhere."""
+
+    if "A" in mask.getbands():
+        alpha = mask.getchannel("A")
+        return alpha.point(lambda a: 255 if a == 0 else 0).convert("L")
+    return mask.convert("L")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -168,7 +203,7 @@ class Server:
         import torch
 
         cls = self.scheduler_for(gen.sampler)
-        pipe = self.pipe
+        pipe = self.task_pipe(gen)
         if cls is not None:
             pipe.scheduler = cls.from_config(self.scheduler_config)
         try:
@@ -185,6 +220,10 @@ class Server:
                     generator=torch.Generator().manual_seed(gen.seed + i),
                     callback_on_step_end=job.step_callback(i, gen.steps),
                 )
+                if gen.image is not None:
+                    call.update(image=gen.image.convert("RGB"), strength=gen.strength)
+                    if gen.mask is not None:
+                        call["mask_image"] = gen.mask
                 if gen.negative_prompt:
                     call["negative_prompt"] = gen.negative_prompt
                 if gen.guidance_scale is not None:
@@ -206,6 +245,20 @@ class Server:
         finally:
             if cls is not None:
                 pipe.scheduler = self.default_scheduler
+
+    def task_pipe(self, gen: Generation):
+        """The loaded pipeline, or its image-to-image / inpainting sibling sharing every component."""
+        if gen.image is None:
+            return self.pipe
+        from ..pipelines.auto import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+        task = "inpaint" if gen.mask is not None else "image"
+        cache = self.__dict__.setdefault("_task_pipes", {})
+        if task not in cache:
+            auto = AutoPipelineForInpainting if task == "inpaint" else AutoPipelineForImage2Image
+            cache[task] = auto.from_pipe(self.pipe)
+            cache[task].set_progress_bar_config(disable=True)
+        return cache[task]
 
     async def generate(self, gen: Generation) -> list:
         check_limits(gen, self.settings)
@@ -362,6 +415,74 @@ def create_app(pipe, settings: Settings | None = None) -> FastAPI:
             "infotexts": [text for _, _, text in images],
         }
         return {"images": [b64 for b64, _, _ in images], "parameters": body.model_dump(), "info": json.dumps(info)}
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(body: Img2ImgRequest):
+        if not body.init_images:
+            raise HTTPException(400, "img2img needs init_images: a list with one base64-encoded image")
+        image = decode_image(body.init_images[0], "init_images[0]")
+        mask = decode_image(body.mask, "mask").convert("L") if body.mask else None
+        if not 0.0 <= body.denoising_strength <= 1.0:
+            raise HTTPException(400, f"denoising_strength must be in [0, 1], got {body.denoising_strength}")
+        gen = Generation(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt or None,
+            width=body.width,
+            height=body.height,
+            steps=body.steps,
+            guidance_scale=body.cfg_scale,
+            seed=body.seed if body.seed >= 0 else _random_seed(),
+            n=body.batch_size * body.n_iter,
+            sampler=body.sampler_name or body.sampler_index,
+            image=image,
+            mask=mask,
+            strength=body.denoising_strength,
+        )
+        images = await server.generate(gen)
+        info = {"seed": gen.seed, "all_seeds": [seed for _, seed, _ in images], "infotexts": [t for _, _, t in images]}
+        parameters = body.model_dump(exclude={"init_images", "mask"})
+        return {"images": [b64 for b64, _, _ in images], "parameters": parameters, "info": json.dumps(info)}
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request):
+        form = await request.form()
+        upload = form.get("image")
+        if upload is None or not hasattr(upload, "read"):
+            raise HTTPException(400, "images/edits needs an image file (multipart field 'image')")
+        image = decode_image(await upload.read(), "image")
+        mask_file = form.get("mask")
+        mask = mask_from_alpha(decode_image(await mask_file.read(), "mask")) if hasattr(mask_file, "read") else None
+        if mask is None and "A" in image.getbands():  # OpenAI: the image's own transparency is the mask
+            alpha = image.getchannel("A")
+            if alpha.getextrema()[0] == 0:
+                mask = mask_from_alpha(image)
+        if form.get("response_format", "b64_json") != "b64_json":
+            raise HTTPException(400, "response_format is not supported: use 'b64_json' (no 'url')")
+        width, height = _parse_size(str(form.get("size", f"{image.width}x{image.height}")))
+
+        def number(name, kind, default):
+            value = form.get(name)
+            try:
+                return default if value in (None, "") else kind(value)
+            except ValueError:
+                raise HTTPException(400, f"{name} must be a {kind.__name__}, got {value!r}") from None
+
+        seed = number("seed", int, -1)
+        gen = Generation(
+            prompt=str(form.get("prompt", "")),
+            negative_prompt=form.get("negative_prompt") or None,
+            width=width,
+            height=height,
+            steps=number("steps", int, min(DEFAULT_STEPS, settings.max_steps)),
+            guidance_scale=number("guidance_scale", float, None),
+            seed=seed if seed >= 0 else _random_seed(),
+            n=number("n", int, 1),
+            image=image,
+            mask=mask,
+            strength=number("strength", float, 1.0 if mask is not None else 0.75),
+        )
+        images = await server.generate(gen)
+        return {"created": int(time.time()), "data": [{"b64_json": b64} for b64, _, _ in images]}
 
     @app.get("/sdapi/v1/progress")
     def progress():
