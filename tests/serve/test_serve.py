@@ -329,3 +329,39 @@ def test_openai_edits_take_a_transparent_mask(roomy):
     assert bad.status_code == 400 and "image is not a readable image" in bad.text
     missing = roomy.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "width": 32, "height": 32})
     assert missing.status_code == 400 and "init_images" in missing.text
+
+
+# ------------------------------------------------------------------------------------ jobs
+def test_jobs_queue_report_and_return_the_images(client):
+    r = client.post("/jobs", json={"prompt": "a cat", "size": "32x32", "steps": 2, "seed": 5, "n": 2})
+    assert r.status_code == 200, r.text
+    job = r.json()["id"]
+    for _ in range(200):
+        status = client.get(f"/jobs/{job}").json()
+        if status["state"] in ("done", "failed"):
+            break
+        time.sleep(0.05)
+    assert status["state"] == "done" and status["seeds"] == [5, 6] and len(status["images"]) == 2
+    alone = openai(client, seed=6)
+    assert png(status["images"][1]) == png(alone.json()["data"][0]["b64_json"])
+    assert client.get("/jobs/nope").status_code == 404
+
+
+def test_a_queued_job_is_cancelled_and_a_running_one_stops_between_steps(pipe):
+    gated = GatedPipe(pipe)
+    with TestClient(create_app(gated, Settings(**SMALL, model_name="tiny-sd"))) as c:
+        args = {"prompt": "a cat", "size": "32x32", "steps": 20}
+        first = c.post("/jobs", json=args).json()["id"]
+        assert gated.reached.wait(30)
+        second = c.post("/jobs", json=args).json()["id"]
+        assert c.get(f"/jobs/{second}").json()["state"] == "queued"
+        assert c.delete(f"/jobs/{second}").json()["state"] == "cancelled"
+        assert c.get(f"/jobs/{first}").json()["state"] == "running"
+        assert c.delete(f"/jobs/{first}").json()["state"] == "cancelling"
+        gated.gate.set()
+        for _ in range(200):
+            if c.get(f"/jobs/{first}").json()["state"] == "done":
+                break
+            time.sleep(0.05)
+        assert c.get(f"/jobs/{first}").json()["state"] == "done"
+        assert gated.steps < 20

@@ -364,14 +364,13 @@ def create_app(pipe, settings: Settings | None = None) -> FastAPI:
     def models():
         return {"object": "list", "data": [{"id": server.model, "object": "model", "owned_by": "diffpipe"}]}
 
-    @app.post("/v1/images/generations")
-    async def images_generations(body: OpenAIImageRequest):
+    def openai_generation(body: OpenAIImageRequest) -> Generation:
         if body.response_format != "b64_json":
             raise HTTPException(
                 400, f"response_format={body.response_format!r} is not supported: use 'b64_json' (no 'url')"
             )
         width, height = _parse_size(body.size)
-        gen = Generation(
+        return Generation(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt,
             width=width,
@@ -381,8 +380,15 @@ def create_app(pipe, settings: Settings | None = None) -> FastAPI:
             seed=body.seed if body.seed is not None and body.seed >= 0 else _random_seed(),
             n=body.n,
         )
-        images = await server.generate(gen)
+
+    @app.post("/v1/images/generations")
+    async def images_generations(body: OpenAIImageRequest):
+        images = await server.generate(openai_generation(body))
         return {"created": int(time.time()), "data": [{"b64_json": b64} for b64, _, _ in images]}
+
+    from .jobs import register_jobs
+
+    register_jobs(app, server, OpenAIImageRequest, openai_generation)
 
     # A1111 ------------------------------------------------------------------------------------
     @app.post("/sdapi/v1/txt2img")
