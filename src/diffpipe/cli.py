@@ -1,4 +1,4 @@
-"""The ``diffpipe`` command: generate, inspect, estimate, convert, demo, serve.
+"""The ``diffpipe`` command: generate, inspect, estimate, convert, demo, batch, serve.
 
 Errors end as one line on stderr and a non-zero exit code, not a traceback (``--debug`` shows it).
 """
@@ -275,6 +275,21 @@ def cmd_demo(args, out: Console) -> int:
     return 0
 
 
+def cmd_batch(args, out: Console) -> int:
+    from .batch import run_batch
+
+    return run_batch(
+        args.prompts,
+        model=args.model,
+        out_dir=args.out,
+        ray_address=args.ray_address,
+        workers=args.workers,
+        steps=args.steps,
+        size=args.size,
+        say=print,
+    )
+
+
 def cmd_serve(args, out: Console) -> int:
     from .serve.settings import Settings, is_loopback
 
@@ -361,6 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=10)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("batch", help="one PNG per JSONL row (resumable), in-process or on Ray Data")
+    b.add_argument("prompts", help="JSONL: prompt, optional seed, negative_prompt, steps, size, guidance_scale, id")
+    b.add_argument("--model", required=True, help="a diffusers folder or repo id")
+    b.add_argument("--out", required=True, help="the folder for <id>.png")
+    b.add_argument("--ray-address", help="run on Ray Data: auto, an address, or local (starts a local Ray)")
+    b.add_argument("--workers", type=int, default=1, help="pipeline replicas (Ray actors)")
+    b.add_argument("--steps", type=int, help="default steps for rows without one")
+    b.add_argument("--size", help="default N or WIDTHxHEIGHT for rows without one")
+    b.set_defaults(func=cmd_batch)
 
     s = sub.add_parser("serve", help="an HTTP server (OpenAI images and A1111 APIs, a web page) for one model")
     s.add_argument("--model", required=True, help="a diffusers folder or repo id")
