@@ -22,6 +22,7 @@ from ..nn.attention import AttentionHostMixin
 from ..nn.embeddings import TimestepEmbedding, Timesteps
 from ..nn.memory import MemorySwitchesMixin
 from ..nn.transformer_2d import mask_to_bias
+from .conditioning import check_text_time, text_time_embedding, timestep_batch
 from .modeling import ModelMixin
 from .outputs import ControlNetOutput
 from .unet_2d_condition import UNet2DConditionModel, _per_block
@@ -373,43 +374,11 @@ class ControlNetModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin):
                 f"num_class_embeds={cfg.num_class_embeds} needs `class_labels`"
             )
         if cfg.addition_embed_type == "text_time":
-            self._check_text_time(added_cond_kwargs, batch)
-
-    def _check_text_time(self, added_cond_kwargs, batch: int) -> None:
-        cfg = self.config
-        total, per_id = cfg.projection_class_embeddings_input_dim, cfg.addition_time_embed_dim
-        wanted = (
-            f"added_cond_kwargs={{'text_embeds': [batch, T], 'time_ids': [batch, N]}} with "
-            f"T + N * {per_id} = {total} (projection_class_embeddings_input_dim; SDXL: T=1280, N=6)"
-        )
-        if not isinstance(added_cond_kwargs, dict) or any(
-            added_cond_kwargs.get(k) is None for k in ("text_embeds", "time_ids")
-        ):
-            raise ValueError(
-                f"ControlNetModel with addition_embed_type='text_time' (SDXL) needs {wanted}; "
-                f"got added_cond_kwargs={added_cond_kwargs!r}"
-            )
-        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
-        ok = text_embeds.ndim == 2 and text_embeds.shape[0] == batch and time_ids.numel() % batch == 0
-        if not ok or text_embeds.shape[1] + (time_ids.numel() // batch) * per_id != total:
-            raise ValueError(
-                f"ControlNetModel needs {wanted} for batch {batch}; got text_embeds {tuple(text_embeds.shape)}, "
-                f"time_ids {tuple(time_ids.shape)}"
-            )
+            check_text_time("ControlNetModel", cfg, added_cond_kwargs, batch)
 
     def _embed(self, sample, timestep, timestep_cond, class_labels, added_cond_kwargs) -> torch.Tensor:
         cfg = self.config
-        batch = sample.shape[0]
-        if not torch.is_tensor(timestep):
-            timestep = torch.full((batch,), float(timestep), dtype=torch.float32, device=sample.device)
-        else:
-            timestep = timestep[None] if timestep.ndim == 0 else timestep
-            if timestep.ndim != 1 or timestep.shape[0] not in (1, batch):
-                raise ValueError(
-                    f"ControlNetModel expects `timestep` as a number, a 0-d tensor or a 1-d tensor of length 1 "
-                    f"or {batch} (the batch); got shape {tuple(timestep.shape)}"
-                )
-            timestep = timestep.to(sample.device).expand(batch)
+        timestep = timestep_batch("ControlNetModel", timestep, sample)
         t_emb = self.time_proj(timestep).to(dtype=sample.dtype)
         # A ControlNet's time embedding has no condition projection: a `timestep_cond` is refused there.
         emb = self.time_embedding(t_emb, timestep_cond)
@@ -420,11 +389,7 @@ class ControlNetModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin):
             emb = emb + self.class_embedding(class_labels).to(dtype=sample.dtype)
 
         if cfg.addition_embed_type == "text_time":
-            text_embeds = added_cond_kwargs["text_embeds"]
-            time_embeds = self.add_time_proj(added_cond_kwargs["time_ids"].flatten())
-            time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)
-            add_embeds = torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype)
-            emb = emb + self.add_embedding(add_embeds)
+            emb = emb + text_time_embedding(self, added_cond_kwargs, emb.dtype)
         return emb
 
     def forward(

@@ -28,6 +28,7 @@ from ..adapters.lora_model import LoraModelMixin
 from .freeu import FreeUMixin
 from ..nn.embeddings import TimestepEmbedding, Timesteps
 from ..nn.transformer_2d import mask_to_bias
+from .conditioning import check_text_time, text_time_embedding, timestep_batch
 from .modeling import ModelMixin
 from .outputs import UNet2DConditionOutput
 from .unet_block_factory import get_down_block, get_mid_block, get_up_block
@@ -394,58 +395,11 @@ class UNet2DConditionModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin, 
                 f"num_class_embeds={cfg.num_class_embeds} needs `class_labels`"
             )
         if cfg.addition_embed_type == "text_time":
-            self._check_text_time(added_cond_kwargs, batch)
-
-    def _check_text_time(self, added_cond_kwargs, batch: int) -> None:
-        cfg = self.config
-        total = cfg.projection_class_embeddings_input_dim
-        per_id = cfg.addition_time_embed_dim
-        wanted = (
-            f"added_cond_kwargs={{'text_embeds': [batch, T], 'time_ids': [batch, N]}} with "
-            f"T + N * {per_id} = {total} (projection_class_embeddings_input_dim; SDXL: T=1280, N=6)"
-        )
-        if not isinstance(added_cond_kwargs, dict):
-            raise ValueError(
-                f"UNet2DConditionModel with addition_embed_type='text_time' (SDXL) needs {wanted}; "
-                f"got added_cond_kwargs={added_cond_kwargs!r}"
-            )
-        missing = [k for k in ("text_embeds", "time_ids") if added_cond_kwargs.get(k) is None]
-        if missing:
-            raise ValueError(
-                f"UNet2DConditionModel with addition_embed_type='text_time' (SDXL) needs {wanted}; "
-                f"added_cond_kwargs lacks {missing} (has keys {sorted(added_cond_kwargs)})"
-            )
-        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
-        if text_embeds.ndim != 2 or text_embeds.shape[0] != batch or time_ids.numel() % batch != 0:
-            raise ValueError(
-                f"UNet2DConditionModel needs {wanted} for batch {batch}; got text_embeds "
-                f"{tuple(text_embeds.shape)}, time_ids {tuple(time_ids.shape)}"
-            )
-        width = text_embeds.shape[1] + (time_ids.numel() // batch) * per_id
-        if width != total:
-            raise ValueError(
-                f"UNet2DConditionModel needs {wanted}; got text_embeds {tuple(text_embeds.shape)} and time_ids "
-                f"{tuple(time_ids.shape)}, which give {width}"
-            )
-
-    def _timestep_batch(self, timestep, sample: torch.Tensor) -> torch.Tensor:
-        """A 1-d float or integer tensor of one timestep per sample, on the sample's device."""
-        batch = sample.shape[0]
-        if not torch.is_tensor(timestep):
-            # Converted straight to float32: the sinusoidal projection computes in float32 anyway.
-            return torch.full((batch,), float(timestep), dtype=torch.float32, device=sample.device)
-        if timestep.ndim == 0:
-            timestep = timestep[None]
-        if timestep.ndim != 1 or timestep.shape[0] not in (1, batch):
-            raise ValueError(
-                f"UNet2DConditionModel expects `timestep` as a number, a 0-d tensor or a 1-d tensor of length 1 "
-                f"or {batch} (the batch); got shape {tuple(timestep.shape)}"
-            )
-        return timestep.to(sample.device).expand(batch)
+            check_text_time("UNet2DConditionModel", cfg, added_cond_kwargs, batch)
 
     def _embed(self, sample, timestep, timestep_cond, class_labels, added_cond_kwargs) -> torch.Tensor:
         cfg = self.config
-        t_emb = self.time_proj(self._timestep_batch(timestep, sample)).to(dtype=sample.dtype)
+        t_emb = self.time_proj(timestep_batch("UNet2DConditionModel", timestep, sample)).to(dtype=sample.dtype)
         emb = self.time_embedding(t_emb, timestep_cond)
 
         if self.class_embedding is not None:
@@ -455,11 +409,7 @@ class UNet2DConditionModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin, 
             emb = torch.cat([emb, class_emb], dim=-1) if cfg.class_embeddings_concat else emb + class_emb
 
         if cfg.addition_embed_type == "text_time":
-            text_embeds = added_cond_kwargs["text_embeds"]
-            time_ids = added_cond_kwargs["time_ids"]
-            time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
-            add_embeds = torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype)
-            emb = emb + self.add_embedding(add_embeds)
+            emb = emb + text_time_embedding(self, added_cond_kwargs, emb.dtype)
 
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)

@@ -29,6 +29,7 @@ from ..nn.memory import MemorySwitchesMixin
 from ..adapters.lora_model import LoraModelMixin
 from .freeu import FreeUMixin
 from ..nn.transformer_2d import mask_to_bias
+from .conditioning import check_text_time
 from .modeling import ModelMixin
 from .motion import MotionAdapter, MotionModules, motion_stacks, per_block
 from .outputs import ModelOutput
@@ -415,7 +416,7 @@ class UNetMotionModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin, FreeU
         batch, frames = self._check_inputs(sample, encoder_hidden_states)
         unet = self._unet2d
         if self.config.addition_embed_type == "text_time":
-            unet._check_text_time(added_cond_kwargs, batch)
+            check_text_time("UNetMotionModel", self.config, added_cond_kwargs, batch)
         emb = unet._embed(sample[:, :, 0], timestep, timestep_cond, None, added_cond_kwargs)
         emb = emb.repeat_interleave(frames, dim=0)
         if encoder_hidden_states.shape[0] != batch * frames:
