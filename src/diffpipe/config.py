@@ -252,8 +252,10 @@ class ConfigMixin:
         # The reference's two messages, in its words (its test suite and users' log filters look for
         # them), each time a config is read: keys no class of this family takes (a compatible class's
         # keys are expected in a config that moves between schedulers), and keys left to defaults.
-        expected_too = cls._compatible_keys() | set(cls._derived_config_keys)
-        unknown = {k: v for k, v in kept.items() if not k.startswith("_") and k not in expected_too}
+        unknown = {k: v for k, v in kept.items() if not k.startswith("_") and k not in cls._derived_config_keys}
+        if unknown:  # (only then: finding the compatible classes imports their modules)
+            compatible = cls._compatible_keys()
+            unknown = {k: v for k, v in unknown.items() if k not in compatible}
         if unknown:
             logger.warning(
                 "The config attributes %s were passed to %s, but are not expected and will be ignored. "

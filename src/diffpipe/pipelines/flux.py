@@ -148,14 +148,9 @@ def encode_prompt_stage(pipe, request: FluxRequest, state: CallState) -> CallSta
         pooled_prompt_embeds=request.pooled_prompt_embeds,
         max_sequence_length=request.max_sequence_length,
     )
-    if request.true_cfg:
-        negative = (
-            request.negative_prompt
-            if request.negative_prompt is not None or request.negative_prompt_embeds is not None
-            else ""
-        )
+    if request.true_cfg:  # (a negative prompt or its embeddings were given)
         state.negative, state.negative_pooled, _ = pipe.encode_prompt(
-            negative,
+            request.negative_prompt,
             request.negative_prompt_2,
             device=state.device,
             num_images_per_prompt=request.num_images_per_prompt,
@@ -353,7 +348,7 @@ class FluxBase(LoraLoaderMixin, DiffusionPipeline):
             return device
         return self.transformer.device if self.transformer is not None else self.device
 
-    def _prompt_list(self, prompt, batch: int | None = None) -> list[str]:
+    def _prompt_list(self, prompt) -> list[str]:
         return [prompt] if isinstance(prompt, str) else list(prompt)
 
     def encode_prompt(
@@ -396,12 +391,6 @@ class FluxBase(LoraLoaderMixin, DiffusionPipeline):
         ).input_ids
         stages.bring_to_device(self.text_encoder_2)
         return self.text_encoder_2(tokens.to(self.text_encoder_2.device), output_hidden_states=False)[0].to(device)
-
-    def _components_needed(self, request) -> list[str]:
-        return ["transformer", "scheduler", "vae"]
-
-    def _check_components(self, request) -> None:
-        """(Every check of a Flux call is in :meth:`FluxRequest.check`.)"""
 
 
 class FluxPipeline(FluxBase):

@@ -257,13 +257,12 @@ def load_single_file_gguf(cls, path, quantization, config, subfolder, dtype, hub
             f"{where}: quantization_config {type(quantization).__name__} is not supported; single files take "
             "GGUFQuantizationConfig (for .gguf files)"
         )
-    key_map = None
+    # an original layout's config (read from the shapes) and key map, when the class knows that layout
+    own_config, key_map = cls._gguf_single_file(open_gguf(path)) if hasattr(cls, "_gguf_single_file") else (None, None)
     if config is not None:
         model_config = dict(cls.load_config(config, subfolder=subfolder, **hub))
-        if hasattr(cls, "_gguf_single_file"):  # the file's own layout still needs its key map
-            key_map = cls._gguf_single_file(open_gguf(path))[1]
-    elif hasattr(cls, "_gguf_single_file") and cls._gguf_single_file(open_gguf(path))[0] is not None:
-        model_config, key_map = cls._gguf_single_file(open_gguf(path))
+    elif own_config is not None:
+        model_config = own_config
     else:
         raise ConfigError(
             f"{where}: a GGUF file holds no config; pass config= a diffusers folder or Hub repo id of the same "

@@ -153,6 +153,22 @@ def check_limits(gen: Generation, settings: Settings) -> None:
         raise HTTPException(400, f"seed={gen.seed} must be -1 (random) or between 0 and {MAX_SEED - gen.n}")
 
 
+def a1111_generation(body: Txt2ImgRequest, **image) -> Generation:
+    """An A1111 request (txt2img, or img2img with ``image``/``mask``/``strength``) as a Generation."""
+    return Generation(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt or None,
+        width=body.width,
+        height=body.height,
+        steps=body.steps,
+        guidance_scale=body.cfg_scale,
+        seed=body.seed if body.seed >= 0 else _random_seed(),
+        n=body.batch_size * body.n_iter,
+        sampler=body.sampler_name or body.sampler_index,
+        **image,
+    )
+
+
 def _random_seed() -> int:
     return random.randrange(2**32 - 1)
 
@@ -393,17 +409,7 @@ def create_app(pipe, settings: Settings | None = None) -> FastAPI:
     # A1111 ------------------------------------------------------------------------------------
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest):
-        gen = Generation(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt or None,
-            width=body.width,
-            height=body.height,
-            steps=body.steps,
-            guidance_scale=body.cfg_scale,
-            seed=body.seed if body.seed >= 0 else _random_seed(),
-            n=body.batch_size * body.n_iter,
-            sampler=body.sampler_name or body.sampler_index,
-        )
+        gen = a1111_generation(body)
         images = await server.generate(gen)
         seeds = [seed for _, seed, _ in images]
         info = {
@@ -430,20 +436,7 @@ def create_app(pipe, settings: Settings | None = None) -> FastAPI:
         mask = decode_image(body.mask, "mask").convert("L") if body.mask else None
         if not 0.0 <= body.denoising_strength <= 1.0:
             raise HTTPException(400, f"denoising_strength must be in [0, 1], got {body.denoising_strength}")
-        gen = Generation(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt or None,
-            width=body.width,
-            height=body.height,
-            steps=body.steps,
-            guidance_scale=body.cfg_scale,
-            seed=body.seed if body.seed >= 0 else _random_seed(),
-            n=body.batch_size * body.n_iter,
-            sampler=body.sampler_name or body.sampler_index,
-            image=image,
-            mask=mask,
-            strength=body.denoising_strength,
-        )
+        gen = a1111_generation(body, image=image, mask=mask, strength=body.denoising_strength)
         images = await server.generate(gen)
         info = {"seed": gen.seed, "all_seeds": [seed for _, seed, _ in images], "infotexts": [t for _, _, t in images]}
         parameters = body.model_dump(exclude={"init_images", "mask"})
