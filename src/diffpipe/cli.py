@@ -72,18 +72,24 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
 
 
 # ------------------------------------------------------------------------------------ commands
-def cmd_generate(args, out: Console) -> int:
-    import torch
-
-    from . import DiffusionPipeline, load_image
-    from .registry import find_class
-
+def _load_kwargs(args) -> dict:
+    """``--variant`` and ``--dtype`` as ``from_pretrained`` keywords."""
     kwargs = {}
     if args.variant:
         kwargs["variant"] = args.variant
     dtype = _dtype(args.dtype)
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
+    return kwargs
+
+
+def cmd_generate(args, out: Console) -> int:
+    import torch
+
+    from . import DiffusionPipeline, load_image
+    from .registry import find_class
+
+    kwargs = _load_kwargs(args)
     start = time.perf_counter()
     pipe = DiffusionPipeline.from_pretrained(args.model, **kwargs)
     out.say(f"loaded {type(pipe).__name__} from {args.model} in {time.perf_counter() - start:.1f} s")
@@ -287,11 +293,12 @@ def cmd_batch(args, out: Console) -> int:
         steps=args.steps,
         size=args.size,
         say=print,
+        **_load_kwargs(args),
     )
 
 
 def cmd_serve(args, out: Console) -> int:
-    from .serve.settings import Settings, is_loopback
+    from .serve.settings import Settings, is_loopback, load_served_pipeline
 
     key = args.api_key or os.environ.get("DIFFPIPE_API_KEY") or None
     if not key and not args.insecure and not is_loopback(args.host):
@@ -299,17 +306,27 @@ def cmd_serve(args, out: Console) -> int:
             f"refusing to serve on non-loopback host {args.host!r} without an API key: "
             "give --api-key KEY or DIFFPIPE_API_KEY, or --insecure to serve it open"
         )
+    limits = {name: getattr(args, name) for name in LIMITS if getattr(args, name) is not None}
+    settings = Settings(api_key=key, host=args.host, model_name=args.model_name or args.model, **limits)
     import uvicorn
 
-    from . import DiffusionPipeline
     from .serve.app import create_app
 
-    pipe = DiffusionPipeline.from_pretrained(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    app = create_app(pipe, Settings(api_key=key, host=args.host, model_name=args.model))
+    pipe = load_served_pipeline(args.model, **_load_kwargs(args))
+    app = create_app(pipe, settings)
     out.say(f"serving {type(pipe).__name__} from {args.model} on http://{args.host}:{args.port}/")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0
+
+
+# diffpipe serve's limits: Settings fields, with their flags' help (defaults are Settings')
+LIMITS = {
+    "max_pixels": (int, "largest width*height of one image (default 1048576)"),
+    "max_steps": (int, "most steps one request may ask for (default 150)"),
+    "max_n": (int, "most images in one request (default 4)"),
+    "max_queue": (int, "requests that may wait behind the running one; more get 429 (default 8)"),
+    "max_body_bytes": (int, "largest request body in bytes (default 20000000); uploaded images count"),
+}
 
 
 def _quiet_transformers() -> None:
@@ -385,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=1, help="pipeline replicas (Ray actors)")
     b.add_argument("--steps", type=int, help="default steps for rows without one")
     b.add_argument("--size", help="default N or WIDTHxHEIGHT for rows without one")
+    b.add_argument("--variant")
+    b.add_argument("--dtype", help="float32, float16 or bfloat16")
     b.set_defaults(func=cmd_batch)
 
     s = sub.add_parser("serve", help="an HTTP server (OpenAI images and A1111 APIs, a web page) for one model")
@@ -393,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $DIFFPIPE_API_KEY)")
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback host without an API key")
+    s.add_argument("--model-name", help="the name clients see in /v1/models (default: --model)")
+    s.add_argument("--variant")
+    s.add_argument("--dtype", help="float32, float16 or bfloat16")
+    for name, (kind, help_text) in LIMITS.items():
+        s.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)
     s.set_defaults(func=cmd_serve)
     return parser
 

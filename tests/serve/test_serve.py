@@ -14,11 +14,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from sd_factory import save_reference_pipeline
+from serve_helpers import GatedPipe, wait_for
 
 from diffpipe.serve import Settings, create_app
 from diffpipe.serve.pngmeta import read_parameters
 
-SMALL = dict(max_pixels=64 * 64, max_steps=60, max_n=3, max_queue=4, max_body_bytes=4096)
+SMALL = dict(max_pixels=64 * 64, max_steps=60, max_n=3, max_queue=4, max_body_bytes=4096)  # a small body limit
 
 
 @pytest.fixture(scope="module")
@@ -43,30 +44,6 @@ def openai(client, **kw):
 
 def png(b64: str) -> bytes:
     return base64.b64decode(b64)
-
-
-class GatedPipe:
-    """The real pipeline, but each step waits for ``gate`` after saying it reached the step."""
-
-    def __init__(self, pipe):
-        self._pipe = pipe
-        self.reached = threading.Event()
-        self.gate = threading.Event()
-        self.steps = 0
-
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)
-
-    def __call__(self, **kw):
-        inner = kw["callback_on_step_end"]
-
-        def callback(pipe, i, t, tensors):
-            self.steps += 1
-            self.reached.set()
-            assert self.gate.wait(30)
-            return inner(pipe, i, t, tensors)
-
-        return self._pipe(**{**kw, "callback_on_step_end": callback})
 
 
 # ------------------------------------------------------------------------------------ OpenAI
@@ -175,7 +152,9 @@ def test_web_page_is_served_with_its_form(client):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     for field in ('id="prompt"', 'id="negative_prompt"', 'id="width"', 'id="steps"', 'id="seed"', "Generate"):
         assert field in r.text
-    assert "/v1/images/generations" in r.text and "/sdapi/v1/progress" in r.text
+    for field in ('id="scheduler"', 'id="image"', 'type="file"', 'id="strength"', 'id="progress"', 'id="gallery"'):
+        assert field in r.text
+    assert '"/jobs"' in r.text and "/sdapi/v1/samplers" in r.text
     assert 'name="viewport"' in r.text
 
 
@@ -195,13 +174,6 @@ def test_api_key_is_required_everywhere_but_the_page(pipe):
             headers={"Authorization": "Bearer s3cret"},
         )
         assert ok.status_code == 200
-
-
-def _wait(condition, timeout=30.0):
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.01)
 
 
 def test_interrupt_stops_the_job_between_steps(pipe):
@@ -237,7 +209,7 @@ def test_a_full_queue_gives_429(pipe):
         threads[0].start()
         assert gated.reached.wait(30)  # the first one runs
         threads[1].start()
-        _wait(lambda: app.state.server.worker.waiting() == 1)  # the second one waits
+        wait_for(lambda: app.state.server.worker.waiting() == 1)  # the second one waits
         r = c.post("/v1/images/generations", json=body)
         assert r.status_code == 429 and "max_queue=1" in r.json()["error"]["message"]
         assert c.get("/sdapi/v1/progress").json()["state"]["job_count"] == 2
@@ -326,7 +298,7 @@ def test_openai_edits_take_a_transparent_mask(roomy):
     with Image.open(io.BytesIO(png(r.json()["data"][0]["b64_json"]))) as out:
         assert out.size == (32, 32)
     bad = roomy.post("/v1/images/edits", files={"image": ("i.png", b"not an image", "image/png")}, data={"prompt": "x"})
-    assert bad.status_code == 400 and "image is not a readable image" in bad.text
+    assert bad.status_code == 400 and "'image' is not a readable image" in bad.json()["detail"]
     missing = roomy.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "width": 32, "height": 32})
     assert missing.status_code == 400 and "init_images" in missing.text
 

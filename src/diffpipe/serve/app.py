@@ -10,22 +10,37 @@ import asyncio
 import contextlib
 import hmac
 import json
-import random
 import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, Field
 
 from .pngmeta import infotext, png_base64
+from .requests import (
+    DEFAULT_STEPS,
+    Generation,
+    Img2ImgRequest,
+    JobRequest,
+    OpenAIImageRequest,
+    Txt2ImgRequest,
+    a1111_generation,
+    check_limits,
+    decode_image,
+    job_generation,
+    mask_from_alpha,
+    openai_generation,
+    parse_size,
+    random_seed,
+)
 from .settings import Settings
-from .worker import QueueFull, Worker
+from .worker import Closed, QueueFull, Worker
 
-DEFAULT_STEPS = 30
-MAX_SEED = 2**63 - 1
+# polling a waiting request's connection: a client that went away cancels its job
+DISCONNECT_POLL_S = 0.2
+
 # A1111's names for the schedulers they correspond to (aliases in /sdapi/v1/samplers).
 A1111_NAMES = {
     "EulerDiscreteScheduler": ["Euler"],
@@ -43,82 +58,6 @@ A1111_NAMES = {
 }
 
 
-# ------------------------------------------------------------------------------------ requests
-class OpenAIImageRequest(BaseModel):
-    prompt: str
-    n: int = 1
-    size: str = "512x512"
-    response_format: str = "b64_json"
-    seed: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    negative_prompt: str | None = None
-    model: str | None = None
-
-
-class Txt2ImgRequest(BaseModel):
-    prompt: str = ""
-    negative_prompt: str = ""
-    steps: int = 20
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
-    seed: int = -1
-    batch_size: int = 1
-    n_iter: int = 1
-    sampler_name: str | None = None
-    sampler_index: str | None = None
-    options: dict = Field(default_factory=dict)
-
-
-class Img2ImgRequest(Txt2ImgRequest):
-    init_images: list[str] = Field(default_factory=list)
-    mask: str | None = None  # white: repaint
-    denoising_strength: float = 0.75
-
-
-@dataclass
-class Generation:
-    prompt: str
-    negative_prompt: str | None
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float | None
-    seed: int
-    n: int
-    sampler: str | None = None
-    image: object = None  # a PIL image: image-to-image (inpainting with ``mask``)
-    mask: object = None
-    strength: float = 0.75
-
-
-def decode_image(data: str | bytes, what: str):
-    """A base64 string (optionally a ``data:`` URL) or raw bytes -> an RGBA-or-RGB PIL image."""
-    import base64
-    import io
-
-    import PIL.Image
-
-    try:
-        if isinstance(data, str):
-            data = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=False)
-        image = PIL.Image.open(io.BytesIO(data))
-        image.load()
-        return image
-    except Exception as e:  # not an image: a 400 that says which field
-        raise HTTPException(400, f"{what} is not a readable image ({type(e).__name__}: {e})") from None
-
-
-def mask_from_alpha(mask):
-    """OpenAI's edit mask: fully transparent pixels are the ones to repaint -> white there, black elsewhere."""
-
-    if "A" in mask.getbands():
-        alpha = mask.getchannel("A")
-        return alpha.point(lambda a: 255 if a == 0 else 0).convert("L")
-    return mask.convert("L")
-
-
 # ------------------------------------------------------------------------------------ helpers
 def model_name_of(pipe, settings: Settings) -> str:
     if settings.model_name:
@@ -126,51 +65,6 @@ def model_name_of(pipe, settings: Settings) -> str:
     config = getattr(pipe, "config", None) or {}
     name = config.get("_name_or_path") if hasattr(config, "get") else None
     return str(name) if name else type(pipe).__name__
-
-
-def _parse_size(size: str) -> tuple[int, int]:
-    try:
-        w, h = (int(part) for part in size.lower().split("x"))
-    except ValueError:
-        raise HTTPException(400, f"size must be WIDTHxHEIGHT, e.g. 512x512; got {size!r}") from None
-    return w, h
-
-
-def check_limits(gen: Generation, settings: Settings) -> None:
-    if gen.width < 8 or gen.height < 8:
-        raise HTTPException(400, f"width and height must be at least 8; got {gen.width}x{gen.height}")
-    if gen.width * gen.height > settings.max_pixels:
-        raise HTTPException(
-            400,
-            f"width*height = {gen.width}x{gen.height} = {gen.width * gen.height} pixels is over the limit "
-            f"max_pixels={settings.max_pixels}",
-        )
-    if not 1 <= gen.steps <= settings.max_steps:
-        raise HTTPException(400, f"steps={gen.steps} must be between 1 and the limit max_steps={settings.max_steps}")
-    if not 1 <= gen.n <= settings.max_n:
-        raise HTTPException(400, f"n={gen.n} images must be between 1 and the limit max_n={settings.max_n}")
-    if not 0 <= gen.seed <= MAX_SEED - gen.n:
-        raise HTTPException(400, f"seed={gen.seed} must be -1 (random) or between 0 and {MAX_SEED - gen.n}")
-
-
-def a1111_generation(body: Txt2ImgRequest, **image) -> Generation:
-    """An A1111 request (txt2img, or img2img with ``image``/``mask``/``strength``) as a Generation."""
-    return Generation(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt or None,
-        width=body.width,
-        height=body.height,
-        steps=body.steps,
-        guidance_scale=body.cfg_scale,
-        seed=body.seed if body.seed >= 0 else _random_seed(),
-        n=body.batch_size * body.n_iter,
-        sampler=body.sampler_name or body.sampler_index,
-        **image,
-    )
-
-
-def _random_seed() -> int:
-    return random.randrange(2**32 - 1)
 
 
 class Server:
@@ -276,18 +170,32 @@ class Server:
             cache[task].set_progress_bar_config(disable=True)
         return cache[task]
 
-    async def generate(self, gen: Generation) -> list:
+    def submit(self, gen: Generation, run=None):
+        """Check ``gen`` and queue it (``run(job)``, by default :meth:`run`); a full queue is a 429."""
         check_limits(gen, self.settings)
         self.scheduler_for(gen.sampler)  # an unknown sampler is refused before it queues
         try:
-            future = self.worker.submit(lambda job: self.run(gen, job), total_steps=gen.n * gen.steps)
+            return self.worker.submit(run or (lambda job: self.run(gen, job)), total_steps=gen.n * gen.steps)
         except QueueFull as e:
-            raise HTTPException(429, str(e)) from None
+            raise HTTPException(429, str(e), headers={"Retry-After": str(self.worker.retry_after())}) from None
+        except Closed as e:
+            raise HTTPException(503, str(e), headers={"Retry-After": "5"}) from None
+
+    async def generate(self, gen: Generation, request: Request | None = None) -> list:
+        """Queue ``gen`` and wait for its images; a client that disconnects meanwhile cancels it."""
+        future = self.submit(gen)
+        waiting = asyncio.wrap_future(future)
         try:
-            return await asyncio.wrap_future(future)
-        except HTTPException:
-            raise
-        except ValueError as e:  # the pipeline's own checks (sizes not divisible by 8, ...)
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return waiting.result()
+                if request is not None and await request.is_disconnected():
+                    self.worker.cancel(future)
+                    raise HTTPException(499, "the client closed the request; its job was cancelled")
+        except asyncio.CancelledError:
+            raise HTTPException(499, "the job was cancelled") from None
+        except ValueError as e:  # the pipeline's own checks
             raise HTTPException(400, " ".join(str(e).split())) from None
 
 
@@ -364,6 +272,14 @@ def create_app(pipe, settings: Settings | None = None) -> FastAPI:
     app.state.server = server
     app.add_middleware(Guard, settings=settings)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
+            problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        return await http_error(request, HTTPException(422, "invalid request: " + "; ".join(problems)))
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         body = {"detail": exc.detail}
@@ -380,37 +296,20 @@ def create_app(pipe, settings: Settings | None = None) -> FastAPI:
     def models():
         return {"object": "list", "data": [{"id": server.model, "object": "model", "owned_by": "diffpipe"}]}
 
-    def openai_generation(body: OpenAIImageRequest) -> Generation:
-        if body.response_format != "b64_json":
-            raise HTTPException(
-                400, f"response_format={body.response_format!r} is not supported: use 'b64_json' (no 'url')"
-            )
-        width, height = _parse_size(body.size)
-        return Generation(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt,
-            width=width,
-            height=height,
-            steps=body.steps if body.steps is not None else min(DEFAULT_STEPS, settings.max_steps),
-            guidance_scale=body.guidance_scale,
-            seed=body.seed if body.seed is not None and body.seed >= 0 else _random_seed(),
-            n=body.n,
-        )
-
     @app.post("/v1/images/generations")
-    async def images_generations(body: OpenAIImageRequest):
-        images = await server.generate(openai_generation(body))
+    async def images_generations(body: OpenAIImageRequest, request: Request):
+        images = await server.generate(openai_generation(body, settings, server.model), request)
         return {"created": int(time.time()), "data": [{"b64_json": b64} for b64, _, _ in images]}
 
     from .jobs import register_jobs
 
-    register_jobs(app, server, OpenAIImageRequest, openai_generation)
+    register_jobs(app, server, JobRequest, lambda body: job_generation(body, settings, server.model))
 
     # A1111 ------------------------------------------------------------------------------------
     @app.post("/sdapi/v1/txt2img")
-    async def txt2img(body: Txt2ImgRequest):
+    async def txt2img(body: Txt2ImgRequest, request: Request):
         gen = a1111_generation(body)
-        images = await server.generate(gen)
+        images = await server.generate(gen, request)
         seeds = [seed for _, seed, _ in images]
         info = {
             "prompt": body.prompt,
@@ -429,15 +328,17 @@ def create_app(pipe, settings: Settings | None = None) -> FastAPI:
         return {"images": [b64 for b64, _, _ in images], "parameters": body.model_dump(), "info": json.dumps(info)}
 
     @app.post("/sdapi/v1/img2img")
-    async def img2img(body: Img2ImgRequest):
+    async def img2img(body: Img2ImgRequest, request: Request):
         if not body.init_images:
             raise HTTPException(400, "img2img needs init_images: a list with one base64-encoded image")
         image = decode_image(body.init_images[0], "init_images[0]")
         mask = decode_image(body.mask, "mask").convert("L") if body.mask else None
+        if mask is not None and body.inpainting_mask_invert:
+            mask = mask.point(lambda v: 255 - v)
         if not 0.0 <= body.denoising_strength <= 1.0:
             raise HTTPException(400, f"denoising_strength must be in [0, 1], got {body.denoising_strength}")
         gen = a1111_generation(body, image=image, mask=mask, strength=body.denoising_strength)
-        images = await server.generate(gen)
+        images = await server.generate(gen, request)
         info = {"seed": gen.seed, "all_seeds": [seed for _, seed, _ in images], "infotexts": [t for _, _, t in images]}
         parameters = body.model_dump(exclude={"init_images", "mask"})
         return {"images": [b64 for b64, _, _ in images], "parameters": parameters, "info": json.dumps(info)}
@@ -457,7 +358,7 @@ def create_app(pipe, settings: Settings | None = None) -> FastAPI:
                 mask = mask_from_alpha(image)
         if form.get("response_format", "b64_json") != "b64_json":
             raise HTTPException(400, "response_format is not supported: use 'b64_json' (no 'url')")
-        width, height = _parse_size(str(form.get("size", f"{image.width}x{image.height}")))
+        width, height = parse_size(str(form.get("size", f"{image.width}x{image.height}")))
 
         def number(name, kind, default):
             value = form.get(name)
@@ -474,13 +375,14 @@ def create_app(pipe, settings: Settings | None = None) -> FastAPI:
             height=height,
             steps=number("steps", int, min(DEFAULT_STEPS, settings.max_steps)),
             guidance_scale=number("guidance_scale", float, None),
-            seed=seed if seed >= 0 else _random_seed(),
+            seed=seed if seed >= 0 else random_seed(),
             n=number("n", int, 1),
             image=image,
             mask=mask,
             strength=number("strength", float, 1.0 if mask is not None else 0.75),
+            sampler=form.get("scheduler") or None,
         )
-        images = await server.generate(gen)
+        images = await server.generate(gen, request)
         return {"created": int(time.time()), "data": [{"b64_json": b64} for b64, _, _ in images]}
 
     @app.get("/sdapi/v1/progress")

@@ -1,6 +1,7 @@
 """The asynchronous job API: ``POST /jobs`` queues a generation and answers with its id at once,
-``GET /jobs/{id}`` reports its state (queued, running with its step, done with the images, failed,
-cancelled), ``DELETE /jobs/{id}`` cancels it (a queued job never starts; a running one stops between
+``GET /jobs/{id}`` reports its state (queued; running with its step and a preview of its latents as
+a small PNG; done with the images; failed; cancelled),
+``DELETE /jobs/{id}`` cancels it (a queued job never starts; a running one stops between
 steps). Finished jobs are kept for the most recent ``KEEP`` only.
 
 (No ``from __future__ import annotations`` here: FastAPI reads the request model from the endpoint's
@@ -38,9 +39,9 @@ class JobRecord:
 
 def register_jobs(app, server, request_model, generation_of) -> None:
     """Add the job endpoints to ``app``; ``generation_of(body)`` turns a request into a Generation."""
-    from .app import check_limits
-    from .worker import QueueFull
+    from .preview import Previewer
 
+    previewer = Previewer(server.pipe.vae) if getattr(server.pipe, "vae", None) is not None else None
     records: OrderedDict[str, JobRecord] = OrderedDict()
     lock = threading.Lock()
 
@@ -54,8 +55,6 @@ def register_jobs(app, server, request_model, generation_of) -> None:
     @app.post("/jobs")
     def create_job(body: request_model):
         gen = generation_of(body)
-        check_limits(gen, server.settings)
-        server.scheduler_for(gen.sampler)
         record = JobRecord(gen)
 
         def run(job):
@@ -65,10 +64,7 @@ def register_jobs(app, server, request_model, generation_of) -> None:
             finally:
                 record.job = None
 
-        try:
-            record.future = server.worker.submit(run, total_steps=gen.n * gen.steps)
-        except QueueFull as e:
-            raise HTTPException(429, str(e)) from None
+        record.future = server.submit(gen, run)
         with lock:
             records[record.id] = record
             for old in list(itertools.islice(records, max(0, len(records) - KEEP))):
@@ -83,7 +79,10 @@ def register_jobs(app, server, request_model, generation_of) -> None:
         out = {"id": record.id, "state": state, "created": record.created, "preview": None}
         total = record.gen.n * record.gen.steps
         if state == "running":
+            job = record.job
             out.update(step=server.worker.progress()["state"]["sampling_step"], steps=total)
+            if previewer is not None and job is not None and job.latents is not None:
+                out["preview"] = previewer.png_base64(job.latents)
         elif state == "done":
             images = record.future.result()
             out.update(steps=total, images=[b64 for b64, _, _ in images], seeds=[s for _, s, _ in images])
@@ -94,8 +93,6 @@ def register_jobs(app, server, request_model, generation_of) -> None:
     @app.delete("/jobs/{job_id}")
     def cancel_job(job_id: str):
         record = get(job_id)
-        if record.future.cancel():
-            return {"id": record.id, "state": "cancelled"}
-        if record.job is not None and server.worker.interrupt():
-            return {"id": record.id, "state": "cancelling"}
+        if server.worker.cancel(record.future):
+            return {"id": record.id, "state": "cancelled" if record.future.cancelled() else "cancelling"}
         return {"id": record.id, "state": record.state()}
