@@ -11,6 +11,10 @@ $(STAMP): pyproject.toml
 	# CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[test]"
+	# The web page test drives the system's Chromium (playwright's own browser download is not reachable).
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else echo "the web page test needs Chromium: sudo apt-get install chromium"; fi; }
 	touch $(STAMP)
 
 install: $(STAMP)

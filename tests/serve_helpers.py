@@ -92,21 +92,7 @@ class GatedPipe:
         return self._pipe(**{**kw, "callback_on_step_end": callback})
 
 
-class SlowPipe:
-    """The real pipeline, ``delay`` seconds slower per step (so a page can watch the progress)."""
-
-    def __init__(self, pipe, delay: float):
-        self._pipe = pipe
-        self.delay = delay
-
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)
-
-    def __call__(self, **kw):
-        inner = kw["callback_on_step_end"]
-
-        def callback(pipe, i, t, tensors):
-            time.sleep(self.delay)
-            return inner(pipe, i, t, tensors)
-
-        return self._pipe(**{**kw, "callback_on_step_end": callback})
+def slow_down(pipe, delay: float):
+    """Make every UNet call of ``pipe`` (and of the pipelines sharing its UNet) ``delay`` seconds slower,
+    so a page can watch the progress; returns the hook's handle."""
+    return pipe.unet.register_forward_pre_hook(lambda module, args: time.sleep(delay))
