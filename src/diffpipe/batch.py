@@ -3,7 +3,9 @@
 Each row is ``{"prompt": ..., "seed"?, "negative_prompt"?, "steps"?, "size"?, "guidance_scale"?, "id"?}``.
 The image of a row depends only on the row: one pipeline call per row with its own
 ``torch.Generator().manual_seed(seed)``, the seed given or derived from the row's id, so neither the
-batch order, the worker nor the batch size changes it. Outputs are ``OUT/<id>.png``, written through a
+batch order, the worker nor the batch size changes it. (Pixel for pixel on workers of one kind with the
+same torch thread count, ``threads``: a different count sums in another order, which can move a
+channel of a rare pixel by 1/255.) Outputs are ``OUT/<id>.png``, written through a
 temporary file and a rename; a rerun skips rows whose PNG exists.
 
 ``PipelineRunner`` is the Ray Data callable class (``map_batches(PipelineRunner, ...)``); the in-process
@@ -136,9 +138,10 @@ def read_rows(path: str | Path) -> Iterator[dict]:
 class PipelineRunner:
     """Holds one loaded pipeline and generates the rows of a batch, writing ``out_dir/<id>.png``.
 
-    ``PipelineRunner(model, out_dir=..., steps=None, size=None, guidance_scale=None, **load_kwargs)``:
-    ``load_kwargs`` go to ``DiffusionPipeline.from_pretrained``; ``steps``/``size``/``guidance_scale``
-    are the defaults for rows that do not give them. Called with a Ray Data batch (a dict of column
+    ``PipelineRunner(model, out_dir=..., steps=None, size=None, guidance_scale=None, threads=None,
+    **load_kwargs)``: ``load_kwargs`` go to ``DiffusionPipeline.from_pretrained``; ``steps``/``size``/
+    ``guidance_scale`` are the defaults for rows that do not give them; ``threads`` sets torch's thread
+    count in this process (None leaves it). Called with a Ray Data batch (a dict of column
     arrays), it returns the batch with ``id``, ``status`` (written/skipped/failed), ``path`` and ``error``.
     """
 
@@ -150,10 +153,17 @@ class PipelineRunner:
         steps: int | None = None,
         size: str | int | None = None,
         guidance_scale: float | None = None,
+        threads: int | None = None,
         **load_kwargs,
     ):
+        import torch
+
         from . import DiffusionPipeline
 
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be at least 1, got {threads}")
+            torch.set_num_threads(threads)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.steps = steps
@@ -245,20 +255,22 @@ def run_on_ray(
     out_dir: str | Path,
     address: str,
     workers: int = 1,
+    threads: int = 1,
     runner_kwargs: dict | None = None,
 ) -> list[dict]:
     """``ray.data.read_text(path).map_batches(PipelineRunner, ...)`` on the cluster at ``address``
-    (``"local"`` starts one here); returns the per-row results.
+    (``"local"`` starts one here), ``workers`` actors of ``threads`` CPUs each; returns the per-row results.
 
     The rows travel as raw JSON lines (``read_text``) rather than ``read_json``'s Arrow columns: Arrow
     would refuse a file whose ``size`` is sometimes ``"WxH"`` and sometimes ``N``, turn a missing seed
     into NaN in a float column, and fail the whole read on one malformed line."""
     import ray
 
+    runner_kwargs = runner_kwargs or {}
     started = False
     if not ray.is_initialized():
-        if address == "local":
-            ray.init(num_cpus=max(1, workers), include_dashboard=False)
+        if address == "local":  # a cluster of this machine alone: it talks over loopback only
+            ray.init(num_cpus=max(1, workers) * threads, include_dashboard=False, _node_ip_address="127.0.0.1")
         else:
             ray.init(address=address)
         started = True
@@ -268,8 +280,9 @@ def run_on_ray(
         ds = ds.map_batches(
             PipelineRunner,
             fn_constructor_args=(model,),
-            fn_constructor_kwargs={"out_dir": str(Path(out_dir).resolve()), **(runner_kwargs or {})},
-            concurrency=max(1, workers),
+            fn_constructor_kwargs={"out_dir": str(Path(out_dir).resolve()), "threads": threads, **runner_kwargs},
+            compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
+            num_cpus=threads,
             batch_size=1,
             batch_format="numpy",
         )
@@ -299,12 +312,14 @@ def run_batch(
     out_dir: str | Path,
     ray_address: str | None = None,
     workers: int = 1,
+    threads: int | None = None,
     steps: int | None = None,
     size: str | None = None,
     say=print,
     **load_kwargs,
 ) -> int:
-    """The ``diffpipe batch`` command: 0 when no row failed, 1 otherwise."""
+    """The ``diffpipe batch`` command: 0 when no row failed, 1 otherwise. ``threads``: torch threads per
+    worker (in-process: torch's default when None; on Ray: 1 when None, the CPUs each actor reserves)."""
     if size is not None:
         parse_size(size)  # a bad --size fails before any model loads
     if not Path(path).is_file():
@@ -312,9 +327,22 @@ def run_batch(
     kwargs = {"steps": steps, "size": size, **load_kwargs}
     if ray_address:
         results = run_on_ray(
-            path, model=model, out_dir=out_dir, address=ray_address, workers=workers, runner_kwargs=kwargs
+            path,
+            model=model,
+            out_dir=out_dir,
+            address=ray_address,
+            workers=workers,
+            threads=threads or 1,
+            runner_kwargs=kwargs,
         )
+        counts = report(results, say)
     else:
-        results = run_in_process(path, PipelineRunner(model, out_dir=out_dir, **kwargs))
-    counts = report(results, say)
+        import torch
+
+        before = torch.get_num_threads()  # the runner sets this process's count: give the caller's back
+        try:
+            runner = PipelineRunner(model, out_dir=out_dir, threads=threads, **kwargs)
+            counts = report(run_in_process(path, runner), say)
+        finally:
+            torch.set_num_threads(before)
     return 1 if counts["failed"] else 0

@@ -290,6 +290,7 @@ def cmd_batch(args, out: Console) -> int:
         out_dir=args.out,
         ray_address=args.ray_address,
         workers=args.workers,
+        threads=args.threads,
         steps=args.steps,
         size=args.size,
         say=print,
@@ -400,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="the folder for <id>.png")
     b.add_argument("--ray-address", help="run on Ray Data: auto, an address, or local (starts a local Ray)")
     b.add_argument("--workers", type=int, default=1, help="pipeline replicas (Ray actors)")
+    b.add_argument(
+        "--threads", type=int, help="torch threads per worker (default: torch's in-process, 1 per Ray actor)"
+    )
     b.add_argument("--steps", type=int, help="default steps for rows without one")
     b.add_argument("--size", help="default N or WIDTHxHEIGHT for rows without one")
     b.add_argument("--variant")

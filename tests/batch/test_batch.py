@@ -144,7 +144,7 @@ def test_ray_data_gives_the_same_pngs_as_in_process(model, tmp_path):
     assert run_batch(prompts, model=model, out_dir=local, say=lambda *a: None) == 1
 
     lines = []
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         code = run_batch(prompts, model=model, out_dir=tmp_path / "ray", ray_address="auto", say=lines.append)
     finally:
