@@ -5,20 +5,68 @@
   contract). ``diffpipe batch --ray-address ...`` is built on it; so can your own Ray Data jobs be.
 - :func:`serve_app` is a Ray Serve application with the same HTTP API as ``diffpipe serve`` (OpenAI
   images, A1111, jobs, the web page): each replica loads the pipeline once and runs its requests one at
-  a time from its own bounded queue; Ray Serve spreads requests over the replicas.
+  a time from its own bounded queue; Ray Serve spreads requests over the replicas. A job's status lives
+  in a small shared deployment (:class:`JobBook`), so ``GET``/``DELETE /jobs/{id}`` work on whichever
+  replica a request reaches. ``/sdapi/v1/progress`` and ``/interrupt`` speak for the replica reached.
 
 Ray is imported only when :func:`serve_app` is called (and by Ray Data when it runs a runner).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict
 from typing import Any
 
 from .batch import PipelineRunner
 from .serve.settings import Settings
 
-__all__ = ["PipelineRunner", "serve_app"]
+__all__ = ["JobBook", "PipelineRunner", "serve_app"]
+
+
+class JobBook:
+    """Job statuses shared by a deployment's replicas (the last ``keep``), and the cancellations asked of
+    a job by a replica that does not run it. Deployed with one replica by :func:`serve_app`."""
+
+    def __init__(self, keep: int = 1024):
+        self.keep = keep
+        self.statuses: OrderedDict[str, dict] = OrderedDict()
+        self.cancels: set[str] = set()
+
+    def publish(self, job_id: str, status: dict) -> None:
+        self.statuses[job_id] = status
+        self.statuses.move_to_end(job_id)
+        while len(self.statuses) > self.keep:
+            old, _ = self.statuses.popitem(last=False)
+            self.cancels.discard(old)
+
+    def fetch(self, job_id: str) -> dict | None:
+        return self.statuses.get(job_id)
+
+    def request_cancel(self, job_id: str) -> bool:
+        status = self.statuses.get(job_id)
+        if status is None or status["state"] not in ("queued", "running"):
+            return False
+        self.cancels.add(job_id)
+        return True
+
+    def take_cancels(self, job_ids: list[str]) -> list[str]:
+        taken = [job_id for job_id in job_ids if job_id in self.cancels]
+        self.cancels.difference_update(taken)
+        return taken
+
+
+class _BookClient:
+    """A replica's blocking view of the JobBook deployment (called from worker threads, never the loop)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __getattr__(self, method: str):
+        def call(*args):
+            return getattr(self.handle, method).remote(*args).result(timeout_s=30)
+
+        return call
 
 
 def serve_app(
@@ -45,16 +93,17 @@ def serve_app(
 
     @serve.ingress()
     class DiffpipeServer:
-        def __init__(self, model: str, options: dict, load_kwargs: dict):
+        def __init__(self, model: str, options: dict, load_kwargs: dict, book):
             from .serve.settings import load_served_pipeline
 
             self.pipe = load_served_pipeline(model, **load_kwargs)
             self.settings = Settings(**options)
+            self.book = _BookClient(book)
 
         def __serve_build_asgi_app__(self):
             from .serve.app import create_app
 
-            return create_app(self.pipe, self.settings)
+            return create_app(self.pipe, self.settings, job_book=self.book)
 
     deployment = serve.deployment(
         DiffpipeServer,
@@ -64,4 +113,5 @@ def serve_app(
         max_ongoing_requests=settings.max_queue + 8,
         ray_actor_options=ray_actor_options or {"num_cpus": 1},
     )
-    return deployment.bind(model, options, load_kwargs)
+    book = serve.deployment(JobBook, name="diffpipe-jobs", num_replicas=1, ray_actor_options={"num_cpus": 0})
+    return deployment.bind(model, options, load_kwargs, book.bind())

@@ -259,7 +259,8 @@ def index_html() -> str:
     return resources.files("diffpipe.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
-def create_app(pipe, settings: Settings | None = None) -> FastAPI:
+def create_app(pipe, settings: Settings | None = None, *, job_book=None) -> FastAPI:
+    """The app serving ``pipe``; ``job_book`` shares job statuses between replicas (Ray Serve)."""
     settings = settings or Settings()
     server = Server(pipe, settings)
 
@@ -303,7 +304,7 @@ def create_app(pipe, settings: Settings | None = None) -> FastAPI:
 
     from .jobs import register_jobs
 
-    register_jobs(app, server, JobRequest, lambda body: job_generation(body, settings, server.model))
+    register_jobs(app, server, JobRequest, lambda body: job_generation(body, settings, server.model), job_book)
 
     # A1111 ------------------------------------------------------------------------------------
     @app.post("/sdapi/v1/txt2img")
