@@ -38,6 +38,12 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
 
 # A tiny config for each exported model class, the same in both libraries (the reference builds them too).
 TINY_MODELS = {
+    "AutoencoderTiny": dict(
+        encoder_block_out_channels=(8,),
+        decoder_block_out_channels=(8,),
+        num_encoder_blocks=(1,),
+        num_decoder_blocks=(1,),
+    ),
     "AutoencoderKL": dict(
         block_out_channels=(8,),
         norm_num_groups=4,

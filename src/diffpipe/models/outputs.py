@@ -37,6 +37,14 @@ class AutoencoderKLOutput(ModelOutput):
 
 
 @dataclass
+class AutoencoderTinyOutput(ModelOutput):
+    """``latents``: :class:`~diffpipe.models.autoencoder_tiny.AutoencoderTiny`'s encoded latents (raw,
+    before ``scaling_factor``)."""
+
+    latents: torch.Tensor
+
+
+@dataclass
 class ControlNetOutput(ModelOutput):
     """A ControlNet's residuals: ``down_block_res_samples``, one per UNet down-block skip (``conv_in``'s
     output first), and ``mid_block_res_sample``, for the UNet's mid block."""

@@ -371,5 +371,7 @@ def encode_image_latents(vae, image: torch.Tensor, generator, *, sample_mode: st
 
 
 def _latent_of(encoded, generator, sample_mode):
+    if not hasattr(encoded, "latent_dist") and hasattr(encoded, "latents"):
+        return encoded.latents  # a deterministic encoder (AutoencoderTiny): no distribution to sample
     dist = encoded.latent_dist if hasattr(encoded, "latent_dist") else encoded[0]
     return dist.sample(generator) if sample_mode == "sample" else dist.mode()
