@@ -66,3 +66,13 @@ def test_every_guide_block_runs(hub, hf_cache, tmp_path, monkeypatch):
     assert printed_by("lora_state_dict")[-1] == "['style'] {'unet': ['style']}"
     # Flux from the (test) Hub in bf16; img2img shares its components
     assert printed_by("FluxImg2ImgPipeline.from_pipe")[-1] == "FluxImg2ImgPipeline (64, 64) True"
+    # a served image carries its settings; the OpenAI client talks to diffpipe serve
+    assert printed_by("client.images.generate")[-1] == "(64, 64) Seed: 7"
+    # a batch writes one PNG per row, and its rerun writes nothing; Ray Data runs the same rows
+    batch = printed_by("run_batch(")
+    assert [line for line in batch if line.endswith(" failed")] == [
+        "2 written, 0 skipped, 0 failed",
+        "0 written, 2 skipped, 0 failed",
+    ]
+    assert batch[-1] == "['cat.png', 'dog.png']"
+    assert printed_by("PipelineRunner")[-1] == "['written', 'written']"
