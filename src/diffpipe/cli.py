@@ -309,6 +309,8 @@ def cmd_serve(args, out: Console) -> int:
         )
     limits = {name: getattr(args, name) for name in LIMITS if getattr(args, name) is not None}
     settings = Settings(api_key=key, host=args.host, model_name=args.model_name or args.model, **limits)
+    if args.replicas is not None or args.ray_address:
+        return _serve_on_ray(args, settings, out)
     import uvicorn
 
     from .serve.app import create_app
@@ -317,6 +319,25 @@ def cmd_serve(args, out: Console) -> int:
     app = create_app(pipe, settings)
     out.say(f"serving {type(pipe).__name__} from {args.model} on http://{args.host}:{args.port}/")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0
+
+
+def _serve_on_ray(args, settings, out: Console) -> int:
+    """``diffpipe serve --replicas N [--ray-address A]``: the same app as a Ray Serve deployment."""
+    import ray
+    from ray import serve
+
+    from .distributed import serve_app
+    from .serve.settings import is_loopback
+
+    if args.ray_address in (None, "local"):  # a cluster of this machine alone
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1" if is_loopback(args.host) else None)
+    else:
+        ray.init(address=args.ray_address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = serve_app(args.model, num_replicas=args.replicas or 1, settings=settings, **_load_kwargs(args))
+    out.say(f"serving {args.model} with {args.replicas or 1} Ray Serve replica(s) on http://{args.host}:{args.port}/")
+    serve.run(app, name="diffpipe", route_prefix="/", blocking=True)
     return 0
 
 
@@ -417,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $DIFFPIPE_API_KEY)")
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback host without an API key")
     s.add_argument("--model-name", help="the name clients see in /v1/models (default: --model)")
+    s.add_argument("--replicas", type=int, help="serve with Ray Serve: this many replicas, each holding the model")
+    s.add_argument("--ray-address", help="with Ray Serve: auto or a cluster address (default: a local Ray)")
     s.add_argument("--variant")
     s.add_argument("--dtype", help="float32, float16 or bfloat16")
     for name, (kind, help_text) in LIMITS.items():

@@ -88,3 +88,39 @@ def test_jobs_are_seen_and_cancelled_from_any_replica(url, folder, tmp_path):
         wait_for(lambda: c.get(f"/jobs/{long}").json()["state"] not in ("running", "queued"), 60)
         assert c.get(f"/jobs/{long}").json()["state"] == "cancelled"
         assert c.get("/jobs/nope").status_code == 404
+
+
+def test_the_cli_serves_on_ray_serve(folder, tmp_path):
+    """``diffpipe serve --replicas 2``: the person's way to Ray Serve, no Python written."""
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    command = [sys.executable, "-m", "diffpipe.cli", "serve", "--model", str(folder), "--port", str(port)]
+    proc = subprocess.Popen([*command, "--replicas", "2", "--max-pixels", "4096"], stdout=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, "diffpipe serve --replicas exited"
+            assert time.monotonic() < end, "Ray Serve did not come up"
+            try:
+                if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        r = httpx.post(
+            url + "/v1/images/generations",
+            json={"prompt": "a cat", "size": "32x32", "steps": 2, "seed": 4},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(
+            pixels(r.json()["data"][0]["b64_json"]),
+            cli_image(folder, tmp_path / "c.png", steps=2, size="32x32", seed=4),
+        )
+        assert "max_pixels=4096" in httpx.post(url + "/v1/images/generations", json={"prompt": "a"}, timeout=60).text
+    finally:
+        proc.terminate()
+        proc.wait(60)
