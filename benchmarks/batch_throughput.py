@@ -103,7 +103,9 @@ def main() -> None:
                 medians[name] = (e2e, steady)
                 print(f"  {name:<34} end to end {e2e:7.1f} img/min ({wall:.0f} s)   steady {steady:7.1f} img/min")
             (base_e2e, base_steady), (ray_e2e, ray_steady) = medians.values()
-            print(f"  ratio Ray / in-process: end to end {ray_e2e / base_e2e:.2f}, steady {ray_steady / base_steady:.2f}")
+            print(
+                f"  ratio Ray / in-process: end to end {ray_e2e / base_e2e:.2f}, steady {ray_steady / base_steady:.2f}"
+            )
             single = results[next(iter(MODES))][0]["files"]
             ray = results[list(MODES)[1]][0]["files"]
             print(f"  same PNG bytes in both modes: {sum(single[k] == ray.get(k) for k in single)}/{len(single)}")
