@@ -1,6 +1,7 @@
 """The traversal every UNet here runs: ``conv_in``, down blocks saving skips, the mid block, up blocks
 consuming them, ``conv_out``, with ControlNet and T2I-Adapter residuals added where they belong.
-Shared by the 2-D UNet and AnimateDiff's motion UNet."""
+Shared by the 2-D UNet and AnimateDiff's motion UNet. With DeepCache on (``runtime/deepcache.py``), a
+skip step runs only the shallow blocks and takes the deep features from the last full step."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from ..runtime.deepcache import step_plan
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ def unet_body(
     factor = 2**unet.num_upsamplers
     forward_upsample_size = any(s % factor != 0 for s in sample.shape[-2:])
 
+    plan = step_plan(unet)  # DeepCache: None (the default) runs every block
+
     sample = unet.conv_in(sample)
 
     # ControlNet gives both down and mid residuals; T2I-Adapters give intra-block residuals. The old
@@ -51,7 +56,7 @@ def unet_body(
     adapter = list(adapter) if adapter is not None else []  # consumed front to back; caller's list untouched
 
     skips: tuple[torch.Tensor, ...] = (sample,)
-    for block in unet.down_blocks:
+    for block in unet.down_blocks if plan is None else unet.down_blocks[: plan.down]:
         if getattr(block, "has_cross_attention", False):
             extra = {"additional_residuals": adapter.pop(0)} if adapter else {}
             sample, res = block(sample, emb, **attn_kwargs, **extra, **block_kwargs)
@@ -65,8 +70,10 @@ def unet_body(
 
     if is_controlnet:
         skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
+    if plan is not None:
+        skips = plan.skips(skips)
 
-    if unet.mid_block is not None:
+    if unet.mid_block is not None and (plan is None or plan.runs_mid):
         if getattr(unet.mid_block, "has_cross_attention", False):
             sample = unet.mid_block(sample, emb, **attn_kwargs, **block_kwargs)
         else:
@@ -74,19 +81,22 @@ def unet_body(
         if adapter and sample.shape == adapter[0].shape:  # T2I-Adapter-XL has a mid residual
             sample = sample + adapter.pop(0)
 
-    if is_controlnet:
+    if is_controlnet and (plan is None or plan.runs_mid):
         sample = sample + mid_block_additional_residual
 
     upsample_size = None
     for i, block in enumerate(unet.up_blocks):
         n = len(block.resnets)
         res, skips = skips[-n:], skips[:-n]
+        if plan is not None and not plan.runs_up(i):
+            continue
         if i < len(unet.up_blocks) - 1 and forward_upsample_size:
             upsample_size = skips[-1].shape[2:]
-        if getattr(block, "has_cross_attention", False):
-            sample = block(sample, res, emb, upsample_size=upsample_size, **attn_kwargs, **block_kwargs)
+        kwargs = {**attn_kwargs, **block_kwargs} if getattr(block, "has_cross_attention", False) else block_kwargs
+        if plan is not None and i == plan.first_up:
+            sample = plan.enter(block, sample, res, emb, upsample_size, kwargs)
         else:
-            sample = block(sample, res, emb, upsample_size=upsample_size, **block_kwargs)
+            sample = block(sample, res, emb, upsample_size=upsample_size, **kwargs)
 
     if unet.conv_norm_out is not None:
         sample = unet.conv_act(unet.conv_norm_out(sample))

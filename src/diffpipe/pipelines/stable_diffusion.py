@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from .. import images as imgs
 from ..outputs import BaseOutput
 from ..adapters import IPAdapterMixin, LoraLoaderMixin, TextualInversionLoaderMixin
 from ..config import fix_scheduler_for_sd, fix_unet_for_sd
+from ..runtime import deepcache
 from . import stages
 from .pipeline import DiffusionPipeline
 from .request import LEGACY_CALL_ARGUMENTS, CallState, SDRequest, refuse_unknown
@@ -174,6 +176,23 @@ class StableDiffusionBase(TextualInversionLoaderMixin, IPAdapterMixin, LoraLoade
 
     def disable_freeu(self) -> None:
         self.unet.disable_freeu()
+
+    def enable_deepcache(self, cache_interval: int = 3, cache_branch_id: int = 0) -> None:
+        """DeepCache on the UNet (see ``runtime/deepcache.py``): the whole UNet runs only at every
+        ``cache_interval``-th step; the steps between run the blocks above skip branch
+        ``cache_branch_id`` (``0 .. 3 * len(unet.down_blocks) - 1``; 0 is the shallowest, the fastest)
+        and reuse the deeper features. ``disable_deepcache`` undoes it."""
+        deepcache.enable(self.unet, cache_interval=cache_interval, cache_branch_id=cache_branch_id)
+
+    def disable_deepcache(self) -> None:
+        deepcache.disable(self.unet)
+
+    @contextlib.contextmanager
+    def _call_context(self, request):
+        """The call context of every pipeline, in which the UNet's DeepCache (if on) counts the steps."""
+        unet, scheduler = getattr(self, "unet", None), getattr(self, "scheduler", None)
+        with super()._call_context(request) as state, deepcache.counting_steps(unet, scheduler, state):
+            yield state
 
     def _components_needed(self, request: SDRequest) -> list[str]:
         """The components this call runs: the UNet and scheduler always, the VAE unless text-to-image
