@@ -74,13 +74,13 @@ def run(model: Path, prompts: Path, out: Path, mode: list[str]) -> dict:
 
 def main() -> None:
     sys.path.insert(0, str(HERE))
-    from run import cpu_flags, machine
+    from run import machine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="*", choices=list(CASES), default=list(CASES))
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    print(f"Machine: {machine()}\nCPU flags: {cpu_flags()}", flush=True)
+    print(f"Machine: {machine()}", flush=True)  # (it names the CPU flags)
     tmp = Path(tempfile.mkdtemp(prefix="diffpipe-batch-bench-"))
     try:
         for case in args.cases:

@@ -54,7 +54,10 @@ def compute_rates(lib, folder: str) -> dict:
             encoder_hidden_states=torch.randn(2, 77, 768, device="meta"),
         )
     rates = {"unet_step_flops": counter.get_total_flops()}
-    for dtype, n in ((torch.float32, 4096), (torch.bfloat16, 1024)):  # bf16 may be very slow: smaller
+    from diffpipe.runtime.cpu_kernels import upcast_wanted
+
+    native_bf16 = not upcast_wanted(torch.bfloat16)
+    for dtype, n in ((torch.float32, 4096), (torch.bfloat16, 4096 if native_bf16 else 1024)):  # emulated: slow
         a = torch.randn(n, n).to(dtype)
         a @ a
         best = float("inf")
@@ -90,6 +93,11 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=64, help="unet_step: latent height and width")
     parser.add_argument("--batch", type=int, default=2, help="unet_step: batch size")
     parser.add_argument("--calls", type=int, default=3, help="unet_step: calls (the first is a warm-up)")
+    parser.add_argument("--compile", action="store_true", help="diffpipe only: pipe.compile() / unet.compile()")
+    parser.add_argument("--deepcache", type=int, default=0, help="t2i, diffpipe only: DeepCache interval")
+    parser.add_argument("--tiny-vae", default=None, help="t2i: an AutoencoderTiny folder to decode with")
+    parser.add_argument("--size", type=int, default=512, help="t2i: image size")
+    parser.add_argument("--steps", type=int, default=20, help="t2i: DPM-Solver++ 2M steps")
     args = parser.parse_args()
 
     if args.task == "import":
@@ -147,6 +155,11 @@ def main() -> None:
         result["seconds"] = time.perf_counter() - start
     elif args.task == "unet_step":
         unet = lib.UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet", torch_dtype=dtype)
+        if args.compile:  # as pipe.compile() does it: channels-last weights, inductor with the disk cache
+            from diffpipe.runtime.compile import _enable_disk_cache
+
+            _enable_disk_cache()
+            unet.to(memory_format=torch.channels_last).compile()
         x = torch.randn(args.batch, 4, args.latent, args.latent, dtype=dtype)
         context = torch.randn(args.batch, 77, 768, dtype=dtype)
         t = torch.tensor([500] * args.batch)
@@ -180,6 +193,26 @@ def main() -> None:
             generator=torch.Generator().manual_seed(0),
         )
         result["seconds"] = time.perf_counter() - start
+    elif args.task == "t2i":  # text-to-image, DPM-Solver++ 2M, generation timed apart from loading
+        pipe = lib.DiffusionPipeline.from_pretrained(args.folder, torch_dtype=dtype)
+        pipe.scheduler = lib.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        if args.tiny_vae:
+            pipe.vae = lib.AutoencoderTiny.from_pretrained(args.tiny_vae, torch_dtype=dtype)
+        if args.deepcache:
+            pipe.enable_deepcache(cache_interval=args.deepcache, cache_branch_id=0)
+        if args.compile:
+            pipe.compile()
+        start = time.perf_counter()
+        pipe(
+            "a photo of an astronaut",
+            height=args.size,
+            width=args.size,
+            num_inference_steps=args.steps,
+            generator=torch.Generator().manual_seed(0),
+        )
+        result["seconds"] = time.perf_counter() - start
+        result["compile_seconds"] = getattr(pipe, "compile_seconds", 0.0)
     elif args.task == "rates":  # the machine's compute floor, diffpipe only (no library involved)
         result.update(compute_rates(lib, args.folder))
     else:

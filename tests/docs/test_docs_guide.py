@@ -76,3 +76,5 @@ def test_every_guide_block_runs(hub, hf_cache, tmp_path, monkeypatch):
     ]
     assert batch[-1] == "['cat.png', 'dog.png']"
     assert printed_by("PipelineRunner")[-1] == "['written', 'written']"
+    # bf16 with the tiny VAE and DeepCache
+    assert printed_by("enable_deepcache")[-1] == "AutoencoderTiny torch.bfloat16 (64, 64)"

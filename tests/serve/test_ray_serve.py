@@ -9,7 +9,6 @@ import httpx
 import numpy as np
 import pytest
 
-from sd_factory import save_reference_pipeline
 from serve_helpers import SMALL, cli_image, live_server, pixels, wait_for
 
 from diffpipe.serve import Settings, create_app
@@ -19,11 +18,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_reference_pipeline(tmp_path_factory.mktemp("rayserve") / "sd", safety_checker=False)
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +40,7 @@ def url(folder):
         ray.shutdown()
 
 
-def test_the_same_api_as_diffpipe_serve(url, folder, tmp_path):
-    import diffpipe
-
-    pipe = diffpipe.StableDiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
+def test_the_same_api_as_diffpipe_serve(url, folder, pipe, tmp_path):
     expected = cli_image(folder, tmp_path / "cli.png", steps=2, size="32x32", seed=4)
     body = {"prompt": "a cat", "size": "32x32", "steps": 2, "seed": 4}
     with live_server(create_app(pipe, Settings(**SMALL, model_name="tiny-sd"))) as local:

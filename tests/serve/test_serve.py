@@ -13,23 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from sd_factory import save_reference_pipeline
 from serve_helpers import GatedPipe, wait_for
 
 from diffpipe.serve import Settings, create_app
 from diffpipe.serve.pngmeta import read_parameters
 
 SMALL = dict(max_pixels=64 * 64, max_steps=60, max_n=3, max_queue=4, max_body_bytes=4096)  # a small body limit
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    import diffpipe
-
-    folder = save_reference_pipeline(tmp_path_factory.mktemp("serve") / "sd", safety_checker=False)
-    pipe = diffpipe.StableDiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

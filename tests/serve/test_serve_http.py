@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_factory import save_reference_pipeline
 from serve_helpers import SMALL, GatedPipe, cli_image, live_server, pixels, wait_for
 
 from diffpipe.serve import Settings, create_app
@@ -25,20 +24,6 @@ from diffpipe.serve import Settings, create_app
 SEED = 5
 BODY = {"prompt": "a", "size": "32x32", "steps": 2}
 SAME = dict(steps=2, size="32x32", seed=SEED, guidance=7.5)  # the CLI's settings for the served requests
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_reference_pipeline(tmp_path_factory.mktemp("http") / "sd", safety_checker=False)
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    import diffpipe
-
-    pipe = diffpipe.StableDiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_factory import save_reference_pipeline
 from serve_helpers import SMALL, cli_image, live_server, pixels, slow_down
 
 from diffpipe.serve import Settings, create_app
@@ -27,11 +26,6 @@ def chromium() -> str:
     if not path:
         pytest.fail("the web page test needs Chromium: `apt-get install chromium` (make install does it as root)")
     return path
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_reference_pipeline(tmp_path_factory.mktemp("web") / "sd", safety_checker=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,120 @@
+"""The fast CPU paths on the full-size SD 1.5-architecture random folder, each row a fresh process, both
+libraries, ratios against the reference's fp32 default:
+
+    python benchmarks/fast_cpu.py [--only unet t2i]
+
+- UNet step (64x64 latents, batch 2): the reference fp32 and bf16; ours fp32, bf16, and compiled (a first
+  process that compiles into an empty cache, then a second one that loads it);
+- 512x512, 20 steps, DPM-Solver++ 2M, text to image: the reference fp32; ours fp32; ours fast (bf16 +
+  compile + DeepCache interval 3 + the tiny VAE), first and second process;
+- the machine's matmul rates and the UNet step's FLOPs: the floors.
+Prints the machine (with its CPU flags) and one line per row, for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FOLDER = HERE / "_work" / "sd15-random"
+TAESD = HERE / "_work" / "taesd-random"
+
+UNET_ROWS = [
+    ("reference fp32", "diffusers", ["--dtype", "float32"]),
+    ("ours fp32", "diffpipe", ["--dtype", "float32"]),
+    ("reference bf16", "diffusers", ["--dtype", "bfloat16"]),
+    ("ours bf16", "diffpipe", ["--dtype", "bfloat16"]),
+    ("ours fp32 compiled, first process", "diffpipe", ["--dtype", "float32", "--compile"]),
+    ("ours fp32 compiled, cache warm", "diffpipe", ["--dtype", "float32", "--compile"]),
+]
+FAST = ["--dtype", "bfloat16", "--compile", "--deepcache", "3", "--tiny-vae", str(TAESD)]
+T2I_ROWS = [
+    ("reference fp32", "diffusers", ["--dtype", "float32"]),
+    ("ours fp32", "diffpipe", ["--dtype", "float32"]),
+    ("ours fast, first process", "diffpipe", FAST),
+    ("ours fast, cache warm", "diffpipe", FAST),
+]
+
+
+def make_taesd() -> None:
+    """A TAESD-size AutoencoderTiny (the published config, random weights): what decoding costs."""
+    if (TAESD / "config.json").is_file():
+        return
+    import torch
+
+    from diffpipe.models.autoencoder_tiny import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny().save_pretrained(TAESD)
+
+
+def worker(lib: str, task: str, extra: list[str], env: dict) -> dict:
+    command = [sys.executable, str(HERE / "worker.py"), lib, task, str(FOLDER), *extra]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    import os
+
+    sys.path.insert(0, str(HERE))
+    from run import machine
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=("unet", "t2i", "rates"), default=("rates", "unet", "t2i"))
+    args = parser.parse_args()
+    if not (FOLDER / "model_index.json").is_file():
+        subprocess.run([sys.executable, str(HERE / "make_checkpoint.py")], check=True)
+    make_taesd()
+    cache = Path(tempfile.mkdtemp(prefix="diffpipe-inductor-"))  # empty: the first process compiles
+    env = {**os.environ, "DIFFPIPE_COMPILE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    print(f"Machine: {machine()}", flush=True)
+    results: dict[str, dict] = {}
+    try:
+        if "rates" in args.only:
+            rates = worker("diffpipe", "rates", [], env)
+            results["rates"] = rates
+            print(f"rates: {rates}", flush=True)
+        for group, task, rows in (("unet", "unet_step", UNET_ROWS), ("t2i", "t2i", T2I_ROWS)):
+            if group not in args.only:
+                continue
+            base = None
+            for name, lib, extra in rows:
+                start = time.perf_counter()
+                r = worker(lib, task, extra, env)
+                results[f"{group}: {name}"] = r
+                if "error" in r:
+                    print(f"{group}: {name}: ERROR {r['error']}", flush=True)
+                    continue
+                base = base or r["seconds"]
+                compiled = f", first call {r['first_call']:.1f} s" if "first_call" in r else ""
+                if r.get("compile_seconds"):
+                    compiled = f", of which first calls of compiled modules {r['compile_seconds']:.1f} s"
+                print(
+                    f"{group}: {name:<36} {r['seconds']:8.2f} s  ratio vs reference fp32 {r['seconds'] / base:5.2f}  "
+                    f"peak RSS {r['peak_rss'] / 1e9:5.2f} GB  (process {time.perf_counter() - start:.0f} s{compiled})",
+                    flush=True,
+                )
+        if "rates" in results and "unet: ours bf16" in results and "error" not in results["unet: ours bf16"]:
+            rates, step = results["rates"], results["unet: ours bf16"]["seconds"]
+            floor = rates["unet_step_flops"] / rates["matmul_flops_per_s_bfloat16"]
+            print(
+                f"bf16 floor {floor:.2f} s (FLOPs / bf16 matmul rate); ours bf16 step {step:.2f} s "
+                f"= {step / floor:.2f}x the floor"
+            )
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    (HERE / "_work" / "fast_cpu.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
