@@ -89,10 +89,15 @@ def cmd_generate(args, out: Console) -> int:
     from . import DiffusionPipeline, load_image
     from .registry import find_class
 
+    if args.bf16:
+        if args.dtype not in (None, "bfloat16"):
+            raise ValueError(f"--bf16 and --dtype {args.dtype} disagree: give one of them")
+        args.dtype = "bfloat16"
     kwargs = _load_kwargs(args)
     start = time.perf_counter()
     pipe = DiffusionPipeline.from_pretrained(args.model, **kwargs)
     out.say(f"loaded {type(pipe).__name__} from {args.model} in {time.perf_counter() - start:.1f} s")
+    _speed_options(pipe, args, out)
     if args.scheduler:
         cls = find_class(args.scheduler)
         if cls is None or not hasattr(cls, "set_timesteps"):
@@ -125,7 +130,28 @@ def cmd_generate(args, out: Console) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     image.save(output)
     out.say(f"wrote {output} ({image.width}x{image.height}) in {time.perf_counter() - start:.1f} s")
+    if args.compile:
+        out.say(
+            f"compiling (or loading compiled kernels from {pipe.compile_cache}) took {pipe.compile_seconds:.1f} s of it"
+        )
     return 0
+
+
+def _speed_options(pipe, args, out: Console) -> None:
+    """``--tiny-vae``, ``--deepcache``, ``--compile`` on a loaded pipeline."""
+    if args.tiny_vae:
+        from .models.autoencoder_tiny import AutoencoderTiny
+
+        if getattr(pipe, "vae", None) is None:
+            raise ValueError(f"--tiny-vae: {type(pipe).__name__} has no VAE to replace")
+        pipe.vae = AutoencoderTiny.from_pretrained(args.tiny_vae, torch_dtype=pipe.vae.dtype)
+        out.say(f"decoding with the tiny VAE from {args.tiny_vae}")
+    if args.deepcache:
+        if not hasattr(pipe, "enable_deepcache"):
+            raise ValueError(f"--deepcache: {type(pipe).__name__} has no UNet to cache features of")
+        pipe.enable_deepcache(cache_interval=args.deepcache, cache_branch_id=0)
+    if args.compile:
+        pipe.compile()
 
 
 def _is_single_file(name: str) -> bool:
@@ -383,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--variant")
     g.add_argument("--dtype", help="float32, float16 or bfloat16")
     g.add_argument("--size", help="N or WIDTHxHEIGHT in pixels")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 weights (native kernels where the CPU has them)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet/transformer and VAE decoder (cached)")
+    g.add_argument("--deepcache", type=int, metavar="N", help="DeepCache: a full UNet pass every N steps")
+    g.add_argument("--tiny-vae", metavar="PATH", help="decode with this AutoencoderTiny (TAESD) folder or repo")
     g.add_argument("--output", default="out.png")
     g.set_defaults(func=cmd_generate)
 

@@ -30,6 +30,7 @@ from ..runtime.collector import gc_paused
 from ..io import components as loading
 from ..io.components import ComponentSpec, LoadReport
 from .call import CallPathMixin
+from ..runtime.compile import CompileMixin
 from .memory import MemorySwitchesMixin
 from .offload import OffloadMixin
 
@@ -63,7 +64,7 @@ def _dtype_for(spec, name: str):
     return spec
 
 
-class DiffusionPipeline(ConfigMixin, CallPathMixin, OffloadMixin, MemorySwitchesMixin):
+class DiffusionPipeline(ConfigMixin, CallPathMixin, OffloadMixin, MemorySwitchesMixin, CompileMixin):
     """Base of all pipelines. Subclasses declare their components as ``__init__`` parameters."""
 
     config_name = "model_index.json"

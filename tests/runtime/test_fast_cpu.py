@@ -1,0 +1,137 @@
+"""The fast CPU paths at tiny size: ``pipe.compile()`` (inductor, cached on disk; channels-last) against the
+eager pipeline, bf16 against fp32 and against the reference's bf16, and ``diffpipe generate``'s speed flags
+against the same calls through the API. (How fast they are is for benchmarks/, never asserted here.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffpipe
+from sd_factory import save_reference_pipeline
+
+TOL = 2  # of 255
+CALL = dict(prompt="a red fox", num_inference_steps=3, height=32, width=32)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_reference_pipeline(tmp_path_factory.mktemp("fast") / "sd", safety_checker=False, seed=5)
+
+
+def load(folder, **kwargs):
+    pipe = diffpipe.StableDiffusionPipeline.from_pretrained(folder, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def image(pipe, seed=0) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = pipe(**CALL, generator=torch.Generator().manual_seed(seed)).images[0]
+    return np.asarray(out).astype(np.int16)
+
+
+def max_diff(a, b) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def psnr(a, b) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+SECOND_PROCESS = textwrap.dedent(
+    """
+    import sys, numpy as np, torch
+    from torch._dynamo.utils import counters
+    import diffpipe
+    pipe = diffpipe.StableDiffusionPipeline.from_pretrained(sys.argv[1]).compile()
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    out = pipe(prompt="a red fox", num_inference_steps=3, height=32, width=32, generator=generator)
+    np.save(sys.argv[2], np.asarray(out.images[0]))
+    print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
+    """
+)
+
+
+def test_compiled_pipeline_equals_eager_and_a_second_process_uses_the_cache(folder, tmp_path, monkeypatch):
+    cache = tmp_path / "inductor"
+    monkeypatch.setenv("DIFFPIPE_COMPILE_CACHE", str(cache))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    pipe = load(folder)
+    keys = list(pipe.unet.state_dict())
+    eager = image(pipe)
+    assert pipe.compile() is pipe
+    compiled = image(pipe)
+    assert max_diff(compiled, eager) <= TOL
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert list(pipe.unet.state_dict()) == keys  # in place: the checkpoint's names, unchanged
+    assert pipe.compile_seconds > 0 and pipe.compile_cache == cache
+    assert any(cache.rglob("*.py")), "inductor wrote nothing to the cache folder"
+    np.testing.assert_array_equal(image(pipe), compiled)  # compiled once, reused
+    # saving a compiled pipeline writes the same folder as an uncompiled one would
+    pipe.save_pretrained(tmp_path / "saved")
+    reloaded = load(tmp_path / "saved")
+    assert max_diff(image(reloaded), eager) <= TOL
+
+    env = {"DIFFPIPE_COMPILE_CACHE": str(cache)}
+    second = subprocess.run(
+        [sys.executable, "-c", SECOND_PROCESS, str(folder), str(tmp_path / "second.npy")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    hits, misses = (int(v) for v in second.stdout.split()[-2:])
+    assert hits > 0 and misses == 0, f"the second process compiled again: {hits} hits, {misses} misses"
+    assert max_diff(np.load(tmp_path / "second.npy"), compiled) == 0
+
+
+def test_bf16_is_close_to_fp32_and_to_the_reference_bf16(folder):
+    import diffusers
+
+    ours32 = image(load(folder))
+    ours16 = image(load(folder, torch_dtype=torch.bfloat16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    reference.set_progress_bar_config(disable=True)
+    ref16 = image(reference)
+    assert psnr(ours16, ours32) >= 30, f"bf16 vs fp32: {psnr(ours16, ours32):.1f} dB"
+    assert max_diff(ours16, ref16) <= TOL
+
+
+def test_generate_speed_flags_equal_the_api(folder, tmp_path):
+    from diffpipe.cli import main
+    from diffpipe.models.autoencoder_tiny import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+    ).save_pretrained(tmp_path / "taesd")
+    out = tmp_path / "flags.png"
+    argv = ["--quiet", "generate", CALL["prompt"], "--model", str(folder), "--steps", "3", "--size", "32"]
+    argv += ["--seed", "0", "--bf16", "--deepcache", "2", "--tiny-vae", str(tmp_path / "taesd"), "--output", str(out)]
+    assert main(argv) == 0
+
+    pipe = load(folder, torch_dtype=torch.bfloat16)
+    pipe.vae = AutoencoderTiny.from_pretrained(tmp_path / "taesd", torch_dtype=torch.bfloat16)
+    pipe.enable_deepcache(cache_interval=2, cache_branch_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = pipe(**CALL, guidance_scale=7.5, generator=torch.Generator().manual_seed(0)).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
+    assert main(["generate", "x", "--model", str(folder), "--bf16", "--dtype", "float32"]) == 1
