@@ -66,8 +66,17 @@ def test_jobs_are_seen_and_cancelled_from_any_replica(url, folder, tmp_path):
             c.post("/jobs", json={"prompt": "a cat", "size": "32x32", "steps": 2, "seed": s}).json()["id"]
             for s in range(4)
         ]
+        seen = []
+
+        def state(job_id):
+            seen.append(c.get(f"/jobs/{job_id}").json()["state"])
+            return seen[-1]
+
         for job_id in ids:  # requests land on either replica: every one of them answers for every job
-            wait_for(lambda: c.get(f"/jobs/{job_id}").json()["state"] == "done", 120)
+            try:
+                wait_for(lambda: state(job_id) == "done", 120)
+            except AssertionError:
+                raise AssertionError(f"job {job_id} never done; states seen: {seen[-10:]}") from None
             assert all(c.get(f"/jobs/{job_id}").json()["state"] == "done" for _ in range(6))
         expected = cli_image(folder, tmp_path / "s3.png", steps=2, size="32x32", seed=3)
         np.testing.assert_array_equal(pixels(c.get(f"/jobs/{ids[3]}").json()["images"][0]), expected)

@@ -96,9 +96,8 @@ def register_jobs(app, server, request_model, generation_of, book=None) -> None:
                 if records[old].future.done():
                     del records[old]
         if book is not None:
-            book.publish(record.id, status_of(record))
+            book.publish(record.id, status_of(record))  # queued: before the publisher knows of it
             publisher.watch(record)
-            record.future.add_done_callback(lambda _: book.publish(record.id, status_of(record)))
         return {"id": record.id, "state": record.state(), "created": record.created}
 
     @app.get("/jobs/{job_id}")
@@ -132,22 +131,29 @@ PUBLISH_S = 0.25
 
 
 class Publisher:
-    """A thread that publishes this replica's unfinished jobs to the shared book and applies the
-    cancellations other replicas recorded there."""
+    """The one thread that publishes this replica's jobs to the shared book after their first status, so
+    the statuses arrive in order: while a job runs, every ``PUBLISH_S``; when it ends, at once (a done
+    callback wakes the thread), and that last status before the job is dropped. It also applies the
+    cancellations other replicas recorded in the book."""
+
+    FINAL = ("done", "failed", "cancelled")
 
     def __init__(self, book, status_of, worker):
         self.book, self.status_of, self.worker = book, status_of, worker
         self.active: dict[str, JobRecord] = {}
         self.lock = threading.Lock()
+        self.wake = threading.Event()
         threading.Thread(target=self._loop, name="diffpipe-job-publisher", daemon=True).start()
 
     def watch(self, record: JobRecord) -> None:
         with self.lock:
             self.active[record.id] = record
+        record.future.add_done_callback(lambda _: self.wake.set())
 
     def _loop(self) -> None:
         while True:
-            time.sleep(PUBLISH_S)
+            self.wake.wait(PUBLISH_S)
+            self.wake.clear()
             with self.lock:
                 active = dict(self.active)
             if not active:
@@ -157,10 +163,12 @@ class Publisher:
                     if self.worker.cancel(active[job_id].future):
                         active[job_id].cancel_requested = True
                 for job_id, record in active.items():
-                    if record.future.done():  # its last status was published as it ended
+                    if record.job is None and not record.future.done():
+                        continue  # still queued: its status has not changed
+                    status = self.status_of(record)
+                    self.book.publish(job_id, status)
+                    if status["state"] in self.FINAL:
                         with self.lock:
                             self.active.pop(job_id, None)
-                    elif record.job is not None:
-                        self.book.publish(job_id, self.status_of(record))
             except Exception as e:  # the book is unreachable for now: try again next time
                 logger.warning("could not publish job statuses to the shared book: %s", e)
