@@ -30,6 +30,14 @@ def _after(hook: LayerHook | None, i: int, hidden_states: torch.Tensor) -> torch
     return hidden_states if hook is None else hook(i, hidden_states)
 
 
+def _skips_from(res_hidden_states_tuple: tuple[torch.Tensor, ...], start: int) -> list[torch.Tensor]:
+    """An up block's skip features as a stack for its layers from ``start`` on: layer ``i`` reads the
+    ``i``-th from the end, so the ``start`` last ones belong to layers that do not run (DeepCache)."""
+    skips = list(res_hidden_states_tuple)
+    del skips[len(skips) - start :]
+    return skips
+
+
 def _per_layer(value: int | Sequence[int], num_layers: int) -> list[int]:
     """``transformer_layers_per_block`` for one block: an int for every layer, or a list read from the
     start (the mid block of an asymmetric UNet gets the last down block's list and uses its first entry)."""
@@ -423,10 +431,12 @@ class UpBlock2D(nn.Module):
         temb: torch.Tensor | None = None,
         upsample_size: tuple[int, int] | None = None,
         after_layer: LayerHook | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
-        skips = list(res_hidden_states_tuple)
-        for i, resnet in enumerate(self.resnets):
-            hidden_states = _after(after_layer, i, resnet(join_skip(self, hidden_states, skips.pop()), temb))
+        skips = _skips_from(res_hidden_states_tuple, start)
+        for i in range(start, len(self.resnets)):
+            hidden_states = self.resnets[i](join_skip(self, hidden_states, skips.pop()), temb)
+            hidden_states = _after(after_layer, i, hidden_states)
         if self.upsamplers is not None:
             for up in self.upsamplers:
                 hidden_states = up(hidden_states, upsample_size)
@@ -478,6 +488,7 @@ class CrossAttnUpBlock2D(nn.Module):
         attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         after_layer: LayerHook | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
         ctx = dict(
             encoder_hidden_states=encoder_hidden_states,
@@ -485,10 +496,10 @@ class CrossAttnUpBlock2D(nn.Module):
             encoder_attention_mask=encoder_attention_mask,
             cross_attention_kwargs=cross_attention_kwargs,
         )
-        skips = list(res_hidden_states_tuple)
-        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
-            hidden_states = resnet(join_skip(self, hidden_states, skips.pop()), temb)
-            hidden_states = _after(after_layer, i, _attend(attn, hidden_states, ctx))
+        skips = _skips_from(res_hidden_states_tuple, start)
+        for i in range(start, len(self.resnets)):
+            hidden_states = self.resnets[i](join_skip(self, hidden_states, skips.pop()), temb)
+            hidden_states = _after(after_layer, i, _attend(self.attentions[i], hidden_states, ctx))
         if self.upsamplers is not None:
             for up in self.upsamplers:
                 hidden_states = up(hidden_states, upsample_size)

@@ -104,11 +104,16 @@ class MotionBlock(nn.Module):
                 )
             self.motion_modules = motion.motion_modules
 
-    def forward(self, *args, num_frames: int = 1, **kwargs):
+    def forward(self, *args, num_frames: int = 1, after_layer=None, **kwargs):
         modules = self.motion_modules
         if modules is None:
-            return self._spatial(*args, **kwargs)
-        return self._spatial(*args, after_layer=lambda i, h: modules[i](h, num_frames), **kwargs)
+            return self._spatial(*args, after_layer=after_layer, **kwargs)
+
+        def motion_then(i, h):  # each layer's motion module, then the caller's hook (DeepCache's)
+            h = modules[i](h, num_frames)
+            return h if after_layer is None else after_layer(i, h)
+
+        return self._spatial(*args, after_layer=motion_then, **kwargs)
 
 
 class UNetMotionModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin, FreeUMixin, LoraModelMixin):

@@ -190,33 +190,18 @@ class StepPlan:
 
 
 def up_layers(block, sample, res, emb, upsample_size, kwargs: dict, *, start: int, keep=None) -> torch.Tensor:
-    """An up block's layers from ``start`` on, then its upsampler, as the block's forward runs them
-    (2-D blocks, and the motion UNet's, whose layers end in a motion module). ``keep=(cache, first)``
-    keeps in ``cache["sample"]`` the features entering layer ``first``."""
-    from ..models.freeu import join_skip  # (here: the models import this module)
+    """An up block's layers from ``start`` on, then its upsampler (the block's own forward, told where to
+    start). ``keep=(cache, first)`` keeps in ``cache["sample"]`` the features entering layer ``first``."""
+    after = None
+    if keep is not None:
+        cache, first = keep
 
-    spatial = getattr(block, "_spatial", block)  # (FreeU's hook is on the 2-D block)
-    attentions = block.attentions if getattr(block, "has_cross_attention", False) else None
-    motion = getattr(block, "motion_modules", None)
-    skips = list(res)
-    del skips[len(skips) - start :]  # layer j reads res[-1 - j]
-    for j in range(start, len(block.resnets)):
-        if keep is not None and j == keep[1]:
-            keep[0]["sample"] = sample
-        sample = block.resnets[j](join_skip(spatial, sample, skips.pop()), emb)
-        if attentions is not None:
-            sample = attentions[j](
-                sample,
-                encoder_hidden_states=kwargs["encoder_hidden_states"],
-                attention_mask=kwargs["attention_mask"],
-                encoder_attention_mask=kwargs["encoder_attention_mask"],
-                cross_attention_kwargs=kwargs["cross_attention_kwargs"],
-            )
-        if motion is not None:
-            sample = motion[j](sample, kwargs["num_frames"])
-    for up in block.upsamplers or ():
-        sample = up(sample, upsample_size)
-    return sample
+        def after(i, h):
+            if i == first - 1:
+                cache["sample"] = h
+            return h
+
+    return block(sample, res, emb, upsample_size=upsample_size, start=start, after_layer=after, **kwargs)
 
 
 def _sag_capture(unet: nn.Module) -> Any:
