@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .images import parse_image_size
 from .io.atomic import atomic_write_bytes
 
 FIELDS = ("id", "prompt", "seed", "negative_prompt", "steps", "size", "guidance_scale")
@@ -83,21 +84,9 @@ def row_seed(row: dict, rid: str) -> int:
 
 
 def parse_size(value: Any) -> tuple[int, int]:
-    """``"WxH"``, ``"N"`` or ``N`` -> (height, width)."""
+    """``"WxH"``, ``"N"`` or ``N`` -> (height, width), both positive multiples of 8."""
     value = _plain(value)
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, int):
-            w = h = value
-        elif isinstance(value, str) and "x" in value.lower():
-            w, h = (int(p) for p in value.lower().split("x"))
-        elif isinstance(value, str):
-            w = h = int(value)
-        else:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"size must be N or WIDTHxHEIGHT, got {value!r}") from None
+    h, w = parse_image_size(value)
     if w <= 0 or h <= 0 or w % 8 or h % 8:
         raise ValueError(f"size {value!r}: width and height must be positive multiples of 8")
     return h, w

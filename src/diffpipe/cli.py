@@ -60,13 +60,12 @@ def _dtype(name: str | None):
 
 
 def _size(text: str | None) -> tuple[int | None, int | None]:
+    from .images import parse_image_size
+
     if not text:
         return None, None
     try:
-        if "x" in text.lower():
-            w, h = text.lower().split("x")
-            return int(h), int(w)
-        return int(text), int(text)
+        return parse_image_size(text)
     except ValueError:
         raise ValueError(f"--size must be N or WIDTHxHEIGHT, got {text!r}") from None
 

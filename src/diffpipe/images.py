@@ -294,3 +294,21 @@ def preprocess_mask(mask, *, height: int, width: int, multiple: int = 8, resampl
             f"got {type(first).__name__}"
         )
     return (tensor >= 0.5).to(torch.float32)
+
+
+def parse_image_size(value) -> tuple[int, int]:
+    """An image size as people write it, ``"WIDTHxHEIGHT"``, ``"N"`` or ``N``, -> (height, width).
+    A ValueError for anything else; the caller checks the range it needs."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            return value, value
+        if isinstance(value, str) and "x" in value.lower():
+            w, h = (int(p) for p in value.lower().split("x"))
+            return h, w
+        if isinstance(value, str):
+            return int(value), int(value)
+        raise ValueError
+    except ValueError:
+        raise ValueError(f"size must be N or WIDTHxHEIGHT, got {value!r}") from None

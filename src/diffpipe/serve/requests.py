@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..images import parse_image_size
 from .settings import Settings
 
 DEFAULT_STEPS = 30
@@ -133,11 +134,12 @@ def refuse_unknown(body: BaseModel, no_effect: set[str], unsupported: dict[str, 
 
 
 def parse_size(size: str) -> tuple[int, int]:
+    """A request's ``size`` -> (width, height); a 400 naming the field otherwise."""
     try:
-        w, h = (int(part) for part in size.lower().split("x"))
+        height, width = parse_image_size(size)
     except ValueError:
         raise HTTPException(400, f"size must be WIDTHxHEIGHT, e.g. 512x512; got {size!r}") from None
-    return w, h
+    return width, height
 
 
 def check_limits(gen: Generation, settings: Settings) -> None:
