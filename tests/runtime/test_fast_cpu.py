@@ -135,3 +135,38 @@ def test_generate_speed_flags_equal_the_api(folder, tmp_path):
         expected = pipe(**CALL, guidance_scale=7.5, generator=torch.Generator().manual_seed(0)).images[0]
     np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
     assert main(["generate", "x", "--model", str(folder), "--bf16", "--dtype", "float32"]) == 1
+
+
+def test_compiled_deepcache_equals_eager_and_compiles_each_step_kind_once(folder, tmp_path, monkeypatch):
+    """DeepCache turned on and off on a compiled pipeline takes effect (the compiled UNet sees the hook
+    come and go), and its plan is made outside the compiled UNet, so the body compiles once for full
+    steps and once for skip steps. A third variant (the second full step used to recompile the whole
+    UNet, because the body read the cache's state) fails the call here instead of costing a compile."""
+    monkeypatch.setenv("DIFFPIPE_COMPILE_CACHE", str(tmp_path / "inductor"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    call = {**CALL, "num_inference_steps": 5}  # with DeepCache every 2: full, skip, full, skip, full
+
+    def run(pipe):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.asarray(pipe(**call, generator=torch.Generator().manual_seed(0)).images[0])
+
+    eager_pipe = load(folder)
+    eager_plain = run(eager_pipe)
+    eager_pipe.enable_deepcache(cache_interval=2, cache_branch_id=0)
+    eager_cached = run(eager_pipe)
+    assert max_diff(eager_cached, eager_plain) > TOL  # else this test could not tell them apart
+
+    pipe = load(folder).compile()
+    plain = run(pipe)
+    pipe.enable_deepcache(cache_interval=2, cache_branch_id=0)
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        cached = run(pipe)
+        again = run(pipe)
+    pipe.disable_deepcache()
+    after = run(pipe)
+    assert max_diff(plain, eager_plain) <= TOL
+    assert max_diff(cached, eager_cached) <= TOL
+    np.testing.assert_array_equal(again, cached)
+    np.testing.assert_array_equal(after, plain)
+    assert pipe.compile_seconds > 0

@@ -7,8 +7,8 @@
   (default ``$XDG_CACHE_HOME/diffpipe/inductor``, i.e. ``~/.cache/diffpipe/inductor``; a
   ``TORCHINDUCTOR_CACHE_DIR`` the user set wins), with inductor's FX-graph and AOTAutograd caches on,
   so a second process with the same model and shapes loads them instead of generating and building C++.
-  Compilation happens at the first call of each shape; :attr:`CompileMixin.compile_seconds` adds up
-  the time the first calls took, as a report.
+  Compilation happens at the first call of each shape (and of each graph variant, such as DeepCache's
+  skip steps); :attr:`CompileMixin.compile_seconds` adds up the time compiling took, as a report.
 - **Channels-last.** Convolutional models get their weights in channels-last (NHWC) memory format,
   the layout oneDNN's CPU convolutions run fastest in; results are equal up to summation order.
 
@@ -53,15 +53,54 @@ def _enable_disk_cache() -> Path:
     return folder
 
 
-class _FirstCallTimer:
-    """Adds the wall time of a module's first call per input shape to ``owner.compile_seconds``."""
+class _CompileClock:
+    """Seconds spent compiling in this process: dynamo's compile-start/compile-end callbacks (tracing,
+    and generating or loading kernels) add up here. ``None`` where this torch lacks the callbacks."""
+
+    def __init__(self):
+        self.total = 0.0
+        self._started: float | None = None
+        try:
+            from torch._dynamo.callback import callback_handler
+        except ImportError:
+            self.available = False
+            return
+        callback_handler.register_start_callback(self._start)
+        callback_handler.register_end_callback(self._end)
+        self.available = True
+
+    def _start(self, *args) -> None:
+        self._started = time.perf_counter()
+
+    def _end(self, *args) -> None:
+        if self._started is not None:
+            self.total += time.perf_counter() - self._started
+            self._started = None
+
+
+_CLOCK: _CompileClock | None = None
+
+
+def _clock() -> _CompileClock:
+    global _CLOCK
+    if _CLOCK is None:
+        _CLOCK = _CompileClock()
+    return _CLOCK
+
+
+class _CompileTimer:
+    """Adds to ``owner.compile_seconds`` what compiling cost during each call of ``module``: the compile
+    clock's advance over the call (every recompile counts: a new shape, or a new graph variant such as
+    DeepCache's skip steps). Without the clock, the wall time of the first call per input shape.
+
+    The hooks run inside the compiled ``_call_impl``, so dynamo is told to leave them alone."""
 
     def __init__(self, owner, module: torch.nn.Module):
-        self.owner = owner
+        self.owner, self.clock = owner, _clock()
         self.seen: set = set()
-        self.started: dict = {}
-        module.register_forward_pre_hook(self.before, with_kwargs=True)
-        module.register_forward_hook(self.after, with_kwargs=True)
+        self.started: list = []
+        module.register_forward_pre_hook(torch.compiler.disable(self.before), with_kwargs=True)
+        module.register_forward_hook(torch.compiler.disable(self.after), with_kwargs=True, always_call=True)
 
     @staticmethod
     def _key(args, kwargs):
@@ -69,14 +108,15 @@ class _FirstCallTimer:
         return tuple(first.shape) if isinstance(first, torch.Tensor) else None
 
     def before(self, module, args, kwargs):
-        key = self._key(args, kwargs)
-        if key not in self.seen:
-            self.started[key] = time.perf_counter()
+        now = self.clock.total if self.clock.available else time.perf_counter()
+        self.started.append((self._key(args, kwargs), now))
 
     def after(self, module, args, kwargs, output):
-        key = self._key(args, kwargs)
-        if key in self.started:
-            self.owner.compile_seconds += time.perf_counter() - self.started.pop(key)
+        key, then = self.started.pop()
+        if self.clock.available:
+            self.owner.compile_seconds += self.clock.total - then
+        elif key not in self.seen:
+            self.owner.compile_seconds += time.perf_counter() - then
             self.seen.add(key)
 
 
@@ -98,7 +138,7 @@ class CompileMixin:
         in place; ``mode``/``fullgraph``/``dynamic`` go to ``torch.compile``. Returns the pipeline.
 
         The first call of each new shape compiles (or loads the compiled kernels from the disk cache:
-        see :func:`compile_cache_dir`); ``pipe.compile_seconds`` adds up what those first calls took."""
+        see :func:`compile_cache_dir`); ``pipe.compile_seconds`` adds up the time spent compiling."""
         cache = _enable_disk_cache()
         options = {"mode": mode, "fullgraph": fullgraph, "dynamic": dynamic}
         if channels_last:
@@ -117,7 +157,7 @@ class CompileMixin:
             if getattr(module, "_diffpipe_compiled", False):
                 continue
             module.compile(**options)
-            _FirstCallTimer(self, module)
+            _CompileTimer(self, module)
             module._diffpipe_compiled = True
         self.compile_cache = cache
         return self

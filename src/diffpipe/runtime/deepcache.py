@@ -122,7 +122,7 @@ class DeepCache(ModuleHook):
         self.positions: dict[float, int] | None = None  # timestep -> its first position in the schedule
         self.start: int | None = None  # the position of the call's first step
         self.index = self.calls = -1  # the loop's step of the last UNet call, and its calls in that step
-        self.caches: dict[int, dict[str, Any]] = {}  # per call within a step
+        self.caches: dict[int, Kept] = {}  # per call within a step
 
     def _position(self, i: int) -> int:
         t = self.state.timesteps[i]
@@ -132,7 +132,11 @@ class DeepCache(ModuleHook):
                 self.positions.setdefault(value, position)
         return self.positions.get(t.item(), i)  # (a timestep the schedule lacks: the loop's count)
 
+    @torch.compiler.disable
     def plan(self, unet: nn.Module) -> StepPlan | None:
+        """Plain Python, kept out of a compiled UNet (``pipe.compile()``): it reads the step as a number.
+        What the compiled body then reads of the plan (full or skip, and at a skip step the kept
+        tensors) is the same at every full step and at every skip step, so it compiles once for each."""
         state = self.state
         if state is None or state.timesteps is None or self.interval == 1:
             return None  # outside a pipeline's denoising loop, or nothing to reuse
@@ -142,21 +146,32 @@ class DeepCache(ModuleHook):
         position = self._position(i)
         if self.start is None:
             self.start = position
-        cache = self.caches.setdefault(self.calls, {})
-        full = (position - self.start) % self.interval == 0 or not cache
+        cache = self.caches.setdefault(self.calls, Kept())
+        full = (position - self.start) % self.interval == 0 or cache.sample is None
         return StepPlan(self, full, cache, _sag_capture(unet))
+
+
+class Kept:
+    """What a full step keeps for the skip steps after it (one per UNet call within a step)."""
+
+    __slots__ = ("skips", "sample", "sag")
+
+    def __init__(self):
+        self.skips = 0  # how many skip features a full step has
+        self.sample: torch.Tensor | None = None  # the features entering the first layer a skip step runs
+        self.sag: tuple | None = None  # SAG's attention map, heads and map size
 
 
 class StepPlan:
     """One forward's part in DeepCache: a full step keeps what skip steps take back."""
 
-    def __init__(self, hook: DeepCache, full: bool, cache: dict[str, Any], capture: Any):
+    def __init__(self, hook: DeepCache, full: bool, cache: Kept, capture: Any):
         self.full, self.cache, self.layer = full, cache, hook.layer
         self.down = None if full else hook.down  # how many down blocks run (None: all)
         self.first_up = hook.first_up
         self.capture = capture  # SAG's map of the mid block's attention: kept, or given back
         if capture is not None and not full:
-            capture.probs, capture.heads, capture.map_size = cache["sag"]
+            capture.probs, capture.heads, capture.map_size = cache.sag
 
     @property
     def runs_mid(self) -> bool:
@@ -169,9 +184,9 @@ class StepPlan:
         """The skip features, as many as a full step has: a skip step lacks those of the down blocks it
         does not run, which only the layers it does not run read."""
         if self.full:
-            self.cache["skips"] = len(skips)
+            self.cache.skips = len(skips)
             return skips
-        return skips + (None,) * (self.cache["skips"] - len(skips))
+        return skips + (None,) * (self.cache.skips - len(skips))
 
     def enter(self, block: nn.Module, sample, res, emb, upsample_size, kwargs: dict) -> torch.Tensor:
         """Up block ``first_up``: at a full step, the block, keeping what enters the layers a skip step
@@ -179,26 +194,26 @@ class StepPlan:
         first = max(0, len(block.resnets) - 1 - self.layer)  # the first layer a skip step runs
         if self.full:
             if self.capture is not None:  # the mid block has run: this is this call's map
-                self.cache["sag"] = (self.capture.probs, self.capture.heads, self.capture.map_size)
+                self.cache.sag = (self.capture.probs, self.capture.heads, self.capture.map_size)
             if first == 0:
-                self.cache["sample"] = sample
+                self.cache.sample = sample
                 return block(sample, res, emb, upsample_size=upsample_size, **kwargs)
             return up_layers(block, sample, res, emb, upsample_size, kwargs, start=0, keep=(self.cache, first))
         if first == 0:
-            return block(self.cache["sample"], res, emb, upsample_size=upsample_size, **kwargs)
-        return up_layers(block, self.cache["sample"], res, emb, upsample_size, kwargs, start=first)
+            return block(self.cache.sample, res, emb, upsample_size=upsample_size, **kwargs)
+        return up_layers(block, self.cache.sample, res, emb, upsample_size, kwargs, start=first)
 
 
 def up_layers(block, sample, res, emb, upsample_size, kwargs: dict, *, start: int, keep=None) -> torch.Tensor:
     """An up block's layers from ``start`` on, then its upsampler (the block's own forward, told where to
-    start). ``keep=(cache, first)`` keeps in ``cache["sample"]`` the features entering layer ``first``."""
+    start). ``keep=(cache, first)`` keeps in ``cache.sample`` the features entering layer ``first``."""
     after = None
     if keep is not None:
         cache, first = keep
 
         def after(i, h):
             if i == first - 1:
-                cache["sample"] = h
+                cache.sample = h
             return h
 
     return block(sample, res, emb, upsample_size=upsample_size, start=start, after_layer=after, **kwargs)

@@ -82,7 +82,10 @@ class HookRegistry:
 
 
 def _registry(module: nn.Module, create: bool = False) -> HookRegistry | None:
-    registry = module.__dict__.get(_REGISTRY)
+    # getattr, not ``module.__dict__.get``: a compiled module (``pipe.compile()``) reads the registry
+    # in its forward, and torch.compile guards an attribute's presence but not a missing dict key, so
+    # a hook added after the first compiled call would go unseen
+    registry = getattr(module, _REGISTRY, None)
     if registry is None and create:
         registry = module.__dict__[_REGISTRY] = HookRegistry(module)
     return registry
