@@ -110,55 +110,58 @@ def dequantize(raw: torch.Tensor, qtype: int, dtype: torch.dtype | None = None) 
 
 
 # ------------------------------------------------------------------------------------------ helpers
+# Speed: dequantizing runs at every forward of a GGUF layer, so each kernel does its bit work on uint8
+# (a quarter of int32's memory traffic), converts to float32 once, and scales in place. The float
+# operations keep the GGML reference's order, so results are bit-equal to it.
 def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
     """The fp16 at byte ``at`` of each block, as float32, shape (n, 1)."""
     return blocks[:, at : at + 2].contiguous().view(torch.float16).float()
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """Low nibbles then high nibbles of each row of ``qs`` (n, k) -> (n, 2k), as int32."""
-    q = qs.to(torch.int32)
-    return torch.cat((q & 0x0F, q >> 4), dim=-1)
+    """Low nibbles then high nibbles of each row of ``qs`` (n, k) -> (n, 2k), uint8."""
+    return torch.cat((qs & 0x0F, qs >> 4), dim=-1)
 
 
-def _bits(word: torch.Tensor, count: int) -> torch.Tensor:
-    """Bits 0..count-1 of each int32 in ``word`` (n, 1) -> (n, count)."""
-    shifts = torch.arange(count, device=word.device, dtype=torch.int32)
-    return (word >> shifts) & 1
+def _bits(packed: torch.Tensor) -> torch.Tensor:
+    """The bits of each row of bytes ``packed`` (n, k) -> (n, 8k), uint8; bit ``i`` of the little-endian
+    word is value ``i``."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1)
 
 
-def _word32(blocks: torch.Tensor, at: int) -> torch.Tensor:
-    b = blocks[:, at : at + 4].to(torch.int32)
-    return b[:, 0:1] | (b[:, 1:2] << 8) | (b[:, 2:3] << 16) | (b[:, 3:4] << 24)
+def _float(q: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """``q - offset`` as float32 (exact: small integers)."""
+    out = q.to(torch.float32)
+    return out.sub_(offset) if offset else out
 
 
 # ------------------------------------------------------------------------------------------ 32-value blocks
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
     d = _f16(blocks, 0)
-    q = blocks[:, 2:34].contiguous().view(torch.int8).float()
-    return d * q
+    return _float(blocks[:, 2:34].view(torch.int8)).mul_(d)
 
 
 def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
     d = _f16(blocks, 0)
-    return d * (_nibbles(blocks[:, 2:18]) - 8).float()
+    return _float(_nibbles(blocks[:, 2:18]), 8).mul_(d)
 
 
 def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
     d, m = _f16(blocks, 0), _f16(blocks, 2)
-    return d * _nibbles(blocks[:, 4:20]).float() + m
+    return _float(_nibbles(blocks[:, 4:20])).mul_(d).add_(m)
 
 
 def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
     d = _f16(blocks, 0)
-    high = _bits(_word32(blocks, 2), 32) << 4
-    return d * ((_nibbles(blocks[:, 6:22]) | high) - 16).float()
+    q = _nibbles(blocks[:, 6:22]) | (_bits(blocks[:, 2:6]) << 4)
+    return _float(q, 16).mul_(d)
 
 
 def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
     d, m = _f16(blocks, 0), _f16(blocks, 2)
-    high = _bits(_word32(blocks, 4), 32) << 4
-    return d * (_nibbles(blocks[:, 8:24]) | high).float() + m
+    q = _nibbles(blocks[:, 8:24]) | (_bits(blocks[:, 4:8]) << 4)
+    return _float(q).mul_(d).add_(m)
 
 
 # ------------------------------------------------------------------------------------------ K-quants
@@ -166,11 +169,16 @@ def _scale_min_k4(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8 six-bit scales and 8 six-bit minimums packed in 12 bytes (Q4_K, Q5_K) -> (n, 8) each.
     Sub-blocks 0-3: the low 6 bits of bytes 0-3 (scales) and 4-7 (mins). Sub-blocks 4-7: the low
     nibble (scale) / high nibble (min) of bytes 8-11, topped by the 2 high bits of bytes 0-3 / 4-7."""
-    q = packed.to(torch.int32)
-    lo_s, lo_m, tail = q[:, 0:4], q[:, 4:8], q[:, 8:12]
+    lo_s, lo_m, tail = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
     scales = torch.cat((lo_s & 63, (tail & 0x0F) | ((lo_s >> 6) << 4)), dim=-1)
     mins = torch.cat((lo_m & 63, (tail >> 4) | ((lo_m >> 6) << 4)), dim=-1)
     return scales.float(), mins.float()
+
+
+def _sub_blocks(q: torch.Tensor, d, dmin, scales, mins) -> torch.Tensor:
+    """``d * scale * q - dmin * min`` per sub-block: ``q`` (n, 8, 32) uint8 -> (n, 256) float32."""
+    out = _float(q).mul_((d * scales).unsqueeze(-1))
+    return out.sub_((dmin * mins).unsqueeze(-1)).reshape(-1, 256)
 
 
 def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -178,22 +186,27 @@ def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     # (sub-block 2c) then the high nibbles (2c + 1)
     d, dmin = _f16(blocks, 0), _f16(blocks, 2)
     scales, mins = _scale_min_k4(blocks[:, 4:16])
-    q = blocks[:, 16:144].to(torch.int32).reshape(-1, 4, 1, 32)
-    q = torch.cat((q & 0x0F, q >> 4), dim=2).reshape(-1, 8, 32).float()
-    return (d * scales).unsqueeze(-1).mul(q).sub((dmin * mins).unsqueeze(-1)).reshape(-1, 256)
+    q = blocks[:, 16:144].reshape(-1, 4, 1, 32)
+    q = torch.cat((q & 0x0F, q >> 4), dim=2).reshape(-1, 8, 32)
+    return _sub_blocks(q, d, dmin, scales, mins)
 
 
 def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
     # as Q4_K, with 32 bytes of fifth bits before the nibbles: bit s of byte l is value l of sub-block s
     d, dmin = _f16(blocks, 0), _f16(blocks, 2)
     scales, mins = _scale_min_k4(blocks[:, 4:16])
-    qh = blocks[:, 16:48].to(torch.int32).unsqueeze(1)  # (n, 1, 32)
-    shifts = torch.arange(8, device=blocks.device, dtype=torch.int32).view(1, 8, 1)
+    qh = blocks[:, 16:48].unsqueeze(1)  # (n, 1, 32)
+    shifts = torch.arange(8, device=blocks.device, dtype=torch.uint8).view(1, 8, 1)
     high = ((qh >> shifts) & 1) << 4  # (n, 8, 32)
-    q = blocks[:, 48:176].to(torch.int32).reshape(-1, 4, 1, 32)
-    q = torch.cat((q & 0x0F, q >> 4), dim=2).reshape(-1, 8, 32)
-    q = (q | high).float()
-    return (d * scales).unsqueeze(-1).mul(q).sub((dmin * mins).unsqueeze(-1)).reshape(-1, 256)
+    q = blocks[:, 48:176].reshape(-1, 4, 1, 32)
+    q = torch.cat((q & 0x0F, q >> 4), dim=2).reshape(-1, 8, 32) | high
+    return _sub_blocks(q, d, dmin, scales, mins)
+
+
+def _two_bits(qs: torch.Tensor) -> torch.Tensor:
+    """Each half's 32 bytes read four times, 2 bits further each time: (n, 64) -> (n, 2, 4, 32) uint8."""
+    shifts = torch.arange(0, 8, 2, device=qs.device, dtype=torch.uint8).view(1, 1, 4, 1)
+    return (qs.reshape(-1, 2, 1, 32) >> shifts) & 3
 
 
 def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -201,45 +214,38 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     # uses 64 low bytes and 32 high bytes: group g of 32 takes nibble (g // 2) of low bytes
     # [32 (g % 2), +32) and bits 2g..2g+1 of the high bytes; scale 16 values at a time.
     d = _f16(blocks, 208)
-    ql = blocks[:, 0:128].to(torch.int32).reshape(-1, 2, 1, 2, 32)  # (n, half, _, which 32, l)
+    ql = blocks[:, 0:128].reshape(-1, 2, 1, 2, 32)  # (n, half, _, which 32, l)
     low = torch.cat((ql & 0x0F, ql >> 4), dim=2).reshape(-1, 2, 4, 32)  # groups: lo0, lo1, hi0, hi1
-    qh = blocks[:, 128:192].to(torch.int32).reshape(-1, 2, 1, 32)
-    shifts = torch.arange(0, 8, 2, device=blocks.device, dtype=torch.int32).view(1, 1, 4, 1)
-    high = ((qh >> shifts) & 3) << 4
-    q = ((low | high) - 32).float().reshape(-1, 16, 16)
-    scales = blocks[:, 192:208].contiguous().view(torch.int8).float()  # (n, 16)
-    return ((d * scales).unsqueeze(-1) * q).reshape(-1, 256)
+    q = _float(low | (_two_bits(blocks[:, 128:192]) << 4), 32).reshape(-1, 16, 16)
+    scales = blocks[:, 192:208].view(torch.int8).float()  # (n, 16)
+    return q.mul_((d * scales).unsqueeze(-1)).reshape(-1, 256)
 
 
 def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
     # 16 bytes of scales (low nibble scale, high nibble min), 64 bytes of 2-bit values, d, dmin.
     # Each half of 128 values reads 32 bytes four times, 2 bits further each time; 16 values a scale.
-    packed = blocks[:, 0:16].to(torch.int32)
+    packed = blocks[:, 0:16]
     d, dmin = _f16(blocks, 80), _f16(blocks, 82)
-    qs = blocks[:, 16:80].to(torch.int32).reshape(-1, 2, 1, 32)
-    shifts = torch.arange(0, 8, 2, device=blocks.device, dtype=torch.int32).view(1, 1, 4, 1)
-    q = ((qs >> shifts) & 3).float().reshape(-1, 16, 16)
+    q = _float(_two_bits(blocks[:, 16:80])).reshape(-1, 16, 16)
     scale = (d * (packed & 0x0F).float()).unsqueeze(-1)
     low = (dmin * (packed >> 4).float()).unsqueeze(-1)
-    return (scale * q - low).reshape(-1, 256)
+    return q.mul_(scale).sub_(low).reshape(-1, 256)
 
 
 def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     # 32 bytes of high-bit masks, 64 bytes of 2-bit values, 12 bytes of 16 six-bit scales (offset by
-    # 32), d. Values as Q2_K; group h*4 + j's third bit is bit h*4 + j of the mask byte (clear: -4).
+    # 32), d. Values as Q2_K; group h*4 + j's third bit is bit h*4 + j of the mask byte (set: +4, and
+    # every value is offset by 4).
     d = _f16(blocks, 108)
-    hmask = blocks[:, 0:32].to(torch.int32).unsqueeze(1)  # (n, 1, 32)
-    qs = blocks[:, 32:96].to(torch.int32).reshape(-1, 2, 1, 32)
-    sc = blocks[:, 96:108].to(torch.int32)
-    shifts = torch.arange(0, 8, 2, device=blocks.device, dtype=torch.int32).view(1, 1, 4, 1)
-    q = ((qs >> shifts) & 3).reshape(-1, 8, 32)
-    bit = torch.arange(8, device=blocks.device, dtype=torch.int32).view(1, 8, 1)
-    q = q - 4 * (1 - ((hmask >> bit) & 1))
+    hmask = blocks[:, 0:32].unsqueeze(1)  # (n, 1, 32)
+    sc = blocks[:, 96:108]
+    bit = torch.arange(8, device=blocks.device, dtype=torch.uint8).view(1, 8, 1)
+    q = _two_bits(blocks[:, 32:96]).reshape(-1, 8, 32) | (((hmask >> bit) & 1) << 2)
     low4 = torch.cat((sc[:, 0:8] & 0x0F, sc[:, 0:8] >> 4), dim=-1)  # scale i: byte i % 8, nibble i // 8
     tops = sc[:, 8:12].repeat(1, 4)  # scale i: bits 2 (i // 4) of byte 8 + i % 4
-    top_shift = (torch.arange(16, device=blocks.device, dtype=torch.int32) // 4) * 2
-    scales = (low4 | (((tops >> top_shift) & 3) << 4)) - 32
-    return ((d * scales.float()).unsqueeze(-1) * q.float().reshape(-1, 16, 16)).reshape(-1, 256)
+    top_shift = ((torch.arange(16, device=blocks.device) // 4) * 2).to(torch.uint8)
+    scales = _float(low4 | (((tops >> top_shift) & 3) << 4), 32)
+    return _float(q, 4).reshape(-1, 16, 16).mul_((d * scales).unsqueeze(-1)).reshape(-1, 256)
 
 
 _KERNELS = {
