@@ -7,7 +7,9 @@ libraries, ratios against the reference's fp32 default:
   process that compiles into an empty cache, then a second one that loads it);
 - 512x512, 20 steps, DPM-Solver++ 2M, text to image: the reference fp32; ours fp32; ours fast (bf16 +
   compile + DeepCache interval 3 + the tiny VAE), first and second process;
-- the machine's matmul rates and the UNet step's FLOPs: the floors.
+- the machine's matmul and convolution rates and the UNet step's FLOPs: the floors.
+
+``--repeats N`` runs each group's rows N times, interleaved, and prints the median ratios.
 Prints the machine (with its CPU flags) and one line per row, for docs/benchmarks.md.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,6 +85,7 @@ def main() -> None:
         choices=("unet", "t2i", "rates", "unet-bf16-compiled", "t2i-fp32"),
         default=("rates", "unet", "t2i"),
     )
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of each group, interleaved (medians printed)")
     args = parser.parse_args()
     if not (FOLDER / "model_index.json").is_file():
         subprocess.run([sys.executable, str(HERE / "make_checkpoint.py")], check=True)
@@ -93,7 +97,7 @@ def main() -> None:
     try:
         if "rates" in args.only:
             rates = worker("diffpipe", "rates", [], env)
-            results["rates"] = rates
+            results["rates"] = rates  # (a dict; the rows below are lists of runs)
             print(f"rates: {rates}", flush=True)
         groups = (
             ("unet", "unet_step", UNET_ROWS),
@@ -104,32 +108,44 @@ def main() -> None:
         for group, task, rows in groups:
             if group not in args.only:
                 continue
-            base = None
-            for name, lib, extra in rows:
-                start = time.perf_counter()
-                r = worker(lib, task, extra, env)
-                results[f"{group}: {name}"] = r
-                if "error" in r:
-                    print(f"{group}: {name}: ERROR {r['error']}", flush=True)
-                    continue
-                base = base or r["seconds"]
-                compiled = f", first call {r['first_call']:.1f} s" if "first_call" in r else ""
-                if r.get("compile_seconds"):
-                    compiled = f", of which first calls of compiled modules {r['compile_seconds']:.1f} s"
-                print(
-                    f"{group}: {name:<36} {r['seconds']:8.2f} s  ratio vs reference fp32 {r['seconds'] / base:5.2f}  "
-                    f"peak RSS {r['peak_rss'] / 1e9:5.2f} GB  (process {time.perf_counter() - start:.0f} s{compiled})",
-                    flush=True,
-                )
+            for round_ in range(args.repeats):  # rounds interleave the rows: the machine drifts
+                base = None
+                for name, lib, extra in rows:
+                    if round_ and "first process" in name:
+                        continue  # the compile cache is warm after round 0
+                    start = time.perf_counter()
+                    r = worker(lib, task, extra, env)
+                    results.setdefault(f"{group}: {name}", []).append(r)
+                    if "error" in r:
+                        print(f"{group}: {name}: ERROR {r['error']}", flush=True)
+                        continue
+                    base = base or r["seconds"]
+                    r["ratio"] = r["seconds"] / base
+                    compiled = f", first call {r['first_call']:.1f} s" if "first_call" in r else ""
+                    if r.get("compile_seconds"):
+                        compiled = f", of which compiling {r['compile_seconds']:.1f} s"
+                    print(
+                        f"{group}: {name:<36} {r['seconds']:8.2f} s  ratio vs reference fp32 {r['ratio']:5.2f}  "
+                        f"peak RSS {r['peak_rss'] / 1e9:5.2f} GB  (process {time.perf_counter() - start:.0f} s"
+                        f"{compiled})",
+                        flush=True,
+                    )
+        if args.repeats > 1:
+            for name, runs in results.items():
+                ratios = [r["ratio"] for r in runs if "ratio" in r]
+                if ratios:
+                    print(f"median of {len(ratios)}: {name:<56} ratio {statistics.median(ratios):5.2f}  {ratios}")
         rates = results.get("rates")
-        for name in ("unet: ours bf16", "unet-bf16-compiled: ours bf16 compiled, cache warm"):
-            if rates and "seconds" in results.get(name, {}):
-                floor = rates["unet_step_flops"] / rates["matmul_flops_per_s_bfloat16"]
-                step = results[name]["seconds"]
-                print(
-                    f"{name}: {step:.2f} s = {step / floor:.2f}x the bf16 floor "
-                    f"({floor:.2f} s: FLOPs / bf16 matmul rate)"
-                )
+        if rates:
+            for dtype in ("float32", "bfloat16"):
+                rate = max(rates[f"matmul_flops_per_s_{dtype}"], rates[f"conv_flops_per_s_{dtype}"])
+                floor = rates["unet_step_flops"] / rate
+                print(f"{dtype} floor: {floor:.2f} s per UNet step (FLOPs / {rate / 1e9:.0f} GFLOP/s)")
+                for name, runs in results.items():
+                    dtype_row = "bf16" in name if dtype == "bfloat16" else "fp32" in name
+                    if name.startswith("unet") and dtype_row and "ours" in name:
+                        step = statistics.median(r["seconds"] for r in runs if "seconds" in r)
+                        print(f"  {name}: {step:.2f} s = {step / floor:.2f}x the {dtype} floor")
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     out = HERE / "_work" / f"fast_cpu-{'-'.join(args.only)}.json"
