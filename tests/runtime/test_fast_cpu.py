@@ -76,9 +76,18 @@ def test_compiled_pipeline_equals_eager_and_a_second_process_uses_the_cache(fold
     assert max_diff(compiled, eager) <= TOL
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert list(pipe.unet.state_dict()) == keys  # in place: the checkpoint's names, unchanged
+    # regional by default: the UNet's resnets and transformers are compiled, the UNet's own call is not
+    blocks = [m for m in pipe.unet.modules() if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel")]
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert pipe.unet._compiled_call_impl is None
     assert pipe.compile_seconds > 0 and pipe.compile_cache == cache
     assert any(cache.rglob("*.py")), "inductor wrote nothing to the cache folder"
     np.testing.assert_array_equal(image(pipe), compiled)  # compiled once, reused
+    eager_cached = load(folder)
+    eager_cached.enable_deepcache(cache_interval=2, cache_branch_id=0)
+    pipe.enable_deepcache(cache_interval=2, cache_branch_id=0)  # skip steps run blocks already compiled
+    assert max_diff(image(pipe), image(eager_cached)) <= TOL
+    pipe.disable_deepcache()
     # saving a compiled pipeline writes the same folder as an uncompiled one would
     pipe.save_pretrained(tmp_path / "saved")
     reloaded = load(tmp_path / "saved")
@@ -157,7 +166,8 @@ def test_compiled_deepcache_equals_eager_and_compiles_each_step_kind_once(folder
     eager_cached = run(eager_pipe)
     assert max_diff(eager_cached, eager_plain) > TOL  # else this test could not tell them apart
 
-    pipe = load(folder).compile()
+    pipe = load(folder).compile(regional=False)  # the whole UNet: one graph per step kind
+    assert pipe.unet._compiled_call_impl is not None
     plain = run(pipe)
     pipe.enable_deepcache(cache_interval=2, cache_branch_id=0)
     with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
@@ -170,3 +180,24 @@ def test_compiled_deepcache_equals_eager_and_compiles_each_step_kind_once(folder
     np.testing.assert_array_equal(again, cached)
     np.testing.assert_array_equal(after, plain)
     assert pipe.compile_seconds > 0
+
+
+def test_compile_repeated_blocks_compiles_each_block_in_place():
+    from diffpipe.models.autoencoder_kl import AutoencoderKL
+
+    unet = diffpipe.UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=4,
+        attention_head_dim=2,
+        layers_per_block=1,
+    )
+    keys = list(unet.state_dict())
+    assert unet.compile_repeated_blocks() is None
+    kinds = {type(m).__name__ for m in unet.modules() if m._compiled_call_impl is not None}
+    assert kinds == {"ResnetBlock2D", "Transformer2DModel"}  # the outermost: not the blocks inside a transformer
+    assert unet._compiled_call_impl is None and list(unet.state_dict()) == keys
+    with pytest.raises(ValueError, match="names no repeated blocks"):
+        AutoencoderKL().compile_repeated_blocks()

@@ -76,6 +76,9 @@ class ControlNetConditioningEmbedding(nn.Module):
 class ControlNetModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin):
     """ControlNet: ``forward`` returns the residuals to add to a UNet's down-block skips and mid block."""
 
+    # what compile_repeated_blocks() / pipe.compile() compile one by one
+    _repeated_blocks = ("ResnetBlock2D", "Transformer2DModel")
+
     def __init__(
         self,
         in_channels: int = 4,

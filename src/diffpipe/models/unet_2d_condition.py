@@ -53,6 +53,9 @@ def _per_block(name: str, value: Any, n: int, *, scalar_types=(int,)) -> list:
 class UNet2DConditionModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin, FreeUMixin, LoraModelMixin):
     """Conditional 2D UNet predicting noise (or v / x0) from a noisy latent, a timestep and text states."""
 
+    # what compile_repeated_blocks() / pipe.compile() compile one by one
+    _repeated_blocks = ("ResnetBlock2D", "Transformer2DModel")
+
     def __init__(
         self,
         sample_size: int | tuple[int, int] | None = None,

@@ -123,6 +123,9 @@ class UNetMotionModel(ModelMixin, AttentionHostMixin, MemorySwitchesMixin, FreeU
     its parameters) or load a saved one with ``from_pretrained``.
     """
 
+    # what compile_repeated_blocks() / pipe.compile() compile one by one
+    _repeated_blocks = ("ResnetBlock2D", "Transformer2DModel", "AnimateDiffTransformer3D")
+
     def __init__(
         self,
         sample_size: int | None = None,

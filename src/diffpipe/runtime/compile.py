@@ -9,6 +9,13 @@
   so a second process with the same model and shapes loads them instead of generating and building C++.
   Compilation happens at the first call of each shape (and of each graph variant, such as DeepCache's
   skip steps); :attr:`CompileMixin.compile_seconds` adds up the time compiling took, as a report.
+- **Regional by default.** A model that names its repeated blocks (``_repeated_blocks``: the UNet's
+  ``ResnetBlock2D`` and ``Transformer2DModel``, Flux's transformer blocks) has each of those blocks
+  compiled, not the whole model: blocks of one shape share one graph, so a new process traces 16 graphs
+  for SD 1.5's 38 blocks instead of the whole UNet. Measured at SD 1.5 size in bf16: compiling from
+  nothing 54 s instead of 79 s, the first call of a process with a warm cache 6.9 s of overhead
+  instead of 11.3 s, at 1-2% more time per step; DeepCache's skip steps run blocks already compiled.
+  ``pipe.compile(regional=False)`` compiles the whole denoiser.
 - **Channels-last.** Convolutional models get their weights in channels-last (NHWC) memory format,
   the layout oneDNN's CPU convolutions run fastest in; results are equal up to summation order.
 
@@ -133,9 +140,12 @@ class CompileMixin:
         dynamic: bool | None = False,
         vae: bool = True,
         channels_last: bool = True,
+        regional: bool = True,
     ):
         """Compile the denoiser (``unet`` or ``transformer``) and, with ``vae=True``, the VAE decoder,
         in place; ``mode``/``fullgraph``/``dynamic`` go to ``torch.compile``. Returns the pipeline.
+        ``regional=True`` compiles a denoiser's repeated blocks (:func:`compile_repeated_blocks`) where it
+        names them, ``False`` the whole denoiser.
 
         The first call of each new shape compiles (or loads the compiled kernels from the disk cache:
         see :func:`compile_cache_dir`); ``pipe.compile_seconds`` adds up the time spent compiling."""
@@ -146,18 +156,57 @@ class CompileMixin:
                 module = getattr(self, name, None)
                 if isinstance(module, torch.nn.Module):
                     module.to(memory_format=torch.channels_last)
-        targets = [getattr(self, name, None) for name in DENOISERS]
+        denoisers = [getattr(self, name, None) for name in DENOISERS]
+        targets = [m for m in denoisers if not (regional and _repeated_block_names(m))]
         vae_model = getattr(self, "vae", None)
         if vae and vae_model is not None and isinstance(getattr(vae_model, "decoder", None), torch.nn.Module):
             targets.append(vae_model.decoder)
-        compiled = [m for m in targets if isinstance(m, torch.nn.Module)]
+        compiled = [m for m in denoisers + targets if isinstance(m, torch.nn.Module)]
         if not compiled:
             raise ValueError(f"{type(self).__name__} has no unet, transformer or VAE decoder to compile")
         for module in compiled:
             if getattr(module, "_diffpipe_compiled", False):
                 continue
-            module.compile(**options)
-            _CompileTimer(self, module)
+            if module in targets:
+                module.compile(**options)
+            else:
+                compile_repeated_blocks(module, **options)
+            _CompileTimer(self, module)  # on the model itself: its own call runs eager when regional
             module._diffpipe_compiled = True
         self.compile_cache = cache
         return self
+
+
+def _repeated_block_names(model) -> tuple[str, ...]:
+    return tuple(getattr(model, "_repeated_blocks", ()) or ()) if isinstance(model, torch.nn.Module) else ()
+
+
+def compile_repeated_blocks(model: torch.nn.Module, *args, **kwargs) -> None:
+    """``torch.compile`` (in place, ``nn.Module.compile``) every block of ``model`` whose class is named
+    in ``model._repeated_blocks`` (the outermost, where one contains another); ``args``/``kwargs`` go
+    to ``torch.compile``. Raises ``ValueError`` when the model names none or has none of them."""
+    names = _repeated_block_names(model)
+    if not names:
+        raise ValueError(
+            f"{type(model).__name__} names no repeated blocks (`_repeated_blocks`) to compile; "
+            "compile the whole model with `model.compile()` instead"
+        )
+    blocks = []
+
+    def visit(module: torch.nn.Module) -> None:
+        for child in module.children():
+            if type(child).__name__ in names:
+                blocks.append(child)
+            else:
+                visit(child)
+
+    visit(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has none of its repeated blocks {list(names)} to compile")
+    # blocks of one class and shape share compiled code; models have more shapes than dynamo's default
+    # limit of 8 variants per code object
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    for block in blocks:
+        block.compile(*args, **kwargs)
