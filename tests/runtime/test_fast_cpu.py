@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import diffpipe
+from factories import TINY_MODELS
 from sd_factory import save_reference_pipeline
 
 TOL = 2  # of 255
@@ -185,19 +186,11 @@ def test_compiled_deepcache_equals_eager_and_compiles_each_step_kind_once(folder
 def test_compile_repeated_blocks_compiles_each_block_in_place():
     from diffpipe.models.autoencoder_kl import AutoencoderKL
 
-    unet = diffpipe.UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        norm_num_groups=4,
-        attention_head_dim=2,
-        layers_per_block=1,
-    )
+    unet = diffpipe.UNet2DConditionModel(**TINY_MODELS["UNet2DConditionModel"])
     keys = list(unet.state_dict())
     assert unet.compile_repeated_blocks() is None
     kinds = {type(m).__name__ for m in unet.modules() if m._compiled_call_impl is not None}
     assert kinds == {"ResnetBlock2D", "Transformer2DModel"}  # the outermost: not the blocks inside a transformer
     assert unet._compiled_call_impl is None and list(unet.state_dict()) == keys
     with pytest.raises(ValueError, match="names no repeated blocks"):
-        AutoencoderKL().compile_repeated_blocks()
+        AutoencoderKL(**TINY_MODELS["AutoencoderKL"]).compile_repeated_blocks()
