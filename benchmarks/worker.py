@@ -105,7 +105,13 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=64, help="unet_step: latent height and width")
     parser.add_argument("--batch", type=int, default=2, help="unet_step: batch size")
     parser.add_argument("--calls", type=int, default=3, help="unet_step: calls (the first is a warm-up)")
-    parser.add_argument("--compile", action="store_true", help="diffpipe only: pipe.compile() / unet.compile()")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="regional",
+        choices=("regional", "whole"),
+        help="diffpipe only: pipe.compile() (regional=False for 'whole'); unet_step: the UNet's blocks, or all of it",
+    )
     parser.add_argument("--deepcache", type=int, default=0, help="t2i, diffpipe only: DeepCache interval")
     parser.add_argument("--tiny-vae", default=None, help="t2i: an AutoencoderTiny folder to decode with")
     parser.add_argument("--size", type=int, default=512, help="t2i: image size")
@@ -171,7 +177,11 @@ def main() -> None:
             from diffpipe.runtime.compile import _enable_disk_cache
 
             _enable_disk_cache()
-            unet.to(memory_format=torch.channels_last).compile()
+            unet.to(memory_format=torch.channels_last)
+            if args.compile == "whole":
+                unet.compile()
+            else:
+                unet.compile_repeated_blocks()
         x = torch.randn(args.batch, 4, args.latent, args.latent, dtype=dtype)
         context = torch.randn(args.batch, 77, 768, dtype=dtype)
         t = torch.tensor([500] * args.batch)
@@ -214,7 +224,7 @@ def main() -> None:
         if args.deepcache:
             pipe.enable_deepcache(cache_interval=args.deepcache, cache_branch_id=0)
         if args.compile:
-            pipe.compile()
+            pipe.compile(regional=args.compile == "regional")
         start = time.perf_counter()
         pipe(
             "a photo of an astronaut",
